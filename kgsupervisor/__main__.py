@@ -1,0 +1,4 @@
+"""`python -m kgsupervisor`: the command line."""
+from .cli import main
+
+main()

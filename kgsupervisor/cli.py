@@ -1,0 +1,163 @@
+"""The `kgsupervisor` command: a thin click layer over the library."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import config, devservice, logs
+from .db import connect
+from .errors import ConfigError, KGSupervisorError
+from .queue import SQLiteQueue
+from .schema import check_schema, init_db
+from .states import EXIT_USAGE
+from .worker import run_worker
+
+
+class KGGroup(click.Group):
+    """Turns kgsupervisor's own errors into one line on stderr and an exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except KGSupervisorError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=KGGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kgsupervisor")
+def main() -> None:
+    """Supervise workers that drain the knowledge-graph ingest queue of a crawl database."""
+
+
+def db_option(f: Callable) -> Callable:
+    return click.option("--db", "db_path", envvar="KG_DB_PATH", metavar="PATH", required=True,
+                        help="SQLite database (env KG_DB_PATH).")(f)
+
+
+def open_queue(db_path: str) -> SQLiteQueue:
+    conn = connect(db_path)
+    check_schema(conn, db_path)
+    return SQLiteQueue(conn)
+
+
+def settings_options(f: Callable) -> Callable:
+    """The options shared by `worker` and `run`; unset ones fall back to env, file, default."""
+    options = [
+        click.option("--config", "config_file", metavar="FILE", help="TOML config file."),
+        click.option("--db", "db_path", metavar="PATH", help="SQLite database [KG_DB_PATH]."),
+        click.option("--service-url", help="KG service base URL [KG_SERVICE_URL]."),
+        click.option("--service-timeout", type=float, help="Read timeout of one ingest, seconds [KG_SERVICE_TIMEOUT]."),
+        click.option("--poll-interval", type=float, help="Seconds an idle worker waits [KG_POLL_INTERVAL]."),
+        click.option("--batch-size", type=int, help="Rows one claim takes at most [KG_BATCH_SIZE]."),
+        click.option("--max-attempts", type=int, help="Attempts before a document fails [KG_MAX_ATTEMPTS]."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_settings(kwargs: dict[str, Any]) -> tuple[config.Settings, dict[str, str]]:
+    cli = {k: v for k, v in kwargs.items() if k in config.FIELDS}
+    return config.load(cli, config_file=kwargs.get("config_file"))
+
+
+@main.command("init-db")
+@db_option
+def init_db_command(db_path: str) -> None:
+    """Create the schema, or migrate an existing upstream database (idempotent)."""
+    changes = init_db(db_path)
+    for change in changes:
+        click.echo(change)
+    click.echo(f"{db_path}: schema up to date ({len(changes)} change(s))")
+
+
+@main.command()
+@db_option
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all-unprocessed", is_flag=True, help="Queue every document with kg_processed = 0.")
+@click.option("--priority", type=int, default=1, show_default=True, help="Higher is taken first.")
+def enqueue(db_path: str, ids: tuple[int, ...], all_unprocessed: bool, priority: int) -> None:
+    """Queue documents (crawled_content ids); a document already queued is not queued twice."""
+    if not ids and not all_unprocessed:
+        raise click.UsageError("give document ids or --all-unprocessed")
+    queue = open_queue(db_path)
+    if all_unprocessed:
+        click.echo(f"queued {queue.enqueue_all_unprocessed(priority, time.time())} unprocessed document(s)")
+    if ids:
+        result = queue.enqueue(ids, priority, time.time())
+        click.echo(f"queued {len(result.added)} document(s)")
+        if result.already_queued:
+            click.echo(f"already pending or processing: {_id_list(result.already_queued)}")
+        if result.unknown:
+            click.echo(f"not in crawled_content, not queued: {_id_list(result.unknown)}", err=True)
+            sys.exit(1)
+
+
+def _id_list(ids: list[int]) -> str:
+    shown = ", ".join(map(str, ids[:20]))
+    return shown + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+
+
+@main.command("queue")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+def queue_command(db_path: str, as_json: bool) -> None:
+    """Counts of queue rows by status, straight from the database."""
+    counts = open_queue(db_path).counts()
+    if as_json:
+        click.echo(json.dumps(counts))
+        return
+    for status, n in counts.items():
+        click.echo(f"{status:<11} {n:>9}")
+
+
+@main.command()
+@db_option
+@click.option("--failed", is_flag=True, help="Every failed row.")
+@click.option("--skipped", is_flag=True, help="Every skipped row.")
+@click.option("--id", "ids", type=int, multiple=True, help="A queue row id (repeatable).")
+def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> None:
+    """Put failed or skipped rows back to pending with a fresh attempt budget."""
+    if not (failed or skipped or ids):
+        raise click.UsageError("give --failed, --skipped or --id N")
+    n = open_queue(db_path).retry(failed=failed, skipped=skipped, ids=ids)
+    click.echo(f"{n} row(s) back to pending")
+
+
+@main.command()
+@settings_options
+@click.option("--once", is_flag=True, help="Claim and process one batch, then exit.")
+@click.option("--worker-id", type=int, default=0, show_default=True)
+def worker(once: bool, worker_id: int, log_format: str, **kwargs: Any) -> None:
+    """Run one worker in the foreground (for debugging; production uses `run`)."""
+    settings, _ = load_settings(kwargs)
+    config.require_db(settings)
+    logs.setup(log_format, secrets=[settings.token() or ""])
+    sys.exit(run_worker(settings, worker_id, once=once))
+
+
+@main.command("dev-service")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8088, show_default=True)
+@click.option("--latency", type=float, default=0.0, show_default=True, help="Seconds added to each ingest.")
+@click.option("--fail-rate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of ingests that answer 500.")
+@click.option("--token", envvar="KG_SERVICE_TOKEN", help="Require this bearer token.")
+def dev_service(host: str, port: int, latency: float, fail_rate: float, token: str | None) -> None:
+    """A reference KG service (CONTRACT §3) with deterministic extraction, for demos and tests."""
+    def ready(bound: int) -> None:
+        click.echo(f"dev-service listening on http://{host}:{bound}", err=True)
+    try:
+        devservice.serve(host, port, latency=latency, fail_rate=fail_rate, token=token, ready=ready)
+    except OSError as exc:
+        raise KGSupervisorError(f"cannot listen on {host}:{port}: {exc.strerror}") from None

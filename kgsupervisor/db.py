@@ -1,0 +1,125 @@
+"""Open SQLite connections the way every part of kgsupervisor needs them, and retry lock errors."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from .errors import DatabaseBusy, DatabaseError
+
+log = logging.getLogger("kgsupervisor.db")
+
+MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
+BUSY_TIMEOUT_MS = 5000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+T = TypeVar("T")
+
+
+def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
+    """Refuse to run on an SQLite without RETURNING."""
+    if tuple(version) < MIN_SQLITE:
+        have = ".".join(map(str, version))
+        raise DatabaseError(
+            f"SQLite {have} is too old: kgsupervisor needs SQLite >= 3.35 (UPDATE ... RETURNING)"
+        )
+
+
+def check_is_sqlite_file(path: str) -> None:
+    """Fail with one line when `path` exists but is not an SQLite database."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise DatabaseError(f"database {path!r} does not exist (create it with: kgsupervisor init-db --db {path})")
+    except IsADirectoryError:
+        raise DatabaseError(f"database {path!r} is a directory, not an SQLite file")
+    except PermissionError:
+        raise DatabaseError(f"database {path!r} is not readable by this user")
+    if head and head != SQLITE_MAGIC:
+        raise DatabaseError(f"{path!r} is not an SQLite database")
+
+
+def connect(path: str, *, create: bool = False) -> sqlite3.Connection:
+    """Open `path` in autocommit mode with WAL, busy_timeout and synchronous=NORMAL.
+
+    Transactions are explicit (`transaction()`), so the driver never opens one behind our back.
+    """
+    check_sqlite_version()
+    if not create or os.path.exists(path):
+        check_is_sqlite_file(path)
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"cannot open database {path!r}: {exc}") from None
+    if mode.lower() != "wal":
+        log.warning("database %s is in journal_mode=%s, not WAL: concurrent workers will block", path, mode)
+    return conn
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """True for SQLITE_BUSY / SQLITE_LOCKED, which are worth retrying."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
+
+    IMMEDIATE takes the write lock up front, so a read-then-write never fails half-way with
+    SQLITE_BUSY after it has read (the deferred-upgrade deadlock).
+    """
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+class LockRetry:
+    """Run a database step again while another writer holds the lock, counting each retry."""
+
+    def __init__(self, patience: float = 120.0, on_retry: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.patience = patience
+        self.retries = 0
+        self._on_retry = on_retry
+        self._clock = clock
+        self._sleep = sleep
+
+    def __call__(self, step: Callable[[], T]) -> T:
+        deadline = self._clock() + self.patience
+        delay = 0.05
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                if not is_lock_error(exc):
+                    raise
+                if self._clock() >= deadline:
+                    raise DatabaseBusy(f"database stayed locked for {self.patience:.0f}s: {exc}") from None
+                self.retries += 1
+                if self._on_retry:
+                    self._on_retry()
+                log.warning("database is locked by another writer; retry %d in %.2fs", self.retries, delay)
+                # Jitter so that workers that collided do not collide again in lockstep.
+                self._sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)

@@ -1,0 +1,51 @@
+"""Log setup: text or JSON lines on stderr (or a file reopened on SIGUSR1), secrets redacted."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name,
+            "pid": record.process, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+class SecretFilter(logging.Filter):
+    """Replaces any occurrence of the given secrets in a record with ********."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(s in message for s in self.secrets):
+                for s in self.secrets:
+                    message = message.replace(s, "********")
+                record.msg, record.args = message, None
+        return True
+
+
+def setup(fmt: str = "text", level: int = logging.INFO, secrets: list[str] | None = None) -> None:
+    """Send kgsupervisor's logs to stderr in `fmt` ('text' or 'json')."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(SecretFilter(secrets or []))
+    root = logging.getLogger("kgsupervisor")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,198 @@
+"""The leased SQLite queue: claim, extend, release, retry, fail, requeue and count rows."""
+from __future__ import annotations
+
+import dataclasses
+import random
+import sqlite3
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+
+from .db import transaction
+from .schema import CLAIMABLE
+from .states import ALL_JOB_STATUSES, JobStatus
+
+LIVE = "status IN ('pending', 'processing')"
+
+
+def db_timestamp(now: float) -> str:
+    """The upstream's DATETIME text (UTC, `YYYY-MM-DD HH:MM:SS`), so old and new rows sort together."""
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """One queue row held under a lease: `token` fences every later write to it."""
+
+    id: int
+    content_id: int
+    retry_count: int
+    priority: int
+    owner: str
+    token: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """What an enqueue did: rows added, ids already live in the queue, ids with no document."""
+
+    added: list[int]
+    already_queued: list[int]
+    unknown: list[int]
+
+
+def backoff_delay(retry_count: int, base: float, cap: float) -> float:
+    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**retry_count)]."""
+    return random.uniform(0, min(cap, base * (2 ** min(retry_count, 30))))
+
+
+class SQLiteQueue:
+    """kg_processing_queue as a leased queue; every method is one short transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def claim(self, owner: str, token: str, limit: int, lease_seconds: float, now: float) -> list[Claim]:
+        """Take up to `limit` due rows in `priority DESC, id ASC` order in ONE statement."""
+        rows = self.conn.execute(
+            f"""
+            UPDATE kg_processing_queue
+               SET status = 'processing', processing_started_at = ?, lease_owner = ?,
+                   lease_token = ?, lease_expires_at = ?, started_at = NULL
+             WHERE id IN (SELECT id FROM kg_processing_queue
+                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
+                           ORDER BY priority DESC, id ASC LIMIT ?)
+            RETURNING id, content_id, retry_count, priority""",
+            (db_timestamp(now), owner, token, now + lease_seconds, now, limit),
+        ).fetchall()
+        # RETURNING does not promise the subquery's order.
+        rows.sort(key=lambda r: (-(r[3] or 0), r[0]))
+        return [Claim(r[0], r[1], r[2] or 0, r[3] or 0, owner, token) for r in rows]
+
+    def mark_started(self, claim: Claim, now: float) -> bool:
+        """Record that this document is now in flight (a crash from here on counts against it)."""
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue SET started_at = ? WHERE id = ? AND lease_token = ? "
+            "AND status = 'processing'", (now, claim.id, claim.token))
+        return cur.rowcount == 1
+
+    def extend(self, token: str, lease_seconds: float, now: float) -> int:
+        """Push the lease expiry of every row held under `token`; returns rows still held."""
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue SET lease_expires_at = ? WHERE lease_token = ? "
+            "AND status = 'processing'", (now + lease_seconds, token))
+        return cur.rowcount
+
+    def release(self, claims: Iterable[Claim], not_before: float | None = None) -> int:
+        """PROCESSING -> PENDING without charging an attempt (drain, outage, unstarted rows)."""
+        params = [(not_before, c.id, c.token) for c in claims]
+        if not params:
+            return 0
+        with transaction(self.conn):
+            cur = self.conn.executemany(
+                "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
+                "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
+                "processing_started_at = NULL, not_before = ? "
+                "WHERE id = ? AND lease_token = ? AND status = 'processing'", params)
+            return cur.rowcount
+
+    def release_owner(self, owner: str) -> int:
+        """Every claim of a dead owner back to pending at once, no attempt charged."""
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
+            "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
+            "processing_started_at = NULL WHERE status = 'processing' AND lease_owner = ?",
+            (owner,))
+        return cur.rowcount
+
+    def requeue_expired(self, now: float) -> int:
+        """The backstop for owners that vanished with their host: expired leases to pending."""
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
+            "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
+            "processing_started_at = NULL WHERE status = 'processing' "
+            "AND lease_expires_at IS NOT NULL AND lease_expires_at < ?", (now,))
+        return cur.rowcount
+
+    def retry_later(self, claim: Claim, error: str, now: float, max_attempts: int,
+                    backoff_base: float, backoff_cap: float) -> JobStatus:
+        """Charge one attempt: PENDING again after a backoff, or FAILED when attempts run out."""
+        attempts = claim.retry_count + 1
+        if attempts >= max_attempts:
+            self.fail(claim, f"gave up after {attempts} attempts: {error}", now, attempts=attempts)
+            return JobStatus.FAILED
+        not_before = now + backoff_delay(claim.retry_count, backoff_base, backoff_cap)
+        self.conn.execute(
+            "UPDATE kg_processing_queue SET status = 'pending', retry_count = ?, error_message = ?, "
+            "not_before = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
+            "started_at = NULL, processing_started_at = NULL "
+            "WHERE id = ? AND lease_token = ? AND status = 'processing'",
+            (attempts, error, not_before, claim.id, claim.token))
+        return JobStatus.PENDING
+
+    def fail(self, claim: Claim, error: str, now: float, attempts: int | None = None) -> bool:
+        """PROCESSING -> FAILED with the reason in error_message."""
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue SET status = 'failed', error_message = ?, processed_at = ?, "
+            "retry_count = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
+            "not_before = NULL WHERE id = ? AND lease_token = ? AND status = 'processing'",
+            (error, db_timestamp(now), claim.retry_count if attempts is None else attempts,
+             claim.id, claim.token))
+        return cur.rowcount == 1
+
+    def counts(self) -> dict[str, int]:
+        """Rows by status plus `total`; a pure read."""
+        found = dict(self.conn.execute(
+            "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
+        counts = {s: found.pop(s, 0) for s in ALL_JOB_STATUSES}
+        counts["total"] = sum(counts.values()) + sum(found.values())
+        return counts
+
+    def enqueue(self, content_ids: Sequence[int], priority: int, now: float) -> EnqueueResult:
+        """Queue documents by id; a document already pending or processing is not queued again."""
+        added, already, unknown = [], [], []
+        with transaction(self.conn):
+            for cid in dict.fromkeys(content_ids):
+                if not self.conn.execute("SELECT 1 FROM crawled_content WHERE id = ?", (cid,)).fetchone():
+                    unknown.append(cid)
+                elif self.conn.execute(f"SELECT 1 FROM kg_processing_queue WHERE content_id = ? AND {LIVE}",
+                                       (cid,)).fetchone():
+                    already.append(cid)
+                else:
+                    self.conn.execute(
+                        "INSERT INTO kg_processing_queue (content_id, status, priority, queued_at) "
+                        "VALUES (?, 'pending', ?, ?)", (cid, priority, db_timestamp(now)))
+                    added.append(cid)
+        return EnqueueResult(added, already, unknown)
+
+    def enqueue_all_unprocessed(self, priority: int, now: float) -> int:
+        """Queue every document with kg_processed = 0 that has no live queue row."""
+        with transaction(self.conn):
+            cur = self.conn.execute(
+                f"""INSERT INTO kg_processing_queue (content_id, status, priority, queued_at)
+                    SELECT c.id, 'pending', ?, ? FROM crawled_content c
+                     WHERE COALESCE(c.kg_processed, 0) = 0
+                       AND NOT EXISTS (SELECT 1 FROM kg_processing_queue q
+                                        WHERE q.content_id = c.id AND q.{LIVE})
+                     ORDER BY c.id""",
+                (priority, db_timestamp(now)))
+            return cur.rowcount
+
+    def retry(self, *, failed: bool = False, skipped: bool = False, ids: Sequence[int] = ()) -> int:
+        """Put failed / skipped rows (or rows by queue id) back to pending with a fresh attempt budget."""
+        clauses, params = [], []
+        if failed:
+            clauses.append("status = 'failed'")
+        if skipped:
+            clauses.append("status = 'skipped'")
+        if ids:
+            clauses.append(f"(id IN ({','.join('?' * len(ids))}) AND status IN ('failed', 'skipped', 'completed'))")
+            params.extend(ids)
+        if not clauses:
+            return 0
+        # A document that meanwhile got a newer live row keeps that one only.
+        cur = self.conn.execute(
+            "UPDATE kg_processing_queue AS q SET status = 'pending', retry_count = 0, crash_count = 0, "
+            "not_before = NULL, skipped_reason = NULL, processed_at = NULL "
+            f"WHERE ({' OR '.join(clauses)}) AND NOT EXISTS (SELECT 1 FROM kg_processing_queue o "
+            f"WHERE o.content_id = q.content_id AND o.id != q.id AND o.{LIVE})", params)
+        return cur.rowcount

@@ -1,0 +1,294 @@
+"""KGWorker: the poll -> claim -> POST -> write-back loop of one worker process."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+from .breaker import CircuitBreaker
+from .config import Settings, require_db
+from .db import LockRetry, connect
+from .documents import build_payload
+from .errors import (DatabaseBusy, DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost,
+                     ServiceUnavailable)
+from .kgclient import KGClient
+from .lease import LeaseKeeper
+from .queue import Claim, SQLiteQueue
+from .schema import check_schema
+from .states import JobStatus, WorkerState
+from .stats import StatsPublisher, WorkerStats
+from .writeback import write_back
+
+log = logging.getLogger("kgsupervisor.worker")
+
+# An idle worker looks at PRAGMA data_version this often: a commit by anyone else (an enqueue)
+# wakes it at once instead of after poll_interval, for a few microseconds per look.
+WATCH_INTERVAL = 0.05
+REQUEUE_EXPIRED_EVERY = 30.0
+
+
+def owner_name(pid: int | None = None) -> str:
+    """The lease owner of a process: host and pid, so a supervisor can tell its own dead workers."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+class WorkerLog(logging.LoggerAdapter):
+    """Prefixes every line with the worker id, pid and the document in hand."""
+
+    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
+        cid = self.extra.get("content_id")
+        doc = f" content_id={cid}" if cid is not None else ""
+        return f"[worker {self.extra['worker_id']} pid {os.getpid()}{doc}] {msg}", kwargs
+
+
+class KGWorker:
+    """One worker. `__init__` runs before a fork and opens nothing; `init_process()` after it."""
+
+    def __init__(self, settings: Settings, worker_id: int = 0,
+                 stats_map: MutableMapping[Any, Any] | None = None) -> None:
+        self.settings = settings
+        self.db_path = require_db(settings)
+        self.worker_id = worker_id
+        self.alive = True
+        self.stats = WorkerStats(worker_id=worker_id)
+        self.publisher = StatsPublisher(stats_map)
+        self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
+        self._wake = threading.Event()
+        self._last_requeue = 0.0
+        self._data_version: int | None = None
+
+    # -- process lifecycle -------------------------------------------------------------------
+
+    def init_process(self) -> None:
+        """Open this process's own connection, HTTP session and lease keeper."""
+        self.stats.pid = os.getpid()
+        self.owner = owner_name()
+        self.conn = connect(self.db_path)
+        check_schema(self.conn, self.db_path)
+        self.queue = SQLiteQueue(self.conn)
+        self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
+        s = self.settings
+        self.client = KGClient(s.service_url, s.service_timeout, token=s.token(),
+                               max_answer_bytes=int(s.max_answer_mb * 1024 * 1024))
+        self.client.health_status.enabled = s.service_enabled
+        self.breaker = CircuitBreaker(threshold=s.breaker_threshold)
+        self.keeper = LeaseKeeper(self.db_path, s.lease_seconds, beat=self.publish)
+        self.keeper.start()
+        self.set_state(WorkerState.IDLE)
+
+    def install_signal_handlers(self) -> None:
+        """TERM/INT: finish the document in hand, release the rest, exit. A second one: stop now."""
+        signal.signal(signal.SIGTERM, self.handle_stop_signal)
+        signal.signal(signal.SIGINT, self.handle_stop_signal)
+
+    def handle_stop_signal(self, signum: int, frame: Any) -> None:
+        self.alive = False
+        self._wake.set()
+        # The second signal interrupts even a blocking request; run() releases what is held.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def run(self, once: bool = False) -> int:
+        """Loop until stopped (or, with `once`, for one claimed batch); returns the exit status."""
+        self.log.info("worker started: db=%s service=%s batch=%d", self.db_path,
+                      self.settings.service_url, self.settings.batch_size)
+        try:
+            while self.alive:
+                wait = self.loop_once(time.time())
+                if once:
+                    break
+                if wait > 0:
+                    self.wait_for_work(wait)
+        except KeyboardInterrupt:
+            self.log.warning("stopped at once by a second signal; releasing held claims")
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Release anything still held, stop the keeper, close connections."""
+        self.set_state(WorkerState.STOPPING)
+        released = self.queue.release_owner(self.owner)
+        if released:
+            self.log.info("released %d claimed document(s) back to pending", released)
+        self.keeper.stop()
+        self.client.close()
+        self.conn.close()
+        self.log.info("worker stopped: %d processed, %d succeeded, %d failed",
+                      self.stats.total_processed, self.stats.total_success, self.stats.total_failed)
+
+    # -- one iteration -----------------------------------------------------------------------
+
+    def loop_once(self, now: float) -> float:
+        """Do one step of work; returns how long to wait before the next (0: go again at once)."""
+        if not self.settings.service_enabled:
+            self.set_state(WorkerState.DISABLED)
+            return self.settings.poll_interval
+        mono = time.monotonic()
+        if self.breaker.is_open and not self.probe_service(mono):
+            return self.breaker.seconds_to_probe(mono)
+        self.requeue_expired(now)
+        claims = self.lock_retry(lambda: self.queue.claim(
+            self.owner, uuid.uuid4().hex, self.settings.batch_size, self.settings.lease_seconds, now))
+        if not claims:
+            self.set_state(WorkerState.IDLE)
+            return self.settings.poll_interval
+        self.process_batch(claims)
+        # A full batch means there is probably more: claim again at once (the upstream slept).
+        return 0.0 if len(claims) == self.settings.batch_size else self.settings.poll_interval
+
+    def probe_service(self, mono: float) -> bool:
+        """While the breaker is open: ask /health when due; True once the service is back."""
+        self.set_state(WorkerState.PAUSED)
+        if not self.breaker.probe_due(mono):
+            return False
+        if self.client.health():
+            self.breaker.record_success()
+            self.log.info("KG service at %s is healthy again; resuming", self.settings.service_url)
+            return True
+        self.breaker.record_failure(mono)
+        self.log.info("KG service still down; next probe in %.1fs", self.breaker.seconds_to_probe(mono))
+        return False
+
+    def requeue_expired(self, now: float) -> None:
+        if now - self._last_requeue < REQUEUE_EXPIRED_EVERY:
+            return
+        self._last_requeue = now
+        count = self.lock_retry(lambda: self.queue.requeue_expired(now))
+        if count:
+            self.log.warning("put %d row(s) with expired leases back to pending (their owner vanished)", count)
+
+    def process_batch(self, claims: list[Claim]) -> None:
+        """Send each claimed document in order; on stop or outage release the ones not started."""
+        token = claims[0].token
+        self.keeper.hold(token)
+        try:
+            for i, claim in enumerate(claims):
+                if not self.alive or self.breaker.is_open:
+                    released = self.lock_retry(lambda: self.queue.release(claims[i:]))
+                    self.stats.total_released += released
+                    break
+                self.process_one(claim)
+        finally:
+            self.keeper.drop(token)
+            self.log.extra["content_id"] = None
+            self.stats.current_content_id = None
+            self.publish()
+
+    def process_one(self, claim: Claim) -> None:
+        """One document from claimed to an outcome: completed, retried later, failed or released."""
+        self.log.extra["content_id"] = claim.content_id
+        self.stats.current_content_id = claim.content_id
+        self.set_state(WorkerState.BUSY)
+        self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
+        try:
+            payload, notes = build_payload(self.conn, claim.content_id)
+            rowids = {c["vector_rowid"] for c in payload["chunks"]}
+            result = self.client.ingest(payload, rowids)
+            summary = self.lock_retry(lambda: write_back(self.conn, claim, result, time.time(), notes))
+        except DocumentRejected as exc:
+            self.fail_document(claim, str(exc))
+        except InvalidAnswer as exc:
+            self.retry_document(claim, f"invalid answer: {exc}")
+        except ItemFailure as exc:
+            # A 500 or timeout while /health is also failing is an outage, not this document.
+            if self.client.health():
+                self.retry_document(claim, str(exc))
+            else:
+                self.release_for_outage(claim, ServiceUnavailable(str(exc)))
+        except ServiceUnavailable as exc:
+            self.release_for_outage(claim, exc)
+        except LeaseLost as exc:
+            self.stats.lease_lost += 1
+            self.log.warning("%s", exc)
+        else:
+            self.breaker.record_success()
+            self.client.record_health(True)
+            self.stats.record_outcome(True)
+            self.log.info("completed: %d entities, %d relationships", summary["entities"],
+                          summary["relationships"])
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def fail_document(self, claim: Claim, reason: str) -> None:
+        # PROCESSING -> FAILED
+        if self.lock_retry(lambda: self.queue.fail(claim, reason, time.time())):
+            self.stats.record_outcome(False)
+            self.log.warning("failed for good: %s", reason)
+
+    def retry_document(self, claim: Claim, reason: str) -> None:
+        s = self.settings
+        status = self.lock_retry(lambda: self.queue.retry_later(
+            claim, reason, time.time(), s.max_attempts, s.retry_backoff, s.retry_backoff_max))
+        if status is JobStatus.FAILED:
+            # PROCESSING -> FAILED
+            self.stats.record_outcome(False)
+            self.log.warning("failed after %d attempts: %s", claim.retry_count + 1, reason)
+        else:
+            # PROCESSING -> PENDING (attempt charged)
+            self.stats.total_retried += 1
+            self.log.warning("attempt %d of %d failed, will retry: %s", claim.retry_count + 1,
+                             s.max_attempts, reason)
+
+    def release_for_outage(self, claim: Claim, exc: ServiceUnavailable) -> None:
+        """PROCESSING -> PENDING with no attempt charged; feed the breaker."""
+        now = time.time()
+        not_before = now + exc.retry_after if exc.retry_after else None
+        self.stats.total_released += self.lock_retry(lambda: self.queue.release([claim], not_before))
+        opened = self.breaker.record_failure(time.monotonic(), exc.retry_after)
+        self.client.record_health(False)
+        if opened:
+            self.log.error("KG service unavailable, pausing claims (no document is charged): %s", exc)
+        else:
+            self.log.warning("KG service unavailable, document released: %s", exc)
+
+    # -- waiting and stats -------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Sleep up to `timeout`, waking early on a stop signal or on a commit by anyone else."""
+        deadline = time.monotonic() + timeout
+        watch = self.stats.state == WorkerState.IDLE.value
+        while self.alive:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._wake.wait(min(left, WATCH_INTERVAL if watch else left)):
+                return
+            if watch and self.database_changed():
+                return
+
+    def database_changed(self) -> bool:
+        try:
+            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
+        except Exception:
+            return False
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    def set_state(self, state: WorkerState) -> None:
+        if self.stats.state != state.value:
+            self.stats.state = state.value
+            self.publish()
+
+    def publish(self) -> None:
+        self.stats.kg_service = self.client.health_status.as_dict() if hasattr(self, "client") else {}
+        self.stats.kg_service["consecutive_failures"] = (
+            self.breaker.consecutive_failures if hasattr(self, "breaker") else 0)
+        self.publisher.publish(self.stats)
+
+    def _count_lock_retry(self) -> None:
+        self.stats.db_lock_retries += 1
+
+
+def run_worker(settings: Settings, worker_id: int = 0, once: bool = False,
+               stats_map: MutableMapping[Any, Any] | None = None) -> int:
+    """Build, initialise and run one worker in this process (the `worker` command)."""
+    worker = KGWorker(settings, worker_id, stats_map)
+    worker.init_process()
+    worker.install_signal_handlers()
+    return worker.run(once=once)

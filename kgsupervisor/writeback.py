@@ -1,0 +1,74 @@
+"""Write one document's KG answer back into SQLite in a single fenced transaction."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from .answer import IngestResult
+from .db import transaction
+from .errors import LeaseLost
+from .queue import Claim, db_timestamp
+
+COMPLETE_SQL = """
+    UPDATE kg_processing_queue
+       SET status = 'completed', processed_at = ?, result_summary = ?, error_message = NULL,
+           skipped_reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+           not_before = NULL
+     WHERE id = ? AND lease_token = ? AND status = 'processing'"""
+ENTITY_SQL = """
+    INSERT INTO chunk_entities (chunk_rowid, content_id, entity_text, entity_normalized,
+        entity_type_primary, entity_type_sub1, entity_type_sub2, entity_type_sub3, confidence,
+        offset_start, offset_end, spans_multiple_chunks, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+RELATIONSHIP_SQL = """
+    INSERT INTO chunk_relationships (content_id, subject_entity, predicate, object_entity,
+        confidence, context, spans_chunks, chunk_rowids, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+DOCUMENT_SQL = """
+    UPDATE crawled_content SET kg_processed = 1, kg_entity_count = ?, kg_relationship_count = ?,
+           kg_document_id = ?, kg_processed_at = ? WHERE id = ?"""
+
+
+def _entity_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
+    rows = []
+    for e in result.entities:
+        spans = len({a.vector_rowid for a in e.appearances}) > 1
+        for a in e.appearances:
+            rows.append((a.vector_rowid, content_id, e.text, e.normalized, e.type_primary,
+                         e.type_sub1, e.type_sub2, e.type_sub3, e.confidence,
+                         a.offset_start, a.offset_end, spans, stamp))
+    return rows
+
+
+def _relationship_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
+    return [(content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
+             len(set(r.chunk_rowids)) > 1, json.dumps(list(r.chunk_rowids)), stamp)
+            for r in result.relationships]
+
+
+def write_back(conn: sqlite3.Connection, claim: Claim, result: IngestResult, now: float,
+               notes: list[str] | None = None) -> dict:
+    """Replace the document's KG rows with `result` and complete its queue row, all or nothing.
+
+    The queue row is completed first and only if `claim.token` still holds it: a worker whose
+    lease was taken over commits nothing (LeaseLost) instead of writing a second copy.
+    """
+    stamp = db_timestamp(now)
+    summary = result.summary()
+    if notes:
+        summary["notes"] = notes
+    with transaction(conn):
+        cur = conn.execute(COMPLETE_SQL, (stamp, json.dumps(summary), claim.id, claim.token))
+        if cur.rowcount != 1:
+            raise LeaseLost(f"queue row {claim.id} (content_id {claim.content_id}) is no longer "
+                            f"held by this worker; its answer was dropped")
+        # Replace, never append: a retried document must not leave a second set of rows.
+        conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
+        conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))
+        conn.executemany(ENTITY_SQL, _entity_rows(claim.content_id, result, stamp))
+        conn.executemany(RELATIONSHIP_SQL, _relationship_rows(claim.content_id, result, stamp))
+        conn.execute(DOCUMENT_SQL, (len(result.entities), len(result.relationships),
+                                    result.neo4j_document_id, stamp, claim.content_id))
+        conn.execute("UPDATE content_chunks SET kg_processed = 1 WHERE content_id = ?",
+                     (claim.content_id,))
+    return summary

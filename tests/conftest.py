@@ -1,0 +1,111 @@
+"""Shared fixtures: real SQLite files, real HTTP servers on 127.0.0.1, real processes."""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from kgsupervisor import config
+from kgsupervisor.db import connect
+from kgsupervisor.devservice import make_server
+from kgsupervisor.sampledata import add_documents
+from kgsupervisor.schema import init_db
+
+from .faultserver import FaultServer
+
+KGSUPERVISOR = [sys.executable, "-m", "kgsupervisor"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> object:
+    """Poll `predicate` until it is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def db_path(tmp_path) -> str:
+    """A fresh, migrated, file-backed WAL database (never :memory:: the queue spans processes)."""
+    path = str(tmp_path / "kg.db")
+    init_db(path)
+    return path
+
+
+@pytest.fixture
+def conn(db_path) -> Iterator[sqlite3.Connection]:
+    c = connect(db_path)
+    yield c
+    c.close()
+
+
+def seed(conn: sqlite3.Connection, count: int, chunks: int = 3, priority: int = 1) -> list[int]:
+    """Add `count` documents and queue each of them; returns their content ids."""
+    ids = add_documents(conn, count, chunks=chunks, seed=count)
+    conn.executemany("INSERT INTO kg_processing_queue (content_id, priority) VALUES (?, ?)",
+                     [(i, priority) for i in ids])
+    return ids
+
+
+@pytest.fixture
+def kg_service() -> Iterator[str]:
+    """The reference KG service on 127.0.0.1, in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def fault_server() -> Iterator[Callable[..., FaultServer]]:
+    """Factory of scripted faulty KG services; all are closed at teardown."""
+    servers: list[FaultServer] = []
+
+    def start(behaviour=None, healthy: bool = True) -> FaultServer:
+        servers.append(FaultServer(behaviour, healthy))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def make_settings(db_path: str, service_url: str, **overrides) -> config.Settings:
+    """Settings for fast tests: short polls and backoffs."""
+    values = dict(db_path=db_path, service_url=service_url, poll_interval=0.1, retry_backoff=0.05,
+                  retry_backoff_max=0.2, service_timeout=5.0, lease_seconds=10.0)
+    values.update(overrides)
+    settings = config.Settings(**values)
+    config.validate(settings)
+    return settings
+
+
+def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
+
+
+def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Start a kgsupervisor command as a real process in its own session."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(KGSUPERVISOR + args, env=full_env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

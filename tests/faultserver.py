@@ -1,0 +1,89 @@
+"""A purpose-built misbehaving KG service for tests: real HTTP on 127.0.0.1, scripted answers."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kgsupervisor.devservice import extract
+
+# A behaviour gets (payload, request number) and returns (status, body, headers), or None to
+# answer like the reference service. It may sleep, or return the string "reset" to drop the
+# connection without an answer.
+Behaviour = Callable[[dict, int], Any]
+
+
+class FaultServer:
+    """Runs in a thread; `behaviour` and `healthy` may be changed while it serves."""
+
+    def __init__(self, behaviour: Behaviour | None = None, healthy: bool = True, port: int = 0) -> None:
+        self.behaviour = behaviour
+        self.healthy = healthy
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _record(self, payload: dict) -> int:
+        with self._lock:
+            self.requests.append(payload)
+            return len(self.requests) - 1
+
+    def _handler_class(self) -> type:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if server.healthy:
+                    self._send(200, b'{"status": "healthy"}')
+                else:
+                    self._send(503, b'{"status": "down"}')
+
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                n = server._record(payload)
+                outcome = server.behaviour(payload, n) if server.behaviour else None
+                if outcome == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                if outcome is None:
+                    outcome = (200, json.dumps(extract(payload)).encode(), None)
+                status, body, headers = (tuple(outcome) + (None,))[:3]
+                self._send(status, body if isinstance(body, bytes) else json.dumps(body).encode(), headers)
+
+        return Handler
+
+
+def reference_answer(payload: dict) -> dict:
+    return extract(payload)
+
+
+def sleep_then(seconds: float, outcome: Any = None) -> Any:
+    time.sleep(seconds)
+    return outcome
