@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections.abc import Collection
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -23,6 +22,7 @@ GATEWAY_DOWN = {502, 503, 504}
 # Retry-After values up to this are waited out inside one request; longer ones go back to the
 # queue with a not-before time instead of holding a worker.
 MAX_INLINE_WAIT = 10.0
+BLIP_WAIT = tenacity.wait_random_exponential(multiplier=0.2, max=2.0)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -44,7 +44,7 @@ def _inline_wait(state: tenacity.RetryCallState) -> float:
     exc = state.outcome.exception() if state.outcome else None
     if isinstance(exc, ServiceUnavailable) and exc.retry_after is not None:
         return exc.retry_after
-    return tenacity.wait_exponential_jitter(initial=0.2, max=2.0)(state)
+    return BLIP_WAIT(state)
 
 
 def _worth_inline_retry(exc: BaseException) -> bool:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import MutableMapping
@@ -59,7 +59,8 @@ class KGWorker:
         self.stats = WorkerStats(worker_id=worker_id)
         self.publisher = StatsPublisher(stats_map)
         self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
-        self._wake = threading.Event()
+        # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
+        self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
         self._data_version: int | None = None
 
@@ -89,7 +90,7 @@ class KGWorker:
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
-        self._wake.set()
+        self._wakeups.put_nowait(signum)
         # The second signal interrupts even a blocking request; run() releases what is held.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -256,10 +257,17 @@ class KGWorker:
         watch = self.stats.state == WorkerState.IDLE.value
         while self.alive:
             left = deadline - time.monotonic()
-            if left <= 0 or self._wake.wait(min(left, WATCH_INTERVAL if watch else left)):
+            if left <= 0 or self._woken(min(left, WATCH_INTERVAL if watch else left)):
                 return
             if watch and self.database_changed():
                 return
+
+    def _woken(self, timeout: float) -> bool:
+        try:
+            self._wakeups.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
 
     def database_changed(self) -> bool:
         try:

@@ -1,0 +1,255 @@
+"""The worker loop against real HTTP services: outcomes, retries, outages, malformed answers."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kgsupervisor.worker import KGWorker
+
+from .conftest import free_port, make_settings, seed, spawn, status_counts, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def worker_factory():
+    workers = []
+
+    def make(settings) -> KGWorker:
+        w = KGWorker(settings)
+        w.init_process()
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.shutdown()
+
+
+def drive(worker: KGWorker, until, timeout: float = 20.0) -> None:
+    """Run loop_once steps (as the real loop does, waits included) until `until()` holds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "worker did not reach the expected state"
+        wait = worker.loop_once(time.time())
+        if wait:
+            worker.wait_for_work(min(wait, 0.05))
+
+
+def queue_rows(conn):
+    return conn.execute("SELECT content_id, status, retry_count, error_message FROM kg_processing_queue "
+                        "ORDER BY id").fetchall()
+
+
+def test_worker_completes_every_document_including_skipped_for_outage(conn, db_path, kg_service, worker_factory):
+    ids = seed(conn, 12)
+    conn.execute("UPDATE kg_processing_queue SET status = 'skipped', skipped_reason = 'kg_service_unavailable' "
+                 "WHERE content_id = ?", (ids[0],))
+    w = worker_factory(make_settings(db_path, kg_service, batch_size=5))
+    drive(w, lambda: status_counts(conn) == {"completed": 12})
+    assert w.stats.total_success == 12 and w.stats.total_processed == 12
+    assert conn.execute("SELECT COUNT(*) FROM crawled_content WHERE kg_processed = 1").fetchone()[0] == 12
+
+
+def test_a_full_batch_claims_again_at_once_a_partial_one_waits(conn, db_path, kg_service, worker_factory):
+    seed(conn, 7)
+    w = worker_factory(make_settings(db_path, kg_service, batch_size=5, poll_interval=3.0))
+    assert w.loop_once(time.time()) == 0.0
+    assert w.loop_once(time.time()) == 3.0
+    assert status_counts(conn) == {"completed": 7}
+
+
+def test_500s_retry_with_backoff_then_fail_with_the_last_error(conn, db_path, fault_server, worker_factory):
+    seed(conn, 1)
+    server = fault_server(lambda payload, n: (500, {"success": False, "error": f"model crashed #{n}"}))
+    w = worker_factory(make_settings(db_path, server.url, max_attempts=3))
+    drive(w, lambda: status_counts(conn) == {"failed": 1})
+    (_, status, retries, error), = queue_rows(conn)
+    assert retries == 3 and len(server.requests) == 3
+    assert "500" in error and "model crashed #2" in error, error
+    assert w.stats.total_retried == 2 and w.stats.total_failed == 1
+
+
+def test_timeouts_retry_then_fail(conn, db_path, fault_server, worker_factory):
+    seed(conn, 1)
+    server = fault_server(lambda payload, n: time.sleep(1.0))
+    w = worker_factory(make_settings(db_path, server.url, max_attempts=2, service_timeout=0.2))
+    drive(w, lambda: status_counts(conn) == {"failed": 1})
+    (_, _, retries, error), = queue_rows(conn)
+    assert retries == 2 and "did not answer within 0.2s" in error
+
+
+def test_a_400_fails_at_once(conn, db_path, fault_server, worker_factory):
+    seed(conn, 1)
+    server = fault_server(lambda payload, n: (400, {"success": False, "error": "chunks too long"}))
+    w = worker_factory(make_settings(db_path, server.url))
+    drive(w, lambda: status_counts(conn) == {"failed": 1})
+    (_, _, retries, error), = queue_rows(conn)
+    assert len(server.requests) == 1 and retries == 0
+    assert "rejected the document (400)" in error and "chunks too long" in error
+
+
+def test_a_missing_document_fails_at_once_and_the_next_completes(conn, db_path, kg_service, worker_factory):
+    seed(conn, 1)
+    conn.execute("INSERT INTO kg_processing_queue (content_id) VALUES (999)")
+    w = worker_factory(make_settings(db_path, kg_service))
+    drive(w, lambda: status_counts(conn) == {"completed": 1, "failed": 1})
+    assert "999 does not exist" in queue_rows(conn)[1][3]
+
+
+MALFORMED = {
+    "not json": (200, b"<html>oops</html>", "answer is not JSON"),
+    "success false": (200, {"success": False, "error": "GPU out of memory"}, "answer.success is false"),
+    "wrong content id": (200, {"success": True, "content_id": -5}, "answer.content_id"),
+    "entities not a list": (200, None, "answer.entities"),
+    "unknown vector_rowid": (200, None, "is not a chunk of document"),
+    "mistyped text": (200, None, "answer.entities[0].text"),
+}
+
+
+def malformed_answer(kind: str, payload: dict):
+    status, body, _ = MALFORMED[kind]
+    if body is not None:
+        return status, body
+    good = {"success": True, "content_id": payload["content_id"], "neo4j_document_id": "d",
+            "entities": [{"text": "X", "chunk_appearances": [{"vector_rowid": payload["chunks"][0]["vector_rowid"]}]}],
+            "relationships": []}
+    if kind == "entities not a list":
+        good["entities"] = {"oops": 1}
+    elif kind == "unknown vector_rowid":
+        good["entities"][0]["chunk_appearances"][0]["vector_rowid"] = 10**9
+    elif kind == "mistyped text":
+        good["entities"][0]["text"] = 42
+    return status, good
+
+
+def test_each_malformed_answer_gives_a_clear_error_and_the_worker_keeps_running(conn, db_path, fault_server, worker_factory):
+    ids = seed(conn, len(MALFORMED) + 1)
+    kinds = dict(zip(ids, MALFORMED))
+
+    def behaviour(payload, n):
+        kind = kinds.get(payload["content_id"])
+        return malformed_answer(kind, payload) if kind else None
+
+    server = fault_server(behaviour)
+    w = worker_factory(make_settings(db_path, server.url, max_attempts=1))
+    drive(w, lambda: status_counts(conn) == {"failed": len(MALFORMED), "completed": 1})
+    errors = {cid: err for cid, _, _, err in queue_rows(conn)}
+    for cid, kind in kinds.items():
+        assert MALFORMED[kind][2] in errors[cid], (kind, errors[cid])
+        assert "invalid answer" in errors[cid]
+    assert errors[ids[-1]] is None
+    assert w.breaker.consecutive_failures == 0, "a bad answer is the document's fault, not an outage"
+
+
+def test_an_invalid_answer_is_retried_like_a_5xx(conn, db_path, fault_server, worker_factory):
+    seed(conn, 1)
+    server = fault_server(lambda payload, n: (200, b"garbage") if n == 0 else None)
+    w = worker_factory(make_settings(db_path, server.url, max_attempts=3))
+    drive(w, lambda: status_counts(conn) == {"completed": 1})
+    assert queue_rows(conn)[0][2] == 1, "the bad answer cost one attempt"
+
+
+def test_an_outage_charges_no_attempt_and_pauses_claims(conn, db_path, fault_server, worker_factory):
+    seed(conn, 6)
+    server = fault_server(lambda payload, n: (503, {"error": "down"}), healthy=False)
+    w = worker_factory(make_settings(db_path, server.url, breaker_threshold=2, batch_size=3))
+    drive(w, lambda: w.breaker.is_open)
+    assert status_counts(conn) == {"pending": 6}
+    assert all(r[2] == 0 for r in queue_rows(conn)), "no attempt charged"
+    asked = len(server.requests)
+    for _ in range(5):  # while open, the worker claims nothing and sends nothing
+        w.loop_once(time.time())
+    assert len(server.requests) == asked
+    server.behaviour, server.healthy = None, True
+    drive(w, lambda: status_counts(conn) == {"completed": 6})
+    assert all(r[2] == 0 for r in queue_rows(conn))
+
+
+def test_500s_while_health_fails_are_an_outage_not_item_failures(conn, db_path, fault_server, worker_factory):
+    seed(conn, 2)
+    server = fault_server(lambda payload, n: (500, {"error": "boom"}), healthy=False)
+    w = worker_factory(make_settings(db_path, server.url, max_attempts=1, breaker_threshold=1))
+    drive(w, lambda: w.breaker.is_open)
+    assert status_counts(conn) == {"pending": 2}
+
+
+def test_429_with_retry_after_postpones_without_charging(conn, db_path, fault_server, worker_factory):
+    seed(conn, 1)
+    server = fault_server(lambda payload, n: (429, {"error": "slow down"}, {"Retry-After": "30"}))
+    w = worker_factory(make_settings(db_path, server.url))
+    drive(w, lambda: w.breaker.is_open)
+    status, retries, not_before = conn.execute(
+        "SELECT status, retry_count, not_before FROM kg_processing_queue").fetchone()
+    assert (status, retries) == ("pending", 0) and not_before > time.time() + 20
+    assert len(server.requests) == 1, "a long Retry-After is not waited out inside the request"
+
+
+def test_disabled_service_claims_nothing(conn, db_path, kg_service, worker_factory):
+    seed(conn, 2)
+    w = worker_factory(make_settings(db_path, kg_service, service_enabled=False))
+    assert w.loop_once(time.time()) > 0
+    assert status_counts(conn) == {"pending": 2}
+    assert w.stats.state == "disabled"
+
+
+def start_dev_service(port: int) -> subprocess.Popen:
+    proc = spawn(["dev-service", "--port", str(port)])
+    wait_for(lambda: "listening" in (proc.stderr.readline() or "x"), 10, message="dev-service")
+    return proc
+
+
+def test_service_down_for_5s_marks_nothing_failed_and_work_resumes(conn, db_path):
+    """Real processes: a worker and the dev-service; the service is killed and comes back 5 s later."""
+    port = free_port()
+    service = start_dev_service(port)
+    worker = spawn(["worker", "--db", db_path, "--service-url", f"http://127.0.0.1:{port}",
+                    "--poll-interval", "0.2"], env={"KG_RETRY_BACKOFF": "0.1"})
+    try:
+        seed(conn, 5)
+        wait_for(lambda: status_counts(conn) == {"completed": 5}, 20, message="first batch")
+        service.send_signal(signal.SIGTERM)
+        service.wait(10)
+        seed(conn, 10)
+        time.sleep(5)
+        assert "failed" not in status_counts(conn)
+        service = start_dev_service(port)
+        wait_for(lambda: status_counts(conn) == {"completed": 15}, 60, message="drain after the outage")
+        assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=15)
+        service.send_signal(signal.SIGTERM)
+        service.communicate(timeout=10)
+    assert worker.returncode == 0, err
+    assert "KG service unavailable, pausing claims" in err
+    assert "healthy again; resuming" in err
+
+
+def test_sigterm_lets_the_document_in_flight_finish_and_releases_the_rest(conn, db_path, fault_server):
+    seed(conn, 3)
+    server = fault_server(lambda payload, n: time.sleep(1.5))
+    worker = spawn(["worker", "--db", db_path, "--service-url", server.url, "--batch-size", "3",
+                    "--poll-interval", "0.1"])
+    wait_for(lambda: len(server.requests) == 1, 15, message="first request in flight")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=15)
+    assert worker.returncode == 0, err
+    assert status_counts(conn) == {"completed": 1, "pending": 2}
+    assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
+    assert len(server.requests) == 1
+
+
+def test_worker_once_processes_one_batch_and_exits(conn, db_path, kg_service):
+    seed(conn, 7)
+    proc = subprocess.run([sys.executable, "-m", "kgsupervisor", "worker", "--once", "--db", db_path,
+                           "--service-url", kg_service, "--batch-size", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert status_counts(conn) == {"completed": 5, "pending": 2}
+    assert "worker stopped: 5 processed, 5 succeeded, 0 failed" in proc.stderr

@@ -1,0 +1,102 @@
+"""Write-back: one transaction, replaces earlier rows, commits only while the claim is held."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from kgsupervisor.answer import parse_answer
+from kgsupervisor.devservice import extract
+from kgsupervisor.documents import build_payload
+from kgsupervisor.errors import DocumentRejected, LeaseLost
+from kgsupervisor.queue import SQLiteQueue
+from kgsupervisor.writeback import write_back
+
+from .conftest import seed
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def result_for(conn, content_id):
+    payload, _ = build_payload(conn, content_id)
+    body = json.dumps(extract(payload))
+    return parse_answer(body, content_id=content_id, chunk_rowids={c["vector_rowid"] for c in payload["chunks"]})
+
+
+def kg_rows(conn, content_id):
+    ents = conn.execute("SELECT chunk_rowid, entity_text, offset_start, offset_end FROM chunk_entities "
+                        "WHERE content_id = ? ORDER BY chunk_rowid, offset_start", (content_id,)).fetchall()
+    rels = conn.execute("SELECT subject_entity, predicate, object_entity, chunk_rowids FROM chunk_relationships "
+                        "WHERE content_id = ? ORDER BY subject_entity, object_entity", (content_id,)).fetchall()
+    return ents, rels
+
+
+def test_write_back_writes_one_row_per_appearance_and_completes(conn):
+    (cid,) = seed(conn, 1)
+    q = SQLiteQueue(conn)
+    (claim,) = q.claim("me", "t", 1, 60, time.time())
+    result = result_for(conn, cid)
+    summary = write_back(conn, claim, result, time.time())
+    ents, rels = kg_rows(conn, cid)
+    assert len(ents) == sum(len(e.appearances) for e in result.entities) > 0
+    assert len(rels) == len(result.relationships) > 0
+    texts = dict(conn.execute("SELECT rowid, chunk_text FROM content_chunks WHERE content_id = ?", (cid,)))
+    for rowid, text, start, end in ents:
+        assert texts[rowid][start:end] == text, "offsets point at the entity in its chunk"
+    status, summary_json = conn.execute("SELECT status, result_summary FROM kg_processing_queue").fetchone()
+    assert status == "completed" and json.loads(summary_json)["entities"] == summary["entities"]
+    doc = conn.execute("SELECT kg_processed, kg_entity_count, kg_relationship_count, kg_document_id, "
+                       "kg_processed_at FROM crawled_content WHERE id = ?", (cid,)).fetchone()
+    assert doc[:4] == (1, len(result.entities), len(result.relationships), result.neo4j_document_id) and doc[4]
+    assert conn.execute("SELECT MIN(kg_processed) FROM content_chunks WHERE content_id = ?", (cid,)).fetchone()[0] == 1
+
+
+def test_the_same_document_processed_twice_leaves_one_set_of_rows(conn):
+    (cid,) = seed(conn, 1)
+    q = SQLiteQueue(conn)
+    (claim,) = q.claim("me", "t1", 1, 60, time.time())
+    write_back(conn, claim, result_for(conn, cid), time.time())
+    first = kg_rows(conn, cid)
+    conn.execute("UPDATE kg_processing_queue SET status = 'pending'")  # retried by an operator
+    (claim,) = q.claim("me", "t2", 1, 60, time.time())
+    write_back(conn, claim, result_for(conn, cid), time.time())
+    assert kg_rows(conn, cid) == first
+
+
+def test_a_fenced_out_write_back_commits_nothing(conn):
+    (cid,) = seed(conn, 1)
+    q = SQLiteQueue(conn)
+    (stale,) = q.claim("host:1", "old", 1, 0.001, time.time())
+    q.requeue_expired(time.time() + 1)          # the lease ran out...
+    (fresh,) = q.claim("host:2", "new", 1, 60, time.time())   # ...and another worker took the row
+    changes = conn.total_changes
+    with pytest.raises(LeaseLost, match="no longer held"):
+        write_back(conn, stale, result_for(conn, cid), time.time())
+    assert conn.total_changes == changes
+    assert kg_rows(conn, cid) == ([], [])
+    row = conn.execute("SELECT status, lease_token FROM kg_processing_queue").fetchone()
+    assert row == ("processing", "new")
+    write_back(conn, fresh, result_for(conn, cid), time.time())
+    assert conn.execute("SELECT status FROM kg_processing_queue").fetchone()[0] == "completed"
+
+
+def test_payload_follows_contract_and_tolerates_bad_metadata_and_bytes(conn):
+    (cid,) = seed(conn, 1)
+    conn.execute("UPDATE crawled_content SET metadata = 'not json {', markdown = CAST(X'41FF42' AS TEXT) WHERE id = ?", (cid,))
+    payload, notes = build_payload(conn, cid)
+    assert set(payload) == {"content_id", "url", "title", "markdown", "chunks", "metadata"}
+    assert payload["markdown"] == "A\ufffdB"
+    assert payload["metadata"] == {"tags": payload["metadata"]["tags"]}
+    assert notes == ["metadata is not JSON; sent without it"]
+    assert [c["chunk_index"] for c in payload["chunks"]] == [0, 1, 2]
+    assert set(payload["chunks"][0]) == {"vector_rowid", "chunk_index", "char_start", "char_end", "text"}
+
+
+def test_missing_document_or_no_chunks_is_rejected(conn):
+    (cid,) = seed(conn, 1)
+    with pytest.raises(DocumentRejected, match="does not exist"):
+        build_payload(conn, 424242)
+    conn.execute("DELETE FROM content_chunks WHERE content_id = ?", (cid,))
+    with pytest.raises(DocumentRejected, match="no chunks"):
+        build_payload(conn, cid)
