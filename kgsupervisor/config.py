@@ -83,8 +83,8 @@ FALSE_WORDS = {"0", "false", "no", "off"}
 
 def _label(name: str, source: str) -> str:
     """How the user spelled a setting, so an error names what they typed."""
-    if source == "env":
-        return FIELDS[name].metadata["env"]
+    if source in ("env", "default"):
+        return FIELDS[name].metadata["env"] or name
     if source == "flag":
         return "--" + name.replace("_", "-")
     return name
@@ -156,19 +156,23 @@ def load(cli: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None
             values[name] = _coerce(name, raw, _label(name, source))
             sources[name] = source
     settings = Settings(**values)
-    validate(settings)
+    validate(settings, sources)
     return settings, sources
 
 
-def validate(settings: Settings) -> None:
-    """Check every value against its field's rule; raise ConfigError naming the first bad one."""
+def validate(settings: Settings, sources: Mapping[str, str] | None = None) -> None:
+    """Check every value against its field's rule; raise ConfigError naming the first bad one
+    the way the user spelled it (flag, variable or file key)."""
+    sources = sources or {}
     for name, f in FIELDS.items():
         value = getattr(settings, name)
         check = f.metadata["check"]
         if check is not None and value is not None:
             problem = check(value)
             if problem:
-                raise ConfigError(f.metadata["env"] or name, value, problem)
+                source = sources.get(name, "env")
+                label = _label(name, source) if source in ("env", "flag") else f"{name} (from {source})"
+                raise ConfigError(label, value, problem)
     if settings.retry_backoff_max < settings.retry_backoff:
         raise ConfigError("KG_RETRY_BACKOFF_MAX", settings.retry_backoff_max,
                           f"a number >= KG_RETRY_BACKOFF ({settings.retry_backoff:g})")

@@ -253,3 +253,19 @@ def test_worker_once_processes_one_batch_and_exits(conn, db_path, kg_service):
     assert proc.returncode == 0, proc.stderr
     assert status_counts(conn) == {"completed": 5, "pending": 2}
     assert "worker stopped: 5 processed, 5 succeeded, 0 failed" in proc.stderr
+
+
+def test_a_locked_database_is_waited_out_counted_and_fails_nothing(conn, db_path, kg_service, worker_factory):
+    """Another process holds the write lock longer than busy_timeout: the worker retries, never fails."""
+    seed(conn, 3)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({db_path!r}, isolation_level=None)\n"
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(7); c.execute('COMMIT')\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    w = worker_factory(make_settings(db_path, kg_service))
+    drive(w, lambda: status_counts(conn) == {"completed": 3}, timeout=40)
+    holder.wait(10)
+    assert w.stats.db_lock_retries >= 1
+    assert w.stats.total_failed == 0

@@ -1,0 +1,56 @@
+"""Settings: precedence, coercion and one-line validation errors."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from kgsupervisor import config
+from kgsupervisor.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"KG_NUM_WORKERS": "-1"}, "KG_NUM_WORKERS=-1: expected a whole number from 1 to 256"),
+    ({"KG_NUM_WORKERS": "two"}, "KG_NUM_WORKERS='two': expected a whole number"),
+    ({"KG_SERVICE_URL": "localhost:8088"}, "KG_SERVICE_URL='localhost:8088': expected an http"),
+    ({"KG_POLL_INTERVAL": "0"}, "KG_POLL_INTERVAL=0.0: expected a number > 0"),
+    ({"KG_SERVICE_ENABLED": "maybe"}, "KG_SERVICE_ENABLED='maybe': expected true or false"),
+    ({"KG_POLL_INTERVAL": "nan"}, "KG_POLL_INTERVAL='nan': expected a number"),
+])
+def test_bad_environment_values_name_the_variable_and_value(env, message):
+    with pytest.raises(ConfigError) as info:
+        config.load({}, env)
+    assert message in str(info.value)
+
+
+def test_booleans_and_numbers_from_the_environment():
+    s, _ = config.load({}, {"KG_SERVICE_ENABLED": "false", "KG_NUM_WORKERS": "4", "KG_SERVICE_TIMEOUT": "90"})
+    assert (s.service_enabled, s.num_workers, s.service_timeout) == (False, 4, 90.0)
+
+
+def test_empty_environment_values_are_ignored():
+    s, sources = config.load({}, {"KG_NUM_WORKERS": ""})
+    assert s.num_workers == 2 and sources["num_workers"] == "default"
+
+
+def test_token_file_and_masking(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    s, _ = config.load({}, {"KG_SERVICE_TOKEN_FILE": str(token_file)})
+    assert s.token() == "s3cret"
+    s, _ = config.load({}, {"KG_SERVICE_TOKEN": "abc"})
+    assert s.masked()["service_token"] == "********"
+    with pytest.raises(ConfigError, match="a readable file"):
+        config.load({}, {"KG_SERVICE_TOKEN_FILE": str(tmp_path / "missing")})[0].token()
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(config.ENV_NAMES)), st.text(max_size=12), max_size=6))
+def test_any_environment_either_loads_or_raises_config_error(env):
+    try:
+        settings, sources = config.load({}, env)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and ": expected " in str(exc)
+    else:
+        config.validate(settings)
