@@ -192,7 +192,9 @@ def test_unknown_keys_ignored():
 def test_hundred_thousand_entities():
     entities = [
         {"text": f"entity {i}", "type_primary": "Thing", "confidence": 0.5,
-         "chunk_appearances": [{"vector_rowid": 101 + i % 3, "offset_start": i, "offset_end": i + 3}]}
+         "chunk_appearances": [
+             {"vector_rowid": 101 + i % 3, "offset_start": i, "offset_end": i + 3}
+         ]}
         for i in range(100_000)
     ]
     result = parse(answer(entities=entities, relationships=[], entities_extracted=None))
@@ -343,7 +345,8 @@ def test_content_id_missing():
 
 
 def test_neo4j_document_id_wrong_type():
-    rejects(answer(neo4j_document_id=7), "answer.neo4j_document_id must be a string or null, got int")
+    rejects(answer(neo4j_document_id=7),
+            "answer.neo4j_document_id must be a string or null, got int")
 
 
 @pytest.mark.parametrize("key", ["entities", "relationships"])
@@ -389,7 +392,8 @@ def test_entity_text_wrong_type():
     message = rejects(entities_answer(entity(text=5)),
                       "answer.entities[0].text must be a string, got int")
     assert message == "answer.entities[0].text must be a string, got int"
-    rejects(entities_answer(entity(text=None)), "answer.entities[0].text must be a string, got null")
+    rejects(entities_answer(entity(text=None)),
+            "answer.entities[0].text must be a string, got null")
 
 
 def test_entity_text_missing_or_empty():
@@ -435,7 +439,8 @@ def test_appearance_not_object():
 
 def test_appearance_foreign_rowid():
     message = rejects(
-        entities_answer(entity(), entity(), entity(), entity(chunk_appearances=[{"vector_rowid": 999}])),
+        entities_answer(entity(), entity(), entity(),
+                        entity(chunk_appearances=[{"vector_rowid": 999}])),
         "answer.entities[3].chunk_appearances[0].vector_rowid 999 is not a chunk of document 13",
     )
     assert message == (
