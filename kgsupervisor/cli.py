@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 import click
 
 from . import config, devservice, logs
 from .db import connect
+from .pidfile import Pidfile, running_pid
 from .errors import ConfigError, KGSupervisorError
 from .queue import SQLiteQueue
 from .schema import check_schema, init_db
 from .states import EXIT_USAGE
+from .supervisor import Supervisor
 from .worker import run_worker
 
 
@@ -161,3 +166,70 @@ def dev_service(host: str, port: int, latency: float, fail_rate: float, token: s
         devservice.serve(host, port, latency=latency, fail_rate=fail_rate, token=token, ready=ready)
     except OSError as exc:
         raise KGSupervisorError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+@main.command()
+@settings_options
+@click.option("--workers", "num_workers", type=int, help="Worker processes [KG_NUM_WORKERS].")
+@click.option("--drain-timeout", type=float, help="Seconds in-flight documents get on SIGTERM [KG_DRAIN_TIMEOUT].")
+@click.option("--pidfile", metavar="FILE", help="Write and lock a pidfile [KG_PIDFILE].")
+@click.option("--exit-when-empty", is_flag=True, help="Drain and exit 0 once nothing is pending or processing.")
+def run(exit_when_empty: bool, log_format: str, **kwargs: Any) -> None:
+    """Run the supervisor in the foreground (what systemd or supervisord start)."""
+    settings, _ = load_settings(kwargs)
+    db_path = config.require_db(settings)
+    with closing(connect(db_path)) as conn:  # closed: no connection may cross the fork
+        check_schema(conn, db_path)
+    logs.setup(log_format, secrets=[settings.token() or ""])
+    pidfile = Pidfile(settings.pidfile) if settings.pidfile else None
+    if pidfile:
+        pidfile.acquire()
+    cli_values = {k: v for k, v in kwargs.items() if k in config.FIELDS}
+    supervisor = Supervisor(
+        settings, exit_when_empty=exit_when_empty,
+        reload_settings=lambda: config.load(cli_values, os.environ, kwargs.get("config_file"))[0],
+        extra_close_fds=[pidfile.fd] if pidfile else [])
+    try:
+        status = supervisor.run()
+    finally:
+        if pidfile:
+            pidfile.release()
+    sys.exit(status)
+
+
+def pidfile_option(f: Callable) -> Callable:
+    return click.option("--pidfile", envvar="KG_PIDFILE", required=True, metavar="FILE",
+                        help="Pidfile the supervisor was started with [KG_PIDFILE].")(f)
+
+
+@main.command()
+@pidfile_option
+def reload(pidfile: str) -> None:
+    """Send SIGHUP: reload the configuration and restart every worker."""
+    pid = running_pid(pidfile)
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"sent SIGHUP to supervisor pid {pid}")
+
+
+@main.command()
+@pidfile_option
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it has exited.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+def stop(pidfile: str, wait: bool, timeout: float) -> None:
+    """Send SIGTERM: drain in-flight documents, release the rest, exit."""
+    pid = running_pid(pidfile)
+    os.kill(pid, signal.SIGTERM)
+    click.echo(f"sent SIGTERM to supervisor pid {pid}")
+    deadline = time.monotonic() + timeout
+    while wait and _alive(pid):
+        if time.monotonic() > deadline:
+            raise KGSupervisorError(f"supervisor pid {pid} still running after {timeout:g}s")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

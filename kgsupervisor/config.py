@@ -53,6 +53,12 @@ class Settings:
     retry_backoff_max: float = _setting(600.0, "KG_RETRY_BACKOFF_MAX", "longest backoff between attempts, seconds", _positive)
     breaker_threshold: int = _setting(3, "KG_BREAKER_THRESHOLD", "consecutive service failures that pause claiming", _between(1, 1000))
     max_answer_mb: float = _setting(64.0, "KG_MAX_ANSWER_MB", "largest KG answer accepted, MiB", _positive)
+    drain_timeout: float = _setting(60.0, "KG_DRAIN_TIMEOUT", "seconds in-flight documents get to finish on SIGTERM", _positive)
+    hang_timeout: float = _setting(60.0, "KG_HANG_TIMEOUT", "a worker silent this long is killed and replaced", _positive)
+    poison_after: int = _setting(3, "KG_POISON_AFTER", "worker crashes on one document before it is failed as a poison pill", _between(1, 1000))
+    max_documents_per_worker: int = _setting(0, "KG_MAX_DOCUMENTS_PER_WORKER", "recycle a worker after this many documents (0: never)", _at_least(0))
+    max_worker_rss_mb: float = _setting(0.0, "KG_MAX_WORKER_RSS_MB", "recycle a worker above this resident memory, MiB (0: never)", lambda v: None if v >= 0 else "a number >= 0")
+    pidfile: str | None = _setting(None, "KG_PIDFILE", "pidfile of `run`, used by `reload` and `stop`")
 
     def token(self) -> str | None:
         """The bearer token, from the setting or the file it names."""

@@ -1,7 +1,8 @@
-"""A worker thread that keeps the leases of in-flight claims alive and the worker's heartbeat fresh."""
+"""A worker thread that keeps in-flight leases alive, the heartbeat fresh, and watches the parent."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -11,20 +12,26 @@ from .queue import SQLiteQueue
 
 log = logging.getLogger("kgsupervisor.lease")
 
+BEAT_INTERVAL = 1.0
+
 
 class LeaseKeeper(threading.Thread):
-    """Renews every held token every `lease_seconds / 3`, so a 30-minute request keeps its claim.
+    """Beats every second and renews every held token every `lease_seconds / 3`.
 
+    It runs beside the main thread, so a 30-minute request keeps both its claim and the
+    worker's heartbeat; a SIGSTOP or a stuck C call holding the GIL stops both, as it should.
     It has its own connection: statements on the worker's connection would otherwise land
     inside the worker's open write-back transaction.
     """
 
-    def __init__(self, db_path: str, lease_seconds: float, beat: Callable[[], None],
-                 interval: float | None = None) -> None:
+    def __init__(self, db_path: str, owner: str, lease_seconds: float, beat: Callable[[], None],
+                 parent_pid: int | None = None) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.db_path = db_path
+        self.owner = owner
         self.lease_seconds = lease_seconds
-        self.interval = interval or max(0.2, min(lease_seconds / 3, 5.0))
+        self.renew_every = max(0.2, lease_seconds / 3)
+        self.parent_pid = parent_pid
         self._beat = beat
         self._tokens: set[str] = set()
         self._lock = threading.Lock()
@@ -44,10 +51,15 @@ class LeaseKeeper(threading.Thread):
     def run(self) -> None:
         conn = connect(self.db_path)
         queue = SQLiteQueue(conn)
+        last_renew = time.monotonic()
         try:
-            while not self._stop.wait(self.interval):
+            while not self._stop.wait(min(BEAT_INTERVAL, self.renew_every)):
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.leave_as_orphan(queue)
                 self._beat()
-                self.renew_all(queue)
+                if time.monotonic() - last_renew >= self.renew_every:
+                    last_renew = time.monotonic()
+                    self.renew_all(queue)
         finally:
             conn.close()
 
@@ -59,4 +71,19 @@ class LeaseKeeper(threading.Thread):
                 if queue.extend(token, self.lease_seconds, time.time()) == 0:
                     log.debug("lease %s holds no rows any more", token)
             except Exception as exc:  # a locked database now is retried next interval
-                log.warning("could not renew lease (%s); retrying in %.1fs", exc, self.interval)
+                log.warning("could not renew lease (%s); retrying in %.1fs", exc, self.renew_every)
+
+    def leave_as_orphan(self, queue: SQLiteQueue) -> None:
+        """The supervisor is gone: give every claim back and exit now, not after a long request.
+
+        The release waits for the main thread's write-back, if one is under way, to commit:
+        completed rows hold no lease, so only unfinished ones go back to pending.
+        """
+        released = 0
+        try:
+            released = queue.release_owner(self.owner)
+        finally:
+            log.warning("supervisor (pid %d) is gone; released %d claim(s) and exiting",
+                        self.parent_pid, released)
+            logging.shutdown()
+            os._exit(0)

@@ -49,3 +49,15 @@ def setup(fmt: str = "text", level: int = logging.INFO, secrets: list[str] | Non
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def reopen() -> None:
+    """Reopen every file handler of kgsupervisor's loggers (SIGUSR1, after logrotate moved them)."""
+    for handler in logging.getLogger("kgsupervisor").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()

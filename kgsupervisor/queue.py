@@ -40,6 +40,15 @@ class EnqueueResult:
     unknown: list[int]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CrashRelease:
+    """What releasing a crashed worker's claims did."""
+
+    released: int
+    in_flight: list[int]
+    poisoned: list[int]
+
+
 def backoff_delay(retry_count: int, base: float, cap: float) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**retry_count)]."""
     return random.uniform(0, min(cap, base * (2 ** min(retry_count, 30))))
@@ -103,6 +112,39 @@ class SQLiteQueue:
             "processing_started_at = NULL WHERE status = 'processing' AND lease_owner = ?",
             (owner,))
         return cur.rowcount
+
+    def release_crashed(self, owner: str, cause: str, poison_after: int, now: float) -> "CrashRelease":
+        """Every claim of a worker that died, back at once: unstarted rows untouched, the row it
+        was working on charged one crash, and failed as a poison pill after `poison_after` crashes.
+        """
+        with transaction(self.conn):
+            in_flight = self.conn.execute(
+                "UPDATE kg_processing_queue SET crash_count = COALESCE(crash_count, 0) + 1 "
+                "WHERE status = 'processing' AND lease_owner = ? AND started_at IS NOT NULL "
+                "RETURNING id, content_id, crash_count", (owner,)).fetchall()
+            poisoned = [(qid, cid, n) for qid, cid, n in in_flight if n >= poison_after]
+            for qid, cid, n in poisoned:
+                # PROCESSING -> FAILED (poison pill)
+                self.conn.execute(
+                    "UPDATE kg_processing_queue SET status = 'failed', processed_at = ?, error_message = ?, "
+                    "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started_at = NULL "
+                    "WHERE id = ?",
+                    (db_timestamp(now), f"poison pill: a worker died {n} times while processing this "
+                     f"document (last: {cause}); not retried", qid))
+            released = self.release_owner(owner)
+        return CrashRelease(released, [cid for _, cid, _ in in_flight], [cid for _, cid, _ in poisoned])
+
+    def owners_with_claims(self, prefix: str) -> list[str]:
+        """Lease owners starting with `prefix` (a host) that hold rows in processing."""
+        return [r[0] for r in self.conn.execute(
+            "SELECT DISTINCT lease_owner FROM kg_processing_queue WHERE status = 'processing' "
+            "AND lease_owner LIKE ? ESCAPE '\\'", (prefix.replace("%", "\\%").replace("_", "\\_") + "%",))]
+
+    def has_live_work(self) -> bool:
+        """True while any row is claimable (due or not) or processing; a cheap indexed probe."""
+        return self.conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM kg_processing_queue WHERE {CLAIMABLE}) "
+            "OR EXISTS (SELECT 1 FROM kg_processing_queue WHERE status = 'processing')").fetchone()[0] == 1
 
     def requeue_expired(self, now: float) -> int:
         """The backstop for owners that vanished with their host: expired leases to pending."""

@@ -33,6 +33,15 @@ class WorkerState(str, enum.Enum):
     STOPPING = "stopping"
 
 
+class SupervisorState(str, enum.Enum):
+    """The supervisor's own lifecycle."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"  # draining: no new claims, in-flight documents finishing
+    STOPPED = "stopped"
+
+
 # Exit codes are the protocol from a worker to its supervisor (as in gunicorn).
 EXIT_OK = 0
 EXIT_ERROR = 1

@@ -9,6 +9,8 @@ from collections.abc import MutableMapping
 from datetime import datetime, timezone
 from typing import Any
 
+from .heartbeat import SharedCounters
+
 log = logging.getLogger("kgsupervisor.stats")
 
 
@@ -36,18 +38,35 @@ class WorkerStats:
     last_processed_at: str | None = None
     current_content_id: int | None = None
     kg_service: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Shared-memory twin of the counts, read by the supervisor even when the Manager is dead.
+    counters: SharedCounters = dataclasses.field(default_factory=SharedCounters, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counters"}
 
     def record_outcome(self, succeeded: bool) -> None:
         """A document reached its end: completed or failed for good."""
         self.total_processed += 1
+        self.counters.add("processed")
         if succeeded:
             self.total_success += 1
+            self.counters.add("success")
         else:
             self.total_failed += 1
+            self.counters.add("failed")
         self.last_processed_at = iso_now()
+
+    def record_retry(self) -> None:
+        self.total_retried += 1
+        self.counters.add("retried")
+
+    def record_released(self, count: int) -> None:
+        self.total_released += count
+        self.counters.add("released", count)
+
+    def set_current(self, content_id: int | None) -> None:
+        self.current_content_id = content_id
+        self.counters.set_current(content_id)
 
 
 class StatsPublisher:
@@ -69,3 +88,50 @@ class StatsPublisher:
                 log.warning("cannot publish worker stats (%s: %s); the supervisor recounts from the database",
                             type(exc).__name__, exc)
                 self._warned = True
+
+
+def worker_health(details: list[dict[str, Any]], manager_running: bool) -> dict[str, Any]:
+    """check_worker_health() (CONTRACT §7): liveness of the workers only, not of the KG service."""
+    healthy = sum(1 for d in details if d["running"])
+    return {
+        "manager_running": manager_running,
+        "total_workers": len(details),
+        "healthy_workers": healthy,
+        "unhealthy_workers": len(details) - healthy,
+        "worker_details": details,
+    }
+
+
+def kg_service_status(details: list[dict[str, Any]], url: str, enabled: bool) -> dict[str, Any]:
+    """The freshest health verdict any worker has about the KG service."""
+    reports = [d["stats"].get("kg_service") or {} for d in details]
+    reports = [r for r in reports if r.get("last_health_check")]
+    latest = max(reports, key=lambda r: r["last_health_check"], default={})
+    return {
+        "enabled": enabled, "url": url,
+        "is_healthy": latest.get("is_healthy") if enabled else False,
+        "last_health_check": latest.get("last_health_check"),
+        "consecutive_failures": max((r.get("consecutive_failures") or 0 for r in reports), default=0),
+    }
+
+
+def aggregate(details: list[dict[str, Any]], *, manager_running: bool, manager_started_at: str,
+              workers_restarted: int, last_health_check: str | None, url: str, enabled: bool,
+              queue_size: dict[str, int]) -> dict[str, Any]:
+    """get_worker_stats() (CONTRACT §7): sums over every worker that ever ran, plus the queue."""
+    def total(key: str) -> int:
+        return sum(d["stats"][key] for d in details)
+
+    return {
+        "total_workers": len(details),
+        "manager_running": manager_running,
+        "manager_started_at": manager_started_at,
+        "workers_restarted": workers_restarted,
+        "last_health_check": last_health_check,
+        "total_processed": total("total_processed"),
+        "total_success": total("total_success"),
+        "total_failed": total("total_failed"),
+        "kg_service_enabled": enabled,
+        "kg_service_status": kg_service_status(details, url, enabled),
+        "queue_size": queue_size,
+    }

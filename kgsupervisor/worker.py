@@ -15,6 +15,7 @@ from .breaker import CircuitBreaker
 from .config import Settings, require_db
 from .db import LockRetry, connect
 from .documents import build_payload
+from .heartbeat import SharedCounters
 from .errors import (DatabaseBusy, DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost,
                      ServiceUnavailable)
 from .kgclient import KGClient
@@ -51,12 +52,16 @@ class KGWorker:
     """One worker. `__init__` runs before a fork and opens nothing; `init_process()` after it."""
 
     def __init__(self, settings: Settings, worker_id: int = 0,
-                 stats_map: MutableMapping[Any, Any] | None = None) -> None:
+                 stats_map: MutableMapping[Any, Any] | None = None,
+                 counters: SharedCounters | None = None, parent_pid: int | None = None,
+                 max_documents: int | None = None) -> None:
         self.settings = settings
         self.db_path = require_db(settings)
         self.worker_id = worker_id
+        self.parent_pid = parent_pid
+        self.max_documents = max_documents
         self.alive = True
-        self.stats = WorkerStats(worker_id=worker_id)
+        self.stats = WorkerStats(worker_id=worker_id, counters=counters or SharedCounters())
         self.publisher = StatsPublisher(stats_map)
         self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
         # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
@@ -79,7 +84,8 @@ class KGWorker:
                                max_answer_bytes=int(s.max_answer_mb * 1024 * 1024))
         self.client.health_status.enabled = s.service_enabled
         self.breaker = CircuitBreaker(threshold=s.breaker_threshold)
-        self.keeper = LeaseKeeper(self.db_path, s.lease_seconds, beat=self.publish)
+        self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
+                                  parent_pid=self.parent_pid)
         self.keeper.start()
         self.set_state(WorkerState.IDLE)
 
@@ -87,6 +93,17 @@ class KGWorker:
         """TERM/INT: finish the document in hand, release the rest, exit. A second one: stop now."""
         signal.signal(signal.SIGTERM, self.handle_stop_signal)
         signal.signal(signal.SIGINT, self.handle_stop_signal)
+
+    def install_supervised_signal_handlers(self) -> None:
+        """Under a supervisor: TERM drains this worker; INT and HUP belong to the supervisor.
+
+        A Ctrl-C reaches the whole process group: ignoring it here lets the supervisor drain
+        instead of every worker dying mid-write.
+        """
+        signal.signal(signal.SIGTERM, self.handle_stop_signal)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
@@ -172,20 +189,27 @@ class KGWorker:
         try:
             for i, claim in enumerate(claims):
                 if not self.alive or self.breaker.is_open:
-                    released = self.lock_retry(lambda: self.queue.release(claims[i:]))
-                    self.stats.total_released += released
+                    self.stats.record_released(self.lock_retry(lambda: self.queue.release(claims[i:])))
                     break
                 self.process_one(claim)
+                self.check_recycle()
         finally:
             self.keeper.drop(token)
             self.log.extra["content_id"] = None
-            self.stats.current_content_id = None
+            self.stats.set_current(None)
             self.publish()
+
+    def check_recycle(self) -> None:
+        """After max_documents the worker leaves cleanly, to be replaced by a fresh process."""
+        if self.max_documents and self.stats.total_processed + self.stats.total_retried >= self.max_documents:
+            if self.alive:
+                self.log.info("recycling after %d documents", self.max_documents)
+            self.alive = False
 
     def process_one(self, claim: Claim) -> None:
         """One document from claimed to an outcome: completed, retried later, failed or released."""
         self.log.extra["content_id"] = claim.content_id
-        self.stats.current_content_id = claim.content_id
+        self.stats.set_current(claim.content_id)
         self.set_state(WorkerState.BUSY)
         self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
         try:
@@ -233,7 +257,7 @@ class KGWorker:
             self.log.warning("failed after %d attempts: %s", claim.retry_count + 1, reason)
         else:
             # PROCESSING -> PENDING (attempt charged)
-            self.stats.total_retried += 1
+            self.stats.record_retry()
             self.log.warning("attempt %d of %d failed, will retry: %s", claim.retry_count + 1,
                              s.max_attempts, reason)
 
@@ -241,7 +265,7 @@ class KGWorker:
         """PROCESSING -> PENDING with no attempt charged; feed the breaker."""
         now = time.time()
         not_before = now + exc.retry_after if exc.retry_after else None
-        self.stats.total_released += self.lock_retry(lambda: self.queue.release([claim], not_before))
+        self.stats.record_released(self.lock_retry(lambda: self.queue.release([claim], not_before)))
         opened = self.breaker.record_failure(time.monotonic(), exc.retry_after)
         self.client.record_health(False)
         if opened:
@@ -284,6 +308,7 @@ class KGWorker:
             self.publish()
 
     def publish(self) -> None:
+        self.stats.counters.beat()
         self.stats.kg_service = self.client.health_status.as_dict() if hasattr(self, "client") else {}
         self.stats.kg_service["consecutive_failures"] = (
             self.breaker.consecutive_failures if hasattr(self, "breaker") else 0)

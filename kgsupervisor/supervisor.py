@@ -1,0 +1,454 @@
+"""Supervisor: fork N workers, watch them with psutil, respawn, obey signals, gather stats."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from contextlib import closing
+from typing import Any
+
+import psutil
+
+from . import logs
+from .config import Settings, require_db
+from .db import connect
+from .errors import ConfigError, DatabaseError, KGSupervisorError
+from .heartbeat import SharedCounters
+from .manager import StatsManager
+from .procname import set_process_name
+from .queue import SQLiteQueue
+from .schema import check_schema
+from .slots import WorkerProcess, WorkerSlot, describe_exit
+from .states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState
+from .stats import aggregate, iso_now, worker_health
+from .worker import KGWorker, owner_name
+
+log = logging.getLogger("kgsupervisor.supervisor")
+
+HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
+                   signal.SIGUSR1, signal.SIGCHLD)
+TICK = 0.5
+QUEUE_COUNT_EVERY = 2.0
+SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
+
+
+def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: SharedCounters,
+                parent_pid: int, max_documents: int | None, close_fds: list[int]) -> None:
+    """Entry point of a forked worker: shed the parent's handles, then run the worker loop."""
+    signal.set_wakeup_fd(-1)
+    set_process_name(f"kgs-worker-{worker_id}")
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    worker = KGWorker(settings, worker_id, stats_map, counters, parent_pid, max_documents)
+    worker.install_supervised_signal_handlers()
+    try:
+        worker.init_process()
+    except (DatabaseError, ConfigError) as exc:
+        logging.getLogger("kgsupervisor.worker").error("worker %d cannot start: %s", worker_id, exc)
+        raise SystemExit(EXIT_BOOT_ERROR)
+    raise SystemExit(worker.run())
+
+
+class Supervisor:
+    """The parent process. Signal handlers only queue the signal; the loop does the work."""
+
+    def __init__(self, settings: Settings, *, reload_settings: Callable[[], Settings] | None = None,
+                 exit_when_empty: bool = False, control: multiprocessing.connection.Connection | None = None,
+                 extra_close_fds: list[int] | None = None, on_event: Callable[[str], None] | None = None,
+                 parent_pid: int | None = None) -> None:
+        self.settings = settings
+        self.db_path = require_db(settings)
+        self.reload_settings = reload_settings
+        self.exit_when_empty = exit_when_empty
+        self.control = control
+        self.extra_close_fds = list(extra_close_fds or [])
+        self.on_event = on_event or (lambda state: None)
+        self.parent_pid = parent_pid  # API mode: drain when the host process is gone
+        self.ctx = multiprocessing.get_context("fork")
+        self.state = SupervisorState.STARTING
+        self.num_workers = settings.num_workers
+        self.slots: dict[int, WorkerSlot] = {}
+        self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.workers_restarted = 0
+        self.started_at = iso_now()
+        self.last_health_check: str | None = None
+        self.drain_deadline = 0.0
+        self.stop_signal_at = 0.0
+        self.queue_size: dict[str, int] = {}
+        self._queue_counted = 0.0
+        self.exit_status = EXIT_OK
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until drained; returns the exit status."""
+        self.check_database()
+        self.release_orphaned_claims()
+        self.stats = StatsManager(self.ctx)
+        self.install_signal_handlers()
+        try:
+            self.manage_workers()
+            self.change_state(SupervisorState.RUNNING)
+            log.info("supervisor started: pid %d, %d worker(s), db=%s, service=%s", self.pid,
+                     self.num_workers, self.db_path, self.settings.service_url)
+            while self.state is not SupervisorState.STOPPED:
+                self.loop_once(self.wait_for_events(TICK))
+        finally:
+            self.halt()
+        return self.exit_status
+
+    def check_database(self) -> None:
+        with closing(connect(self.db_path)) as conn:
+            check_schema(conn, self.db_path)
+
+    def release_orphaned_claims(self) -> None:
+        """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
+        with closing(connect(self.db_path)) as conn:
+            q = SQLiteQueue(conn)
+            for owner in q.owners_with_claims(f"{self.host}:"):
+                pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
+                if pid and not _pid_alive(pid):
+                    n = q.release_owner(owner)
+                    log.warning("released %d claim(s) of dead process %s left by an earlier run", n, owner)
+
+    def install_signal_handlers(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self.queue_signal)
+
+    def queue_signal(self, signum: int, frame: Any) -> None:
+        """Signal handler - no logging, no killing: just queue the signal."""
+        self.signals.put_nowait(signum)
+
+    def halt(self) -> None:
+        """Last resort and normal end alike: no worker left behind, no claim left held."""
+        for slot in self.slots.values():
+            for worker in slot.processes():
+                if worker.process.is_alive():
+                    worker.kill_reason = worker.kill_reason or "supervisor stopping"
+                    worker.signal(signal.SIGKILL)
+                    worker.process.join(5)
+                self.release_claims_of(worker, crashed=False)
+        if hasattr(self, "stats"):
+            self.stats.shutdown()
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        if hasattr(self, "_wake_r"):
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def wait_for_events(self, timeout: float) -> list[int]:
+        """Sleep until a signal, a child exit, a control request, or `timeout`."""
+        waitables: list[Any] = [self._wake_r]
+        waitables += [w.process.sentinel for s in self.slots.values() for w in s.processes()]
+        if self.control is not None:
+            waitables.append(self.control)
+        multiprocessing.connection.wait(waitables, timeout)
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        sigs = []
+        while True:
+            try:
+                sigs.append(self.signals.get_nowait())
+            except queue.Empty:
+                return sigs
+
+    def loop_once(self, sigs: list[int]) -> None:
+        """One turn: dispatch signals, reap, kill hung workers, converge the pool, publish."""
+        for sig in sigs:
+            handler = getattr(self, f"handle_{signal.Signals(sig).name[3:].lower()}", None)
+            if handler:
+                handler()
+        self.reap_workers()
+        self.watch_workers()
+        if self.state is SupervisorState.RUNNING:
+            self.stats.ensure_running(self.on_manager_restart)
+            self.manage_workers()
+            self.check_exit_when_empty()
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.begin_drain("host process exited")
+        elif self.state is SupervisorState.STOPPING:
+            self.check_drain()
+        self.answer_control_requests()
+        self.publish_stats()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def handle_term(self) -> None:
+        """SIGTERM: drain. Claim nothing new, let in-flight documents finish, then exit 0.
+        A second one (after a second's grace): stop now, releasing every claim."""
+        now = time.monotonic()
+        if self.state is SupervisorState.STOPPING:
+            if now - self.stop_signal_at >= SECOND_SIGNAL_GRACE:
+                log.warning("second stop signal: stopping now; unfinished documents go back to pending")
+                self.change_state(SupervisorState.STOPPED)
+            return
+        self.stop_signal_at = now
+        self.begin_drain("stop signal")
+
+    handle_int = handle_term
+
+    def handle_hup(self) -> None:
+        """SIGHUP: reload config file and environment, then restart every worker, new before old."""
+        if self.state is not SupervisorState.RUNNING:
+            return
+        self.on_event("RELOADING=1")
+        if self.reload_settings:
+            try:
+                self.settings = self.reload_settings()
+                self.num_workers = self.settings.num_workers
+            except KGSupervisorError as exc:
+                log.error("reload refused, keeping the running configuration: %s", exc)
+        self.workers_restarted += 1
+        log.info("reloading: restarting %d worker(s) (restart #%d)", self.num_workers, self.workers_restarted)
+        for slot in list(self.slots.values()):
+            self.retire(slot)
+        self.manage_workers()
+        self.on_event("READY=1")
+
+    def handle_ttin(self) -> None:
+        """SIGTTIN: one worker more."""
+        self.num_workers += 1
+        log.info("SIGTTIN: now %d worker(s)", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        """SIGTTOU: one worker fewer (never below one)."""
+        self.num_workers = max(1, self.num_workers - 1)
+        log.info("SIGTTOU: now %d worker(s)", self.num_workers)
+
+    def handle_usr1(self) -> None:
+        """SIGUSR1: reopen log files (after logrotate)."""
+        logs.reopen()
+        log.info("log files reopened")
+
+    def handle_chld(self) -> None:
+        """SIGCHLD: nothing to do here; reap_workers runs on every turn of the loop."""
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        """Converge the pool to num_workers: respawn empty slots when due, retire extra ones."""
+        now = time.monotonic()
+        for worker_id in range(self.num_workers):
+            slot = self.slots.setdefault(worker_id, WorkerSlot(worker_id))
+            if slot.current is None and now >= slot.respawn_at:
+                self.spawn_worker(slot)
+        for worker_id in sorted(self.slots):
+            slot = self.slots[worker_id]
+            if worker_id >= self.num_workers and slot.current is not None:
+                self.retire(slot)
+
+    def spawn_worker(self, slot: WorkerSlot) -> None:
+        counters = SharedCounters()
+        limit = self.settings.max_documents_per_worker
+        # Jitter, so that workers started together are not all recycled together.
+        limit = limit + random.randint(0, max(1, limit // 10)) if limit else None
+        close_fds = [self._wake_r, self._wake_w] + self.extra_close_fds
+        process = self.ctx.Process(
+            target=worker_main, name=f"kgsupervisor-worker-{slot.worker_id}", daemon=False,
+            args=(self.settings, slot.worker_id, self.stats.map, counters, self.pid, limit, close_fds))
+        process.start()
+        slot.current = WorkerProcess(process, counters, owner_name(process.pid))
+        log.info("worker %d started (pid %d)", slot.worker_id, process.pid)
+
+    def retire(self, slot: WorkerSlot) -> None:
+        """Ask the slot's worker to finish its document and leave; the slot is free at once."""
+        worker = slot.current
+        if worker is None:
+            return
+        worker.stop_requested = True
+        worker.signal(signal.SIGTERM)
+        slot.retiring.append(worker)
+        slot.current = None
+        slot.backoff, slot.respawn_at = 0.0, 0.0
+
+    def reap_workers(self) -> None:
+        """Collect every exited worker: release its claims at once, record why, schedule respawn."""
+        now = time.monotonic()
+        for slot in self.slots.values():
+            for worker in slot.processes():
+                if worker.process.is_alive():
+                    continue
+                worker.process.join()
+                self.classify_exit(slot, worker, now)
+
+    def classify_exit(self, slot: WorkerSlot, worker: WorkerProcess, now: float) -> None:
+        code = worker.process.exitcode
+        cause = worker.kill_reason or describe_exit(code)
+        crashed = code != EXIT_OK and not (worker.stop_requested and worker.kill_reason == "drain timeout")
+        # Release before respawn: the replacement must find the documents pending.
+        self.release_claims_of(worker, crashed=crashed, cause=cause)
+        slot.fold(worker)
+        if worker is slot.current:
+            slot.current = None
+            slot.last_exit = cause
+            if self.state is SupervisorState.RUNNING:
+                slot.restarts += 1
+                slot.schedule_respawn(worker, crashed, now)
+        else:
+            slot.retiring.remove(worker)
+        level = logging.INFO if not crashed else (logging.ERROR if code in (-signal.SIGKILL, EXIT_ERROR) else logging.WARNING)
+        hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and not worker.kill_reason else ""
+        backoff = f"; respawn in {slot.backoff:.1f}s" if slot.current is None and slot.backoff else ""
+        log.log(level, "worker %d (pid %d) %s%s%s", slot.worker_id, worker.pid, cause, hint, backoff)
+        if code == EXIT_BOOT_ERROR and self.state is SupervisorState.RUNNING:
+            slot.backoff = max(slot.backoff, 1.0)
+
+    def release_claims_of(self, worker: WorkerProcess, crashed: bool, cause: str = "") -> None:
+        """Give a gone worker's claims back: the row in flight charged a crash only if it crashed."""
+        try:
+            with closing(connect(self.db_path)) as conn:
+                q = SQLiteQueue(conn)
+                if crashed:
+                    result = q.release_crashed(worker.owner, cause, self.settings.poison_after, time.time())
+                    for cid in result.poisoned:
+                        log.error("content_id %d failed as a poison pill: it killed %d worker(s)",
+                                  cid, self.settings.poison_after)
+                    released = result.released
+                else:
+                    released = q.release_owner(worker.owner)
+        except Exception as exc:  # the lease expiry is the backstop; never die here
+            log.error("could not release claims of %s (%s); they return when their lease expires",
+                      worker.owner, exc)
+            return
+        if released:
+            log.info("released %d claim(s) of worker pid %d back to pending", released, worker.pid)
+
+    def watch_workers(self) -> None:
+        """psutil and heartbeat checks: kill hung workers, recycle ones over the memory limit."""
+        now_wall = time.time()
+        limit = self.settings.max_worker_rss_mb * 1024 * 1024
+        recycling = any(w.stop_requested for s in self.slots.values() for w in s.retiring)
+        for slot in self.slots.values():
+            worker = slot.current
+            if worker is None or not worker.sample():
+                continue
+            age = worker.counters.heartbeat_age(now_wall)
+            if age > self.settings.hang_timeout and worker.kill_reason is None:
+                worker.kill_reason = f"hung: no heartbeat for {age:.0f}s"
+                log.error("worker %d (pid %d) %s; killing it", slot.worker_id, worker.pid, worker.kill_reason)
+                worker.signal(signal.SIGKILL)
+            elif limit and worker.rss_bytes > limit and not recycling and self.state is SupervisorState.RUNNING:
+                log.info("worker %d (pid %d) uses %.0f MiB, over the limit: recycling it",
+                         slot.worker_id, worker.pid, worker.rss_bytes / 2**20)
+                self.retire(slot)
+                recycling = True
+
+    def on_manager_restart(self) -> None:
+        """The stats Manager was recreated: restart workers so they publish into the new one."""
+        for slot in list(self.slots.values()):
+            self.retire(slot)
+
+    # -- draining ----------------------------------------------------------------------------
+
+    def begin_drain(self, why: str) -> None:
+        self.change_state(SupervisorState.STOPPING)
+        self.on_event("STOPPING=1")
+        self.drain_deadline = time.monotonic() + self.settings.drain_timeout
+        log.info("draining (%s): no new claims; in-flight documents get up to %.0fs",
+                 why, self.settings.drain_timeout)
+        for slot in self.slots.values():
+            for worker in slot.processes():
+                worker.stop_requested = True
+                worker.signal(signal.SIGTERM)
+
+    def check_drain(self) -> None:
+        alive = [w for s in self.slots.values() for w in s.processes() if w.process.is_alive()]
+        if not alive:
+            log.info("drained: all workers stopped")
+            self.change_state(SupervisorState.STOPPED)
+        elif time.monotonic() >= self.drain_deadline:
+            log.warning("drain timeout: killing %d worker(s); their documents go back to pending", len(alive))
+            for worker in alive:
+                worker.kill_reason = "drain timeout"
+                worker.signal(signal.SIGKILL)
+                worker.process.join(5)
+            self.reap_workers()
+            self.change_state(SupervisorState.STOPPED)
+
+    def check_exit_when_empty(self) -> None:
+        if not self.exit_when_empty:
+            return
+        with closing(connect(self.db_path)) as conn:
+            if SQLiteQueue(conn).has_live_work():
+                return
+        self.begin_drain("queue is empty")
+
+    def change_state(self, state: SupervisorState) -> None:
+        if state is not self.state:
+            log.debug("supervisor %s -> %s", self.state.value, state.value)
+            self.state = state
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def refresh_queue_size(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._queue_counted < QUEUE_COUNT_EVERY:
+            return
+        self._queue_counted = now
+        try:
+            with closing(connect(self.db_path)) as conn:
+                self.queue_size = SQLiteQueue(conn).counts()
+        except Exception as exc:
+            log.warning("could not count the queue: %s", exc)
+
+    def check_worker_health(self) -> dict[str, Any]:
+        self.last_health_check = iso_now()
+        published = self.stats.snapshot()
+        now = time.time()
+        details = [slot.describe(now, published.get(slot.worker_id)) for _, slot in sorted(self.slots.items())
+                   if slot.worker_id < self.num_workers or slot.current or slot.retiring]
+        return worker_health(details, self.state is SupervisorState.RUNNING)
+
+    def get_aggregate_stats(self, health: dict[str, Any] | None = None) -> dict[str, Any]:
+        health = health or self.check_worker_health()
+        self.refresh_queue_size()
+        return aggregate(health["worker_details"], manager_running=health["manager_running"],
+                         manager_started_at=self.started_at, workers_restarted=self.workers_restarted,
+                         last_health_check=self.last_health_check, url=self.settings.service_url,
+                         enabled=self.settings.service_enabled, queue_size=self.queue_size)
+
+    def publish_stats(self) -> None:
+        """Put the aggregate where the API handle and the status endpoint read it."""
+        health = self.check_worker_health()
+        stats = self.get_aggregate_stats(health)
+        stats["supervisor_pid"] = self.pid
+        stats["state"] = self.state.value
+        self.latest = {"stats": stats, "health": health}
+        self.stats.publish_supervisor(self.latest)
+
+    def answer_control_requests(self) -> None:
+        while self.control is not None and self.control.poll():
+            try:
+                request = self.control.recv()
+                self.control.send(self.latest.get(request) if hasattr(self, "latest") else None)
+            except (EOFError, OSError):
+                self.control = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,220 @@
+"""The supervisor as a real process: real forks, real signals, real HTTP, real SQLite."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from .conftest import seed, spawn, status_counts, wait_for
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "KG_LEASE_SECONDS": "10"}
+
+
+def start_supervisor(db_path: str, url: str, *args: str, env: dict | None = None):
+    proc = spawn(["run", "--db", db_path, "--service-url", url, "--poll-interval", "0.2", *args],
+                 env={**FAST, **(env or {})})
+    return proc
+
+
+def worker_pids(proc) -> set[int]:
+    """The supervisor's worker processes, by the name the supervisor gives them."""
+    try:
+        children = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        return set()
+    pids = set()
+    for child in children:
+        try:
+            if child.name().startswith("kgs-worker-") and child.status() != psutil.STATUS_ZOMBIE:
+                pids.add(child.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=30):
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return err
+
+
+def completed_once(conn, ids):
+    """Each document completed, with exactly one set of KG rows (no duplicates)."""
+    rows = conn.execute("SELECT content_id, status FROM kg_processing_queue").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(ids), "queue row count unchanged"
+    assert {r[1] for r in rows} == {"completed"}, status_counts(conn)
+    dupes = conn.execute("""
+        SELECT content_id, chunk_rowid, offset_start, entity_normalized, COUNT(*) FROM chunk_entities
+        GROUP BY 1, 2, 3, 4 HAVING COUNT(*) > 1""").fetchall()
+    assert dupes == []
+    mismatch = conn.execute("""
+        SELECT c.id FROM crawled_content c WHERE c.kg_relationship_count !=
+        (SELECT COUNT(*) FROM chunk_relationships r WHERE r.content_id = c.id)""").fetchall()
+    assert mismatch == []
+
+
+def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, db_path, fault_server):
+    ids = seed(conn, 6)
+    server = fault_server(lambda payload, n: time.sleep(0.5))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "3")
+    try:
+        wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
+        wait_for(lambda: conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE started_at IS NOT NULL").fetchone(),
+                 20, message="a document in flight")
+        owner = conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE started_at IS NOT NULL").fetchone()[0]
+        victim = int(owner.rsplit(":", 1)[1])
+        before = worker_pids(proc)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(lambda: len(worker_pids(proc) - before) == 1 and victim not in worker_pids(proc), 5,
+                 interval=0.01, message="a replacement worker")
+        replaced_in = time.monotonic() - killed_at
+        assert conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE lease_owner = ?", (owner,)).fetchone()[0] == 0
+        wait_for(lambda: status_counts(conn) == {"completed": 6}, 30, message="drain")
+    finally:
+        err = stop(proc)
+    completed_once(conn, ids)
+    assert proc.returncode == 0, err
+    assert "killed by SIGKILL" in err
+    assert replaced_in < 1.0 + 0.5  # the poll above has 10 ms grain; the bar is "within 1 s"
+
+
+def test_sigterm_lets_two_in_flight_documents_finish(conn, db_path, fault_server):
+    seed(conn, 2)
+    server = fault_server(lambda payload, n: time.sleep(2.0))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1")
+    wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
+    err = stop(proc)
+    assert proc.returncode == 0, err
+    assert status_counts(conn) == {"completed": 2}
+
+
+def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(conn, db_path, fault_server):
+    seed(conn, 2)
+    server = fault_server(lambda payload, n: time.sleep(30))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
+                            "--drain-timeout", "1.5")
+    wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
+    t0 = time.monotonic()
+    err = stop(proc)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, err
+    assert took < 1.5 + 1.0, f"exit took {took:.2f}s"
+    assert status_counts(conn) == {"pending": 2}
+    assert conn.execute("SELECT MAX(retry_count), MAX(COALESCE(crash_count, 0)) FROM kg_processing_queue").fetchone() == (0, 0)
+
+
+def test_sighup_under_load_restarts_every_worker_and_processes_each_document_once(conn, db_path, fault_server):
+    ids = seed(conn, 60)
+    server = fault_server(lambda payload, n: time.sleep(0.05))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2")
+    try:
+        wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
+        wait_for(lambda: status_counts(conn).get("completed", 0) >= 5, 20, message="load")
+        old = worker_pids(proc)
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: len(worker_pids(proc)) == 2 and not (worker_pids(proc) & old), 20, message="new workers")
+        wait_for(lambda: status_counts(conn) == {"completed": 60}, 60, message="drain")
+    finally:
+        err = stop(proc)
+    completed_once(conn, ids)
+    assert len(server.requests) == 60, "no document was sent twice"
+    assert "restart #1" in err
+    assert proc.returncode == 0, err
+
+
+def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service):
+    proc = start_supervisor(db_path, kg_service, "--workers", "2")
+    try:
+        wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
+        os.kill(proc.pid, signal.SIGTTIN)
+        wait_for(lambda: len(worker_pids(proc)) == 3, 20, message="three workers")
+        # Two signals of one kind sent back to back may arrive as one (POSIX does not queue
+        # them), so the second goes after the first has taken effect.
+        os.kill(proc.pid, signal.SIGTTOU)
+        wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers again")
+        os.kill(proc.pid, signal.SIGTTOU)
+        wait_for(lambda: len(worker_pids(proc)) == 1, 20, message="one worker")
+        os.kill(proc.pid, signal.SIGTTOU)  # never below one
+        time.sleep(1)
+        assert len(worker_pids(proc)) == 1
+    finally:
+        err = stop(proc)
+    assert proc.returncode == 0, err
+
+
+def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_service):
+    proc = start_supervisor(db_path, kg_service, "--workers", "1", env={"KG_HANG_TIMEOUT": "2"})
+    try:
+        (victim,) = wait_for(lambda: worker_pids(proc), 20, message="a worker")
+        os.kill(victim, signal.SIGSTOP)
+        wait_for(lambda: worker_pids(proc) and victim not in worker_pids(proc), 15, message="replacement")
+        seed(conn, 3)
+        wait_for(lambda: status_counts(conn) == {"completed": 3}, 20, message="work after the hang")
+    finally:
+        err = stop(proc)
+    assert "hung: no heartbeat" in err
+    assert proc.returncode == 0, err
+
+
+def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_path, fault_server):
+    ids = seed(conn, 8)
+    poison = ids[3]
+    server = fault_server(lambda payload, n: time.sleep(0.3) if payload["content_id"] == poison else None)
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "4",
+                            env={"KG_POISON_AFTER": "3"})
+    kills = 0
+    try:
+        deadline = time.monotonic() + 60
+        while status_counts(conn).get("completed", 0) + status_counts(conn).get("failed", 0) < 8:
+            assert time.monotonic() < deadline, status_counts(conn)
+            row = conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? "
+                               "AND started_at IS NOT NULL AND status = 'processing'", (poison,)).fetchone()
+            if row:  # the document "kills its worker": every time it is in flight
+                try:
+                    os.kill(int(row[0].rsplit(":", 1)[1]), signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+                wait_for(lambda: conn.execute("SELECT status != 'processing' OR started_at IS NULL FROM "
+                                              "kg_processing_queue WHERE content_id = ?", (poison,)).fetchone()[0], 10)
+            time.sleep(0.02)
+    finally:
+        err = stop(proc)
+    assert kills == 3
+    status, error, crashes = conn.execute("SELECT status, error_message, crash_count FROM kg_processing_queue "
+                                          "WHERE content_id = ?", (poison,)).fetchone()
+    assert status == "failed" and crashes == 3
+    assert "poison pill: a worker died 3 times" in error and "killed by SIGKILL" in error
+    assert status_counts(conn) == {"completed": 7, "failed": 1}
+    assert proc.returncode == 0, err
+
+
+def test_kill_9_of_the_supervisor_workers_exit_and_a_new_run_completes_everything(conn, db_path, fault_server):
+    ids = seed(conn, 10)
+    server = fault_server(lambda payload, n: time.sleep(0.4))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "5")
+    wait_for(lambda: len(server.requests) >= 2, 20, message="work in flight")
+    children = psutil.Process(proc.pid).children()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=10)
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], f"orphans left: {alive}"
+    # Whatever the dead tree still held is released by the next run on this host.
+    second = start_supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty")
+    try:
+        second.wait(60)
+    finally:
+        err = stop(second)
+    assert second.returncode == 0, err
+    completed_once(conn, ids)
