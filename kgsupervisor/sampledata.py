@@ -20,7 +20,7 @@ SENTENCES = [
     "{p} said that {t} would change how {o} builds products.",
     "A workshop on {t} in {l} drew researchers from {o}.",
     "{o} announced a partnership with {p} focused on {t}.",
-    "Critics in {l} questioned whether {t} is ready for production.",
+    "{t} may not be ready for production, say engineers in {l}.",
 ]
 
 

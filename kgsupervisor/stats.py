@@ -72,9 +72,24 @@ class WorkerStats:
 class StatsPublisher:
     """Writes a worker's stats into a (possibly Manager-backed) map, never failing the worker."""
 
+    # An idle worker's stats do not change; a round trip to the Manager per beat would be
+    # most of an idle pool's CPU.
+    REFRESH_EVERY = 10.0
+
     def __init__(self, target: MutableMapping[Any, Any] | None) -> None:
         self.target = target
         self._warned = False
+        self._last: tuple | None = None
+        self._last_at = 0.0
+
+    def publish_if_changed(self, stats: WorkerStats) -> None:
+        signature = (stats.state, stats.total_processed, stats.total_retried, stats.total_released,
+                     stats.current_content_id, stats.lease_lost, stats.db_lock_retries,
+                     tuple(sorted(stats.kg_service.items())))
+        now = time.monotonic()
+        if signature != self._last or now - self._last_at >= self.REFRESH_EVERY:
+            self._last, self._last_at = signature, now
+            self.publish(stats)
 
     def publish(self, stats: WorkerStats) -> None:
         if self.target is None:

@@ -30,7 +30,7 @@ log = logging.getLogger("kgsupervisor.worker")
 
 # An idle worker looks at PRAGMA data_version this often: a commit by anyone else (an enqueue)
 # wakes it at once instead of after poll_interval, for a few microseconds per look.
-WATCH_INTERVAL = 0.05
+WATCH_INTERVAL = 0.15
 REQUEUE_EXPIRED_EVERY = 30.0
 
 
@@ -308,11 +308,12 @@ class KGWorker:
             self.publish()
 
     def publish(self) -> None:
+        """Beat, and copy the stats to the shared map when they changed (or every 10 s)."""
         self.stats.counters.beat()
         self.stats.kg_service = self.client.health_status.as_dict() if hasattr(self, "client") else {}
         self.stats.kg_service["consecutive_failures"] = (
             self.breaker.consecutive_failures if hasattr(self, "breaker") else 0)
-        self.publisher.publish(self.stats)
+        self.publisher.publish_if_changed(self.stats)
 
     def _count_lock_retry(self) -> None:
         self.stats.db_lock_retries += 1

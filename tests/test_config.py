@@ -54,3 +54,11 @@ def test_any_environment_either_loads_or_raises_config_error(env):
         assert "\n" not in str(exc) and ": expected " in str(exc)
     else:
         config.validate(settings)
+
+
+def test_the_shipped_example_config_loads():
+    import pathlib
+    example = pathlib.Path(__file__).parent.parent / "conf" / "kgsupervisor.toml"
+    settings, sources = config.load({}, {}, str(example))
+    assert settings.db_path == "/var/lib/crawl/crawl.db"
+    assert sources["num_workers"].startswith("file ")
