@@ -16,7 +16,8 @@ from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import init_db
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(os.path.dirname(HERE), "demo-data")
+# `demo.py DIR` puts the demo elsewhere (the test suite runs it in a temp dir).
+DATA = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else os.path.join(os.path.dirname(HERE), "demo-data")
 DB = os.path.join(DATA, "demo.db")
 DOCUMENTS = 200
 KG = [sys.executable, "-m", "kgsupervisor"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -269,3 +270,29 @@ def test_a_locked_database_is_waited_out_counted_and_fails_nothing(conn, db_path
     holder.wait(10)
     assert w.stats.db_lock_retries >= 1
     assert w.stats.total_failed == 0
+
+
+def test_the_bearer_token_is_sent_and_never_logged(conn, db_path):
+    port = free_port()
+    service = spawn(["dev-service", "--port", str(port)], env={"KG_SERVICE_TOKEN": "t0p-s3cret"})
+    wait_for(lambda: "listening" in (service.stderr.readline() or "x"), 10, message="dev-service")
+    try:
+        seed(conn, 2)
+        wrong = subprocess.run([sys.executable, "-m", "kgsupervisor", "worker", "--once", "--db", db_path,
+                                "--service-url", f"http://127.0.0.1:{port}"], capture_output=True, text=True,
+                               timeout=60, env={**os.environ, "KG_SERVICE_TOKEN": "wrong-token"})
+        assert wrong.returncode == 0
+        assert "refused our credentials (401): check KG_SERVICE_TOKEN" in wrong.stderr
+        assert "wrong-token" not in wrong.stderr
+        assert status_counts(conn) == {"pending": 2}, "a wrong token fails no document"
+        right = subprocess.run([sys.executable, "-m", "kgsupervisor", "worker", "--once", "--db", db_path,
+                                "--service-url", f"http://127.0.0.1:{port}", "--log-format", "json"],
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "KG_SERVICE_TOKEN": "t0p-s3cret"})
+        assert right.returncode == 0, right.stderr
+        assert status_counts(conn) == {"completed": 2}
+        assert "t0p-s3cret" not in right.stderr
+        assert all(json.loads(line)["logger"].startswith("kgsupervisor") for line in right.stderr.splitlines())
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.communicate(timeout=10)
