@@ -12,10 +12,12 @@ from typing import Any
 
 import click
 
-from . import config, devservice, logs
+import requests
+
+from . import config, devservice, logs, render
 from .db import connect
 from .pidfile import Pidfile, running_pid
-from .errors import ConfigError, KGSupervisorError
+from .errors import ConfigError, KGSupervisorError, NotReachable
 from .queue import SQLiteQueue
 from .schema import check_schema, init_db
 from .states import EXIT_USAGE
@@ -29,7 +31,7 @@ class KGGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
+        except (ConfigError, NotReachable) as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(EXIT_USAGE)
         except KGSupervisorError as exc:
@@ -64,7 +66,8 @@ def settings_options(f: Callable) -> Callable:
         click.option("--poll-interval", type=float, help="Seconds an idle worker waits [KG_POLL_INTERVAL]."),
         click.option("--batch-size", type=int, help="Rows one claim takes at most [KG_BATCH_SIZE]."),
         click.option("--max-attempts", type=int, help="Attempts before a document fails [KG_MAX_ATTEMPTS]."),
-        click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True),
+        click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON [KG_LOG_FORMAT]."),
+        click.option("--log-file", metavar="FILE", help="Log to FILE, reopened on SIGUSR1 [KG_LOG_FILE]."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -143,12 +146,16 @@ def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> No
 @settings_options
 @click.option("--once", is_flag=True, help="Claim and process one batch, then exit.")
 @click.option("--worker-id", type=int, default=0, show_default=True)
-def worker(once: bool, worker_id: int, log_format: str, **kwargs: Any) -> None:
+def worker(once: bool, worker_id: int, **kwargs: Any) -> None:
     """Run one worker in the foreground (for debugging; production uses `run`)."""
     settings, _ = load_settings(kwargs)
     config.require_db(settings)
-    logs.setup(log_format, secrets=[settings.token() or ""])
+    setup_logging(settings)
     sys.exit(run_worker(settings, worker_id, once=once))
+
+
+def setup_logging(settings: config.Settings) -> None:
+    logs.setup(settings.log_format, secrets=[settings.token() or ""], path=settings.log_file)
 
 
 @main.command("dev-service")
@@ -173,20 +180,24 @@ def dev_service(host: str, port: int, latency: float, fail_rate: float, token: s
 @click.option("--workers", "num_workers", type=int, help="Worker processes [KG_NUM_WORKERS].")
 @click.option("--drain-timeout", type=float, help="Seconds in-flight documents get on SIGTERM [KG_DRAIN_TIMEOUT].")
 @click.option("--pidfile", metavar="FILE", help="Write and lock a pidfile [KG_PIDFILE].")
+@click.option("--status-addr", metavar="HOST:PORT", help="Status endpoint, or off [KG_STATUS_ADDR; 127.0.0.1:9188].")
 @click.option("--exit-when-empty", is_flag=True, help="Drain and exit 0 once nothing is pending or processing.")
-def run(exit_when_empty: bool, log_format: str, **kwargs: Any) -> None:
+@click.option("--print-config", is_flag=True, help="Show every effective setting and its source, then exit.")
+def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     """Run the supervisor in the foreground (what systemd or supervisord start)."""
-    settings, _ = load_settings(kwargs)
+    settings, sources = load_settings(kwargs)
+    if print_config:
+        return show_config(settings, sources)
     db_path = config.require_db(settings)
     with closing(connect(db_path)) as conn:  # closed: no connection may cross the fork
         check_schema(conn, db_path)
-    logs.setup(log_format, secrets=[settings.token() or ""])
+    setup_logging(settings)
     pidfile = Pidfile(settings.pidfile) if settings.pidfile else None
     if pidfile:
         pidfile.acquire()
     cli_values = {k: v for k, v in kwargs.items() if k in config.FIELDS}
     supervisor = Supervisor(
-        settings, exit_when_empty=exit_when_empty,
+        settings, exit_when_empty=exit_when_empty, status_addr=config.parse_addr(settings.status_addr),
         reload_settings=lambda: config.load(cli_values, os.environ, kwargs.get("config_file"))[0],
         extra_close_fds=[pidfile.fd] if pidfile else [])
     try:
@@ -195,6 +206,11 @@ def run(exit_when_empty: bool, log_format: str, **kwargs: Any) -> None:
         if pidfile:
             pidfile.release()
     sys.exit(status)
+
+
+def show_config(settings: config.Settings, sources: dict[str, str]) -> None:
+    for name, value in settings.masked().items():
+        click.echo(f"{name:<26} {value!s:<32} ({sources[name]}; {config.FIELDS[name].metadata['env']})")
 
 
 def pidfile_option(f: Callable) -> Callable:
@@ -233,3 +249,72 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def status_addr_option(f: Callable) -> Callable:
+    return click.option("--status-addr", envvar="KG_STATUS_ADDR", default="127.0.0.1:9188", show_default=True,
+                        metavar="HOST:PORT", help="Where the supervisor serves its status [KG_STATUS_ADDR].")(f)
+
+
+def fetch(addr: str, path: str) -> requests.Response:
+    """GET from a running supervisor's status endpoint, or a one-line error (exit 2)."""
+    parsed = config.parse_addr(addr)
+    if parsed is None:
+        raise NotReachable("the status endpoint is off (--status-addr off): nothing to ask")
+    host, port = parsed
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{path}"
+    try:
+        return requests.get(url, timeout=5)
+    except requests.RequestException:
+        raise NotReachable(f"no supervisor answering on {host}:{port} (is `kgsupervisor run` running? "
+                           f"is --status-addr the same?)") from None
+
+
+@main.command()
+@status_addr_option
+@click.option("--json", "as_json", is_flag=True, help="Print get_worker_stats() as JSON.")
+@click.option("--watch", is_flag=True, help="A live view: progress bar, queue, per-worker table.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Refresh of --watch, seconds.")
+def status(status_addr: str, as_json: bool, watch: bool, interval: float) -> None:
+    """Aggregate stats of a running supervisor, read from its status endpoint."""
+    if watch:
+        return watch_status(status_addr, interval)
+    if as_json:
+        return click.echo(fetch(status_addr, "/stats").text)
+    snapshot = {"stats": fetch(status_addr, "/stats").json(), "health": fetch(status_addr, "/health").json()}
+    click.echo(render.status_text(snapshot))
+
+
+def watch_status(status_addr: str, interval: float) -> None:
+    from rich.live import Live
+    meter = render.RateMeter()
+
+    def view():
+        snapshot = {"stats": fetch(status_addr, "/stats").json(), "health": fetch(status_addr, "/health").json()}
+        return render.status_view(snapshot, meter)
+    try:
+        with Live(view(), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(view())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@status_addr_option
+@click.option("--json", "as_json", is_flag=True, help="Print check_worker_health() as JSON.")
+def health(status_addr: str, as_json: bool) -> None:
+    """Exit 0 when the supervisor's workers are healthy, 1 when not, 2 when it cannot be reached."""
+    try:
+        resp = fetch(status_addr, "/health")
+    except NotReachable as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    body = resp.json()
+    if as_json:
+        click.echo(json.dumps(body))
+    else:
+        click.echo(f"{'healthy' if resp.status_code == 200 else 'unhealthy'}: "
+                   f"{body.get('healthy_workers', 0)}/{body.get('total_workers', 0)} workers running")
+    sys.exit(0 if resp.status_code == 200 else 1)

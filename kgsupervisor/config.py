@@ -30,6 +30,25 @@ def _http_url(v: str) -> str | None:
     return None
 
 
+def parse_addr(value: str) -> tuple[str, int] | None:
+    """'127.0.0.1:9188', '[::1]:9188' or 'off' (None); a ConfigError names what is wrong."""
+    if value.strip().lower() == "off":
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("KG_STATUS_ADDR", value, "HOST:PORT (e.g. 127.0.0.1:9188) or off")
+    return host, int(port)
+
+
+def _addr(v: str) -> str | None:
+    try:
+        parse_addr(v)
+    except ConfigError as exc:
+        return exc.expected
+    return None
+
+
 def _setting(default: Any, env: str | None, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
     return dataclasses.field(default=default, metadata={"env": env, "help": help, "check": check})
 
@@ -59,6 +78,9 @@ class Settings:
     max_documents_per_worker: int = _setting(0, "KG_MAX_DOCUMENTS_PER_WORKER", "recycle a worker after this many documents (0: never)", _at_least(0))
     max_worker_rss_mb: float = _setting(0.0, "KG_MAX_WORKER_RSS_MB", "recycle a worker above this resident memory, MiB (0: never)", lambda v: None if v >= 0 else "a number >= 0")
     pidfile: str | None = _setting(None, "KG_PIDFILE", "pidfile of `run`, used by `reload` and `stop`")
+    status_addr: str = _setting("127.0.0.1:9188", "KG_STATUS_ADDR", "status endpoint HOST:PORT, or off", _addr)
+    log_format: str = _setting("text", "KG_LOG_FORMAT", "text or json", lambda v: None if v in ("text", "json") else "text or json")
+    log_file: str | None = _setting(None, "KG_LOG_FILE", "log to this file (reopened on SIGUSR1) instead of stderr")
 
     def token(self) -> str | None:
         """The bearer token, from the setting or the file it names."""

@@ -51,6 +51,10 @@ class LeaseLost(KGSupervisorError):
     """The claim was taken over by someone else; the write-back committed nothing."""
 
 
+class NotReachable(KGSupervisorError):
+    """A running supervisor's status endpoint did not answer."""
+
+
 class HaltSupervisor(BaseException):
     """Stop the supervisor with a reason; a BaseException so that no `except Exception` eats it."""
 

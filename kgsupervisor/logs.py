@@ -6,6 +6,8 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from .errors import ConfigError
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -40,9 +42,13 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def setup(fmt: str = "text", level: int = logging.INFO, secrets: list[str] | None = None) -> None:
-    """Send kgsupervisor's logs to stderr in `fmt` ('text' or 'json')."""
-    handler = logging.StreamHandler(sys.stderr)
+def setup(fmt: str = "text", level: int = logging.INFO, secrets: list[str] | None = None,
+          path: str | None = None) -> None:
+    """Send kgsupervisor's logs to stderr (or the file `path`) in `fmt` ('text' or 'json')."""
+    try:
+        handler: logging.Handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+    except OSError as exc:
+        raise ConfigError("KG_LOG_FILE", path, f"a writable file ({exc.strerror})") from None
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(SecretFilter(secrets or []))
     root = logging.getLogger("kgsupervisor")

@@ -9,6 +9,7 @@ import queue
 import random
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -16,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from . import logs
+from . import logs, statusd
 from .config import Settings, require_db
 from .db import connect
 from .errors import ConfigError, DatabaseError, KGSupervisorError
@@ -27,7 +28,8 @@ from .queue import SQLiteQueue
 from .schema import check_schema
 from .slots import WorkerProcess, WorkerSlot, describe_exit
 from .states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState
-from .stats import aggregate, iso_now, worker_health
+from .reporting import Reporter
+from .stats import iso_now
 from .worker import KGWorker, owner_name
 
 log = logging.getLogger("kgsupervisor.supervisor")
@@ -35,7 +37,6 @@ log = logging.getLogger("kgsupervisor.supervisor")
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
                    signal.SIGUSR1, signal.SIGCHLD)
 TICK = 0.5
-QUEUE_COUNT_EVERY = 2.0
 SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
 
 
@@ -64,15 +65,18 @@ class Supervisor:
 
     def __init__(self, settings: Settings, *, reload_settings: Callable[[], Settings] | None = None,
                  exit_when_empty: bool = False, control: multiprocessing.connection.Connection | None = None,
-                 extra_close_fds: list[int] | None = None, on_event: Callable[[str], None] | None = None,
-                 parent_pid: int | None = None) -> None:
+                 extra_close_fds: list[int] | None = None, parent_pid: int | None = None,
+                 status_addr: tuple[str, int] | None = None) -> None:
         self.settings = settings
         self.db_path = require_db(settings)
         self.reload_settings = reload_settings
         self.exit_when_empty = exit_when_empty
-        self.control = control
         self.extra_close_fds = list(extra_close_fds or [])
-        self.on_event = on_event or (lambda state: None)
+        self.status_addr = status_addr
+        self.status_process: multiprocessing.process.BaseProcess | None = None
+        self.reporter = Reporter(self)
+        if control is not None:
+            self.reporter.controls.append(control)
         self.parent_pid = parent_pid  # API mode: drain when the host process is gone
         self.ctx = multiprocessing.get_context("fork")
         self.state = SupervisorState.STARTING
@@ -81,11 +85,8 @@ class Supervisor:
         self.signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.workers_restarted = 0
         self.started_at = iso_now()
-        self.last_health_check: str | None = None
         self.drain_deadline = 0.0
         self.stop_signal_at = 0.0
-        self.queue_size: dict[str, int] = {}
-        self._queue_counted = 0.0
         self.exit_status = EXIT_OK
         self.pid = os.getpid()
         self.host = socket.gethostname()
@@ -96,9 +97,14 @@ class Supervisor:
         """Run until drained; returns the exit status."""
         self.check_database()
         self.release_orphaned_claims()
+        status_sock = statusd.bind(self.status_addr) if self.status_addr else None
         self.stats = StatsManager(self.ctx)
         self.install_signal_handlers()
         try:
+            if status_sock is not None:
+                self.extra_close_fds.append(status_sock.fileno())
+                self.status_sock = status_sock
+                self.spawn_status_process()
             self.manage_workers()
             self.change_state(SupervisorState.RUNNING)
             log.info("supervisor started: pid %d, %d worker(s), db=%s, service=%s", self.pid,
@@ -110,8 +116,34 @@ class Supervisor:
         return self.exit_status
 
     def check_database(self) -> None:
+        """The schema is there and the database takes a write lock (it is not read-only)."""
         with closing(connect(self.db_path)) as conn:
             check_schema(conn, self.db_path)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+            except sqlite3.OperationalError as exc:
+                raise DatabaseError(f"database {self.db_path!r} is not writable: {exc}") from None
+
+    def spawn_status_process(self) -> None:
+        """The status endpoint, in a child of its own: no thread in this forking process."""
+        mine, theirs = self.ctx.Pipe()
+        close_fds = [self._wake_r, self._wake_w] + [fd for fd in self.extra_close_fds
+                                                     if fd != self.status_sock.fileno()]
+        self.status_process = self.ctx.Process(target=statusd.status_main, name="kgsupervisor-status",
+                                               args=(self.status_sock, theirs, self.pid, close_fds))
+        self.status_process.start()
+        theirs.close()
+        self.reporter.controls.append(mine)
+        host, port = self.status_sock.getsockname()[:2]
+        log.info("status endpoint on http://%s:%d (/health /stats /metrics)", host, port)
+
+    def watch_status_process(self) -> None:
+        if self.status_process is not None and not self.status_process.is_alive():
+            self.status_process.join()
+            log.error("status process (pid %d) %s; restarting it", self.status_process.pid,
+                      describe_exit(self.status_process.exitcode))
+            self.spawn_status_process()
 
     def release_orphaned_claims(self) -> None:
         """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
@@ -144,6 +176,10 @@ class Supervisor:
                     worker.signal(signal.SIGKILL)
                     worker.process.join(5)
                 self.release_claims_of(worker, crashed=False)
+        if self.status_process is not None and self.status_process.is_alive():
+            self.status_process.terminate()
+            self.status_process.join(5)
+        self.reporter.notify("STOPPING=1")
         if hasattr(self, "stats"):
             self.stats.shutdown()
         signal.set_wakeup_fd(-1)
@@ -159,8 +195,7 @@ class Supervisor:
         """Sleep until a signal, a child exit, a control request, or `timeout`."""
         waitables: list[Any] = [self._wake_r]
         waitables += [w.process.sentinel for s in self.slots.values() for w in s.processes()]
-        if self.control is not None:
-            waitables.append(self.control)
+        waitables += self.reporter.controls
         multiprocessing.connection.wait(waitables, timeout)
         try:
             while os.read(self._wake_r, 512):
@@ -190,8 +225,9 @@ class Supervisor:
                 self.begin_drain("host process exited")
         elif self.state is SupervisorState.STOPPING:
             self.check_drain()
-        self.answer_control_requests()
-        self.publish_stats()
+        self.watch_status_process()
+        self.reporter.publish()
+        self.reporter.answer()
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -213,7 +249,7 @@ class Supervisor:
         """SIGHUP: reload config file and environment, then restart every worker, new before old."""
         if self.state is not SupervisorState.RUNNING:
             return
-        self.on_event("RELOADING=1")
+        self.reporter.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         if self.reload_settings:
             try:
                 self.settings = self.reload_settings()
@@ -225,7 +261,7 @@ class Supervisor:
         for slot in list(self.slots.values()):
             self.retire(slot)
         self.manage_workers()
-        self.on_event("READY=1")
+        self.reporter.notify("READY=1")
 
     def handle_ttin(self) -> None:
         """SIGTTIN: one worker more."""
@@ -240,7 +276,10 @@ class Supervisor:
     def handle_usr1(self) -> None:
         """SIGUSR1: reopen log files (after logrotate)."""
         logs.reopen()
-        log.info("log files reopened")
+        for slot in self.slots.values():
+            for worker in slot.processes():
+                worker.signal(signal.SIGUSR1)
+        log.info("log files reopened (workers told too)")
 
     def handle_chld(self) -> None:
         """SIGCHLD: nothing to do here; reap_workers runs on every turn of the loop."""
@@ -364,7 +403,7 @@ class Supervisor:
 
     def begin_drain(self, why: str) -> None:
         self.change_state(SupervisorState.STOPPING)
-        self.on_event("STOPPING=1")
+        self.reporter.notify("STOPPING=1")
         self.drain_deadline = time.monotonic() + self.settings.drain_timeout
         log.info("draining (%s): no new claims; in-flight documents get up to %.0fs",
                  why, self.settings.drain_timeout)
@@ -399,52 +438,6 @@ class Supervisor:
         if state is not self.state:
             log.debug("supervisor %s -> %s", self.state.value, state.value)
             self.state = state
-
-    # -- stats -------------------------------------------------------------------------------
-
-    def refresh_queue_size(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._queue_counted < QUEUE_COUNT_EVERY:
-            return
-        self._queue_counted = now
-        try:
-            with closing(connect(self.db_path)) as conn:
-                self.queue_size = SQLiteQueue(conn).counts()
-        except Exception as exc:
-            log.warning("could not count the queue: %s", exc)
-
-    def check_worker_health(self) -> dict[str, Any]:
-        self.last_health_check = iso_now()
-        published = self.stats.snapshot()
-        now = time.time()
-        details = [slot.describe(now, published.get(slot.worker_id)) for _, slot in sorted(self.slots.items())
-                   if slot.worker_id < self.num_workers or slot.current or slot.retiring]
-        return worker_health(details, self.state is SupervisorState.RUNNING)
-
-    def get_aggregate_stats(self, health: dict[str, Any] | None = None) -> dict[str, Any]:
-        health = health or self.check_worker_health()
-        self.refresh_queue_size()
-        return aggregate(health["worker_details"], manager_running=health["manager_running"],
-                         manager_started_at=self.started_at, workers_restarted=self.workers_restarted,
-                         last_health_check=self.last_health_check, url=self.settings.service_url,
-                         enabled=self.settings.service_enabled, queue_size=self.queue_size)
-
-    def publish_stats(self) -> None:
-        """Put the aggregate where the API handle and the status endpoint read it."""
-        health = self.check_worker_health()
-        stats = self.get_aggregate_stats(health)
-        stats["supervisor_pid"] = self.pid
-        stats["state"] = self.state.value
-        self.latest = {"stats": stats, "health": health}
-        self.stats.publish_supervisor(self.latest)
-
-    def answer_control_requests(self) -> None:
-        while self.control is not None and self.control.poll():
-            try:
-                request = self.control.recv()
-                self.control.send(self.latest.get(request) if hasattr(self, "latest") else None)
-            except (EOFError, OSError):
-                self.control = None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
+from . import logs
 from .breaker import CircuitBreaker
 from .config import Settings, require_db
 from .db import LockRetry, connect
@@ -61,6 +62,7 @@ class KGWorker:
         self.parent_pid = parent_pid
         self.max_documents = max_documents
         self.alive = True
+        self.reopen_logs = False  # set by SIGUSR1; the loop reopens, never the handler
         self.stats = WorkerStats(worker_id=worker_id, counters=counters or SharedCounters())
         self.publisher = StatsPublisher(stats_map)
         self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
@@ -103,7 +105,10 @@ class KGWorker:
         signal.signal(signal.SIGTERM, self.handle_stop_signal)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+
+    def handle_usr1(self, signum: int, frame: Any) -> None:
+        self.reopen_logs = True
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
@@ -119,6 +124,9 @@ class KGWorker:
         try:
             while self.alive:
                 wait = self.loop_once(time.time())
+                if self.reopen_logs:
+                    self.reopen_logs = False
+                    logs.reopen()
                 if once:
                     break
                 if wait > 0:
@@ -215,7 +223,11 @@ class KGWorker:
         try:
             payload, notes = build_payload(self.conn, claim.content_id)
             rowids = {c["vector_rowid"] for c in payload["chunks"]}
-            result = self.client.ingest(payload, rowids)
+            sent = time.monotonic()
+            try:
+                result = self.client.ingest(payload, rowids)
+            finally:
+                self.stats.counters.observe_latency(time.monotonic() - sent)
             summary = self.lock_retry(lambda: write_back(self.conn, claim, result, time.time(), notes))
         except DocumentRejected as exc:
             self.fail_document(claim, str(exc))

@@ -107,5 +107,8 @@ def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
 def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
     """Start a kgsupervisor command as a real process in its own session."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if args[:1] == ["run"] and "--status-addr" not in args and "KG_STATUS_ADDR" not in (env or {}):
+        # Tests run supervisors side by side: each gets a free port unless it asks for one.
+        args = args + ["--status-addr", "127.0.0.1:0"]
     return subprocess.Popen(KGSUPERVISOR + args, env=full_env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
