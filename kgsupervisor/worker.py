@@ -109,6 +109,7 @@ class KGWorker:
 
     def handle_usr1(self, signum: int, frame: Any) -> None:
         self.reopen_logs = True
+        self._wakeups.put_nowait(signum)
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
@@ -127,6 +128,7 @@ class KGWorker:
                 if self.reopen_logs:
                     self.reopen_logs = False
                     logs.reopen()
+                    self.log.info("log file reopened")
                 if once:
                     break
                 if wait > 0:

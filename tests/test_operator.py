@@ -1,0 +1,202 @@
+"""The operator surface over real processes: status endpoint, status/health, sd_notify, logs, config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import free_port, seed, spawn, status_counts, wait_for
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
+
+FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2"}
+STATS_KEYS = {"total_workers", "manager_running", "manager_started_at", "workers_restarted",
+              "last_health_check", "total_processed", "total_success", "total_failed",
+              "kg_service_enabled", "kg_service_status", "queue_size"}
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kgsupervisor", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def stop(proc, timeout=30) -> str:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return err
+
+
+@pytest.fixture
+def running(conn, db_path, kg_service):
+    """A supervisor with its status endpoint on a free loopback port; yields (proc, addr)."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2",
+                  "--poll-interval", "0.2", "--status-addr", addr], env=FAST)
+    wait_for(lambda: _get(addr, "/health") is not None and _get(addr, "/health").status_code == 200, 20,
+             message="status endpoint healthy")
+    yield proc, addr
+    stop(proc)
+
+
+def _get(addr: str, path: str):
+    try:
+        return requests.get(f"http://{addr}{path}", timeout=5)
+    except requests.RequestException:
+        return None
+
+
+def test_status_endpoint_health_stats_and_metrics(running, conn):
+    proc, addr = running
+    seed(conn, 20)
+    wait_for(lambda: status_counts(conn) == {"completed": 20}, 30, message="drain")
+    # queue_size is counted at most every 2 s (a count is a scan): wait for it to catch up.
+    wait_for(lambda: _get(addr, "/stats").json()["total_success"] == 20
+             and _get(addr, "/stats").json()["queue_size"].get("completed") == 20, 10, message="stats caught up")
+    stats = _get(addr, "/stats").json()
+    assert set(stats) == STATS_KEYS
+    assert stats["queue_size"]["completed"] == 20 and stats["total_workers"] == 2
+    health = _get(addr, "/health")
+    assert health.status_code == 200 and health.json()["healthy_workers"] == 2
+    families = {f.name: f for f in text_string_to_metric_families(_get(addr, "/metrics").text)}
+    assert families["kgsupervisor_documents_succeeded"].samples[0].value == 20
+    queue = {s.labels["status"]: s.value for s in families["kgsupervisor_queue_rows"].samples}
+    assert queue["completed"] == 20
+    hist = {s.name: s.value for s in families["kgsupervisor_kg_request_duration_seconds"].samples
+            if not s.labels.get("le") or s.labels["le"] == "+Inf"}
+    assert hist["kgsupervisor_kg_request_duration_seconds_count"] >= 20
+    assert families["kgsupervisor_kg_up"].samples[0].value == 1
+    assert {s.labels["worker_id"] for s in families["kgsupervisor_worker_rss_bytes"].samples} == {"0", "1"}
+    assert all(s.value > 0 for s in families["kgsupervisor_worker_rss_bytes"].samples)
+
+
+def test_status_and_health_commands(running, conn):
+    proc, addr = running
+    out = cli("status", "--json", "--status-addr", addr)
+    assert out.returncode == 0 and set(json.loads(out.stdout)) == STATS_KEYS
+    out = cli("status", "--status-addr", addr)
+    assert out.returncode == 0 and "workers healthy" in out.stdout and "worker 0: pid" in out.stdout
+    out = cli("health", "--json", "--status-addr", addr)
+    assert out.returncode == 0 and json.loads(out.stdout)["healthy_workers"] == 2
+    stop(proc)
+    out = cli("health", "--status-addr", addr)
+    assert out.returncode == 2 and "no supervisor answering" in out.stderr and "Traceback" not in out.stderr
+    out = cli("status", "--status-addr", addr)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+
+
+def test_a_kg_outage_does_not_make_the_supervisor_unhealthy(db_path, conn):
+    addr = f"127.0.0.1:{free_port()}"
+    proc = spawn(["run", "--db", db_path, "--service-url", f"http://127.0.0.1:{free_port()}",
+                  "--workers", "1", "--status-addr", addr, "--poll-interval", "0.2"], env=FAST)
+    try:
+        seed(conn, 1)
+        wait_for(lambda: (_get(addr, "/stats") or None) and
+                 _get(addr, "/stats").json()["kg_service_status"]["is_healthy"] is False, 30, message="KG down seen")
+        assert _get(addr, "/health").status_code == 200
+        assert cli("health", "--status-addr", addr).returncode == 0
+    finally:
+        stop(proc)
+
+
+def test_a_busy_status_address_is_a_one_line_error_at_start(db_path, kg_service):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        out = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", f"127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert f"status address 127.0.0.1:{port} cannot be used" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_print_config_shows_sources_and_masks_the_token(tmp_path, db_path):
+    cfg = tmp_path / "kg.toml"
+    cfg.write_text("batch_size = 9\n")
+    out = cli("run", "--config", str(cfg), "--db", db_path, "--workers", "3", "--print-config",
+              env={"KG_SERVICE_TOKEN": "hunter2", "KG_POLL_INTERVAL": "1.5"})
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert "(flag;" in lines["num_workers"] and " 3 " in lines["num_workers"]
+    assert "(env;" in lines["poll_interval"] and "1.5" in lines["poll_interval"]
+    assert f"(file {cfg};" in lines["batch_size"]
+    assert "(default;" in lines["drain_timeout"]
+    assert "hunter2" not in out.stdout and "********" in lines["service_token"]
+
+
+def test_sd_notify_ready_status_watchdog_reloading_stopping_in_order(tmp_path, db_path, kg_service):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(1.0)
+    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2"],
+                 env={**FAST, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    seen: list[str] = []
+
+    def receive_until(word: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                seen.extend(sock.recv(4096).decode().splitlines())
+            except TimeoutError:
+                continue
+            if any(line.startswith(word) for line in seen):
+                return
+        raise AssertionError(f"no {word} in {seen}")
+
+    try:
+        receive_until("READY=1")
+        receive_until("WATCHDOG=1")
+        assert any(line.startswith("STATUS=2/2 workers") for line in seen)
+        os.kill(proc.pid, signal.SIGHUP)
+        receive_until("RELOADING=1")
+        mark = len(seen)
+        receive_until("READY=1") if "READY=1" not in seen[seen.index("RELOADING=1"):] else None
+        os.kill(proc.pid, signal.SIGTERM)
+        receive_until("STOPPING=1")
+    finally:
+        err = stop(proc)
+        sock.close()
+    order = [line.split("=")[0] for line in seen if line.split("=")[0] in ("READY", "RELOADING", "STOPPING")]
+    assert order[:4] == ["READY", "RELOADING", "READY", "STOPPING"], order
+    first_ready = seen.index("READY=1")
+    assert seen.index("RELOADING=1") > first_ready
+    assert all(seen.index(w) > first_ready for w in seen if w == "WATCHDOG=1")
+    assert proc.returncode == 0, err
+    assert mark > 0
+
+
+def test_log_file_is_reopened_on_sigusr1(tmp_path, db_path, conn, kg_service):
+    log_path = tmp_path / "kg.log"
+    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
+                  "--log-file", str(log_path), "--log-format", "json", "--poll-interval", "0.2"], env=FAST)
+    try:
+        wait_for(lambda: log_path.exists() and "worker started" in log_path.read_text(), 20, message="log")
+        os.rename(log_path, tmp_path / "kg.log.1")  # what logrotate does
+        os.kill(proc.pid, signal.SIGUSR1)
+        wait_for(lambda: log_path.exists() and "log files reopened" in log_path.read_text()
+                 and "] log file reopened" in log_path.read_text(), 10, message="supervisor and worker reopened")
+        seed(conn, 2)
+        wait_for(lambda: status_counts(conn) == {"completed": 2}, 20)
+        wait_for(lambda: "completed:" in log_path.read_text(), 10, message="worker writes to the new file")
+    finally:
+        stop(proc)
+    for line in log_path.read_text().splitlines():
+        json.loads(line)
+
+
+def test_a_non_loopback_status_address_warns(db_path, kg_service):
+    import psutil
+    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
+                  "--status-addr", f"0.0.0.0:{free_port()}"], env=FAST)
+    wait_for(lambda: any(c.name() == "kgs-worker-0" for c in psutil.Process(proc.pid).children()), 20,
+             message="running")
+    assert "beyond this host; it has no authentication" in stop(proc)
