@@ -16,7 +16,6 @@ log = logging.getLogger("kgsupervisor.db")
 
 MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 BUSY_TIMEOUT_MS = 5000
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 T = TypeVar("T")
 
@@ -31,18 +30,18 @@ def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_
 
 
 def check_is_sqlite_file(path: str) -> None:
-    """Fail with one line when `path` exists but is not an SQLite database."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except FileNotFoundError:
+    """Fail with one line when `path` is missing, a directory or unreadable.
+
+    It never opens the file: closing any descriptor of a database drops every POSIX lock this
+    process holds on it, including those of its live connections, and a neighbour closing
+    its connection would then delete the WAL under them.
+    """
+    if not os.path.exists(path):
         raise DatabaseError(f"database {path!r} does not exist (create it with: kgsupervisor init-db --db {path})")
-    except IsADirectoryError:
+    if os.path.isdir(path):
         raise DatabaseError(f"database {path!r} is a directory, not an SQLite file")
-    except PermissionError:
+    if not os.access(path, os.R_OK):
         raise DatabaseError(f"database {path!r} is not readable by this user")
-    if head and head != SQLITE_MAGIC:
-        raise DatabaseError(f"{path!r} is not an SQLite database")
 
 
 def connect(path: str, *, create: bool = False) -> sqlite3.Connection:
@@ -61,6 +60,8 @@ def connect(path: str, *, create: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise DatabaseError(f"{path!r} is not an SQLite database") from None
         raise DatabaseError(f"cannot open database {path!r}: {exc}") from None
     if mode.lower() != "wal":
         log.warning("database %s is in journal_mode=%s, not WAL: concurrent workers will block", path, mode)
