@@ -67,3 +67,57 @@ def reopen() -> None:
                 handler.stream = handler._open()
             finally:
                 handler.release()
+
+
+class ProgressLineHandler(logging.StreamHandler):
+    """On a terminal: log lines scroll above one progress line that stays at the bottom."""
+
+    CLEAR = "\r\033[K"
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.line = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.acquire()
+        try:
+            self.stream.write(self.CLEAR)
+            super().emit(record)
+            self.stream.write(self.line)
+            self.flush()
+        finally:
+            self.release()
+
+    def show(self, line: str) -> None:
+        self.acquire()
+        try:
+            self.line = line
+            self.stream.write(self.CLEAR + line)
+            self.flush()
+        finally:
+            self.release()
+
+    def finish(self) -> None:
+        if self.line:
+            self.stream.write("\n")
+            self.flush()
+            self.line = ""
+
+
+def attach_progress_line() -> ProgressLineHandler | None:
+    """If kgsupervisor logs to a terminal, swap its handler for one that keeps a progress line.
+
+    Workers then log only warnings and errors there: they write to the same terminal without
+    knowing about the line, and the progress line says what their INFO lines would.
+    """
+    root = logging.getLogger("kgsupervisor")
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if len(plain) != 1 or not getattr(plain[0].stream, "isatty", lambda: False)():
+        return None
+    handler = ProgressLineHandler(plain[0].stream)
+    handler.setFormatter(plain[0].formatter)
+    for f in plain[0].filters:
+        handler.addFilter(f)
+    root.handlers[:] = [handler]
+    logging.getLogger("kgsupervisor.worker").setLevel(logging.WARNING)
+    return handler

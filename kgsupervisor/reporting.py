@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .db import connect
 from .heartbeat import latency_histogram
 from .queue import SQLiteQueue
+from .render import RateMeter, progress_line
 from .states import SupervisorState
 from .stats import aggregate, iso_now, worker_health
 from .systemd import Notifier
@@ -20,6 +21,7 @@ log = logging.getLogger("kgsupervisor.reporting")
 
 QUEUE_COUNT_EVERY = 2.0  # a count is a scan: never one per scrape
 PUBLISH_EVERY = 1.0
+PROGRESS_LOG_EVERY = 30.0
 
 
 class Reporter:
@@ -36,6 +38,9 @@ class Reporter:
         self._queue_counted = 0.0
         self._published_at = 0.0
         self._watchdog_at = 0.0
+        self.meter = RateMeter()
+        self.progress_handler = None  # set when logging to a terminal
+        self._progress_logged_at = time.monotonic()
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -89,6 +94,19 @@ class Reporter:
         self.latest = {"stats": stats, "health": health, "extra": self.extra(health["worker_details"])}
         sup.stats.publish_supervisor(self.latest)
         self.notify_systemd(health, stats)
+        self.show_progress(stats)
+
+    def show_progress(self, stats: dict[str, Any]) -> None:
+        """A live progress line on a terminal; a log line every 30 s while there is work, elsewhere."""
+        line = progress_line(stats, self.meter)
+        if self.progress_handler is not None:
+            self.progress_handler.show(line)
+            return
+        q = stats["queue_size"]
+        busy = q.get("pending", 0) + q.get("processing", 0) > 0
+        if busy and time.monotonic() - self._progress_logged_at >= PROGRESS_LOG_EVERY:
+            self._progress_logged_at = time.monotonic()
+            log.info("progress: %s", line)
 
     # -- the control pipes (API handle, status process) --------------------------------------
 

@@ -12,6 +12,7 @@ import time
 
 from kgsupervisor.db import connect
 from kgsupervisor.queue import SQLiteQueue
+from kgsupervisor.render import RateMeter, progress_line, queue_progress
 from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import init_db
 
@@ -47,15 +48,11 @@ def start_service(port: int) -> subprocess.Popen:
     return service
 
 
-def progress(counts: dict[str, int], started: float) -> str:
-    done = counts["completed"] + counts["failed"]
-    total = counts["total"] or 1
-    elapsed = max(time.monotonic() - started, 1e-6)
-    rate = done / elapsed
-    eta = (total - done) / rate if rate else float("inf")
-    bar = "#" * int(30 * done / total)
-    return (f"[{bar:<30}] {done}/{total} done, {counts['processing']} claimed, "
-            f"{rate:6.1f} docs/s, ETA {eta:4.1f}s ")
+def progress(counts: dict[str, int], meter: RateMeter) -> str:
+    """The supervisor's own progress line (kgsupervisor.render), with a bar in front."""
+    done, total = queue_progress(counts)
+    bar = "#" * int(30 * done / max(total, 1))
+    return f"[{bar:<30}] " + progress_line({"queue_size": counts, "total_failed": counts["failed"]}, meter)
 
 
 def drain(port: int) -> tuple[int, float]:
@@ -68,11 +65,12 @@ def drain(port: int) -> tuple[int, float]:
         conn = sqlite3.connect(DB)
         # On a terminal the line redraws in place; in a log (CI) it prints once a second.
         tty, every = sys.stdout.isatty(), 0.2 if sys.stdout.isatty() else 1.0
+        meter = RateMeter(window=5.0)
         while supervisor.poll() is None:
-            line = progress(SQLiteQueue(conn).counts(), started)
-            print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
+            line = progress(SQLiteQueue(conn).counts(), meter)
+            print("\r\033[K" + line if tty else line, end="" if tty else "\n", flush=True)
             time.sleep(every)
-        print(("\r" if tty else "") + progress(SQLiteQueue(conn).counts(), started))
+        print(("\r\033[K" if tty else "") + progress(SQLiteQueue(conn).counts(), meter))
         conn.close()
     print(f"supervisor exited with status {supervisor.returncode} (log: {log_path})")
     return supervisor.returncode, time.monotonic() - started

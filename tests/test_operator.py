@@ -200,3 +200,16 @@ def test_a_non_loopback_status_address_warns(db_path, kg_service):
     wait_for(lambda: any(c.name() == "kgs-worker-0" for c in psutil.Process(proc.pid).children()), 20,
              message="running")
     assert "beyond this host; it has no authentication" in stop(proc)
+
+
+def test_status_watch_shows_progress_and_the_worker_table(running, conn):
+    proc, addr = running
+    seed(conn, 5)
+    watch = subprocess.Popen([sys.executable, "-m", "kgsupervisor", "status", "--watch", "--status-addr", addr,
+                              "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "COLUMNS": "160"})
+    time.sleep(2.0)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    assert "workers" in out and "done" in out and "docs/s" in out and "KG service" in out
