@@ -100,6 +100,7 @@ class Supervisor:
         status_sock = statusd.bind(self.status_addr) if self.status_addr else None
         self.stats = StatsManager(self.ctx)
         self.install_signal_handlers()
+        self.reporter.progress_handler = logs.attach_progress_line()
         try:
             if status_sock is not None:
                 self.extra_close_fds.append(status_sock.fileno())
@@ -180,6 +181,8 @@ class Supervisor:
             self.status_process.terminate()
             self.status_process.join(5)
         self.reporter.notify("STOPPING=1")
+        if self.reporter.progress_handler is not None:
+            self.reporter.progress_handler.finish()
         if hasattr(self, "stats"):
             self.stats.shutdown()
         signal.set_wakeup_fd(-1)
@@ -415,6 +418,9 @@ class Supervisor:
     def check_drain(self) -> None:
         alive = [w for s in self.slots.values() for w in s.processes() if w.process.is_alive()]
         if not alive:
+            # The last ones may have exited since this turn's reap: reap them too, so that
+            # their exit is logged and a crash still charges the document it was working on.
+            self.reap_workers()
             log.info("drained: all workers stopped")
             self.change_state(SupervisorState.STOPPED)
         elif time.monotonic() >= self.drain_deadline:
