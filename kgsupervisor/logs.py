@@ -20,6 +20,9 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(), "logger": record.name,
             "pid": record.process, "message": record.getMessage(),
         }
+        for field in ("worker_id", "content_id"):
+            if getattr(record, field, None) is not None:
+                entry[field] = getattr(record, field)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -46,6 +46,8 @@ class WorkerLog(logging.LoggerAdapter):
     def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
         cid = self.extra.get("content_id")
         doc = f" content_id={cid}" if cid is not None else ""
+        # Also as fields, for the JSON formatter.
+        kwargs["extra"] = {"worker_id": self.extra["worker_id"], "content_id": cid}
         return f"[worker {self.extra['worker_id']} pid {os.getpid()}{doc}] {msg}", kwargs
 
 

@@ -189,8 +189,9 @@ def test_log_file_is_reopened_on_sigusr1(tmp_path, db_path, conn, kg_service):
         wait_for(lambda: "completed:" in log_path.read_text(), 10, message="worker writes to the new file")
     finally:
         stop(proc)
-    for line in log_path.read_text().splitlines():
-        json.loads(line)
+    entries = [json.loads(line) for line in log_path.read_text().splitlines()]
+    done = [e for e in entries if e["message"].endswith("relationships")]
+    assert done and all(e["worker_id"] == 0 and e["content_id"] and e["pid"] for e in done)
 
 
 def test_a_non_loopback_status_address_warns(db_path, kg_service):
