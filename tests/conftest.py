@@ -112,3 +112,14 @@ def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Pope
         args = args + ["--status-addr", "127.0.0.1:0"]
     return subprocess.Popen(KGSUPERVISOR + args, env=full_env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="fault suite: many more documents and longer runs (minutes, not seconds)")
+
+
+@pytest.fixture
+def soak(request) -> bool:
+    """True under --soak: scenarios scale their documents and durations up."""
+    return request.config.getoption("--soak")

@@ -1,0 +1,171 @@
+"""The fault suite's harness: drain a queue through a real `kgsupervisor run`, then prove the invariants."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from typing import Any
+
+import requests
+
+from kgsupervisor.db import connect
+from kgsupervisor.devservice import extract
+from kgsupervisor.documents import build_payload
+
+from ..conftest import KGSUPERVISOR, free_port, wait_for
+
+FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.5", "KG_LEASE_SECONDS": "10",
+        "KG_POLL_INTERVAL": "0.2", "KG_SERVICE_TIMEOUT": "10"}
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One scenario's row in docs/reliability.md."""
+
+    scenario: str
+    documents: int
+    faults: str
+    lost: int = 0
+    duplicated: int = 0
+    stuck: int = 0
+    failed: int = 0
+    recover_seconds: float | None = None
+    wall_seconds: float = 0.0
+    exit_code: int | None = None
+    notes: str = ""
+
+
+class Supervisor:
+    """`kgsupervisor run` as a real process in its own session, with a status endpoint on a free port."""
+
+    def __init__(self, db_path: str, service_url: str, *args: str, env: dict[str, str] | None = None) -> None:
+        self.addr = f"127.0.0.1:{free_port()}"
+        # The log goes to a file: a pipe nobody reads fills up and blocks every worker's logging.
+        self.log_path = f"{db_path}.{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            KGSUPERVISOR + ["run", "--db", db_path, "--service-url", service_url, "--status-addr", self.addr,
+                            "--log-format", "json", *args],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **FAST, **(env or {})}, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    @property
+    def stderr(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stats(self) -> dict[str, Any] | None:
+        try:
+            return requests.get(f"http://{self.addr}/stats", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: (self.stats() or {}).get("manager_running"), timeout, message="supervisor up")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal it and wait for the exit; returns the exit code (the stderr is kept)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"supervisor did not exit within {timeout}s")
+        finally:
+            self._log.close()
+        return self.proc.returncode
+
+    def kill_tree(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._log.close()
+
+
+def expected_rows(conn: sqlite3.Connection, content_id: int) -> tuple[collections.Counter, collections.Counter]:
+    """What exactly one application of the reference answer writes for this document."""
+    payload, _ = build_payload(conn, content_id)
+    answer = extract(payload)
+    entities = collections.Counter(
+        (a["vector_rowid"], e["text"], a["offset_start"], a["offset_end"])
+        for e in answer["entities"] for a in e["chunk_appearances"])
+    relationships = collections.Counter(
+        (r["subject_text"], r["predicate"], r["object_text"]) for r in answer["relationships"])
+    return entities, relationships
+
+
+def written_rows(conn: sqlite3.Connection, content_id: int) -> tuple[collections.Counter, collections.Counter]:
+    entities = collections.Counter(conn.execute(
+        "SELECT chunk_rowid, entity_text, offset_start, offset_end FROM chunk_entities WHERE content_id = ?",
+        (content_id,)).fetchall())
+    relationships = collections.Counter(conn.execute(
+        "SELECT subject_entity, predicate, object_entity FROM chunk_relationships WHERE content_id = ?",
+        (content_id,)).fetchall())
+    return entities, relationships
+
+
+def check_invariants(db_path: str, ids: list[int], outcome: Outcome, *, queue_rows: int | None = None,
+                     poison: dict[int, str] | None = None) -> Outcome:
+    """Every document completed exactly once in effect (or failed as poison, saying why), nothing
+    stuck, the queue row count unchanged. Fills the counts of `outcome` and asserts they are zero."""
+    poison = poison or {}
+    conn = connect(db_path)
+    try:
+        rows = conn.execute("SELECT content_id, status, error_message FROM kg_processing_queue").fetchall()
+        by_doc = {cid: (status, error) for cid, status, error in rows}
+        if queue_rows is not None:
+            assert len(rows) == queue_rows, f"queue row count changed: {len(rows)} != {queue_rows}"
+        outcome.stuck = sum(1 for _, status, _ in rows if status == "processing")
+        outcome.failed = sum(1 for _, status, _ in rows if status == "failed")
+        for cid in ids:
+            status, error = by_doc.get(cid, (None, None))
+            if cid in poison:
+                assert status == "failed" and poison[cid] in (error or ""), (cid, status, error)
+                continue
+            if status != "completed":
+                outcome.lost += 1
+                continue
+            want_e, want_r = expected_rows(conn, cid)
+            got_e, got_r = written_rows(conn, cid)
+            if got_e != want_e or got_r != want_r:
+                outcome.duplicated += 1
+            doc = conn.execute("SELECT kg_processed, kg_entity_count, kg_relationship_count FROM crawled_content "
+                               "WHERE id = ?", (cid,)).fetchone()
+            assert doc[0] == 1 and doc[2] == sum(got_r.values()), (cid, doc)
+    finally:
+        conn.close()
+    record(outcome)
+    assert (outcome.lost, outcome.duplicated, outcome.stuck) == (0, 0, 0), outcome
+    return outcome
+
+
+def record(outcome: Outcome) -> None:
+    """Append the outcome to $KG_RELIABILITY_RESULTS (JSON lines) when the report is being made."""
+    path = os.environ.get("KG_RELIABILITY_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+
+
+def queue_done(db_path: str, total: int) -> bool:
+    """Every row has reached an end state (completed or failed)."""
+    conn = sqlite3.connect(db_path, timeout=30)
+    try:
+        n = conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status IN ('completed', 'failed')").fetchone()[0]
+    finally:
+        conn.close()
+    return n == total
