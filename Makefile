@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo install clean reliability soak
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+reliability: $(STAMP)
+	$(BIN)/python scripts/reliability_report.py
+
+soak: $(STAMP)
+	$(BIN)/python scripts/reliability_report.py --soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-data

@@ -23,6 +23,10 @@ FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.5", "KG_LEASE_SEC
         "KG_POLL_INTERVAL": "0.2", "KG_SERVICE_TIMEOUT": "10"}
 
 
+# Set by the autouse fixture in tests/chaos/conftest.py: when the running scenario began.
+TEST_CLOCK: dict[str, float] = {"started": 0.0}
+
+
 @dataclasses.dataclass
 class Outcome:
     """One scenario's row in docs/reliability.md."""
@@ -123,6 +127,8 @@ def check_invariants(db_path: str, ids: list[int], outcome: Outcome, *, queue_ro
     """Every document completed exactly once in effect (or failed as poison, saying why), nothing
     stuck, the queue row count unchanged. Fills the counts of `outcome` and asserts they are zero."""
     poison = poison or {}
+    if not outcome.wall_seconds and TEST_CLOCK["started"]:
+        outcome.wall_seconds = round(time.monotonic() - TEST_CLOCK["started"], 1)
     conn = connect(db_path)
     try:
         rows = conn.execute("SELECT content_id, status, error_message FROM kg_processing_queue").fetchall()
