@@ -11,7 +11,7 @@ from contextlib import closing
 from typing import Any
 
 import click
-
+import psutil
 import requests
 
 from . import config, devservice, logs, render
@@ -223,7 +223,7 @@ def pidfile_option(f: Callable) -> Callable:
 def reload(pidfile: str) -> None:
     """Send SIGHUP: reload the configuration and restart every worker."""
     pid = running_pid(pidfile)
-    os.kill(pid, signal.SIGHUP)
+    _send(pid, signal.SIGHUP)
     click.echo(f"sent SIGHUP to supervisor pid {pid}")
 
 
@@ -234,7 +234,7 @@ def reload(pidfile: str) -> None:
 def stop(pidfile: str, wait: bool, timeout: float) -> None:
     """Send SIGTERM: drain in-flight documents, release the rest, exit."""
     pid = running_pid(pidfile)
-    os.kill(pid, signal.SIGTERM)
+    _send(pid, signal.SIGTERM)
     click.echo(f"sent SIGTERM to supervisor pid {pid}")
     deadline = time.monotonic() + timeout
     while wait and _alive(pid):
@@ -243,12 +243,20 @@ def stop(pidfile: str, wait: bool, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def _send(pid: int, signum: int) -> None:
+    """Signal the supervisor, or one line if it exited since its pidfile was read."""
     try:
-        os.kill(pid, 0)
+        os.kill(pid, signum)
     except ProcessLookupError:
+        raise KGSupervisorError(f"supervisor pid {pid} has just exited") from None
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie has exited, only its parent (a script) has not reaped it."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return True
 
 
 def status_addr_option(f: Callable) -> Callable:

@@ -19,9 +19,16 @@ log = logging.getLogger("kgsupervisor.manager")
 SUPERVISOR_KEY = "supervisor"
 
 
-def _manager_process_init(parent_pid: int) -> None:
+def _manager_process_init(parent_pid: int, close_fds: list[int]) -> None:
     """Runs in the Manager's server process: survive Ctrl-C, never outlive the supervisor."""
     set_process_name("kgs-stats")
+    # The supervisor's pidfile lock and status socket: held here, they would outlive a
+    # kill -9 of the supervisor and keep its restart out until this process noticed.
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -36,14 +43,15 @@ def _manager_process_init(parent_pid: int) -> None:
 class StatsManager:
     """Owns the Manager process and its dict; every call is best-effort and never raises."""
 
-    def __init__(self, ctx: BaseContext) -> None:
+    def __init__(self, ctx: BaseContext, close_fds: list[int] | None = None) -> None:
         self.ctx = ctx
+        self.close_fds = close_fds if close_fds is not None else []  # read at every (re)start
         self.restarts = 0
         self.start()
 
     def start(self) -> None:
         self.manager = SyncManager(ctx=self.ctx)
-        self.manager.start(_manager_process_init, (os.getpid(),))
+        self.manager.start(_manager_process_init, (os.getpid(), list(self.close_fds)))
         self.map = self.manager.dict()
         self.started_at = iso_now()
 

@@ -102,18 +102,27 @@ class WorkerSlot:
                 result[name] += value
         return result
 
-    def schedule_respawn(self, worker: WorkerProcess, crashed: bool, now: float) -> None:
+    def schedule_respawn(self, worker: WorkerProcess, crashed: bool, now: float, floor: float = 0.0) -> None:
         """Respawn at once after a clean or long-lived exit; back off while it crash-loops."""
         lived = now - worker.started_mono
         if crashed and lived < MIN_UPTIME:
             self.backoff = min(max(self.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
         else:
             self.backoff = 0.0
+        self.backoff = max(self.backoff, floor)  # a boot error waits `floor` whatever happened
         self.respawn_at = now + self.backoff
 
     @property
     def in_backoff(self) -> bool:
         return self.current is None and self.backoff > 0
+
+    def state(self, published: dict[str, Any]) -> str:
+        """What the slot is doing: its process's own published state, or why it has none."""
+        w = self.current
+        if w is None:
+            return "backoff" if self.in_backoff else "stopped"
+        # Until a new process publishes, the map still holds its predecessor's last state.
+        return published.get("state") if published.get("pid") == w.pid else "starting"
 
     def describe(self, now_wall: float, stats: dict[str, Any] | None) -> dict[str, Any]:
         """The worker_details entry of check_worker_health() for this slot."""
@@ -128,7 +137,7 @@ class WorkerSlot:
             "worker_id": self.worker_id,
             "pid": w.pid if w else None,
             "running": bool(w and w.process.is_alive()),
-            "state": (stats.get("state") if w else ("backoff" if self.in_backoff else "stopped")),
+            "state": self.state(stats),
             "restarts": self.restarts,
             "backoff_seconds": self.backoff,
             "last_exit": self.last_exit,

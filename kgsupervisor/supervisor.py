@@ -11,8 +11,8 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 import psutil
@@ -37,6 +37,7 @@ log = logging.getLogger("kgsupervisor.supervisor")
 HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
                    signal.SIGUSR1, signal.SIGCHLD)
 TICK = 0.5
+BOOT_ERROR_BACKOFF = 1.0  # a worker that could not open the database will not a moment later either
 SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
 
 
@@ -52,12 +53,27 @@ def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: Sh
             pass
     worker = KGWorker(settings, worker_id, stats_map, counters, parent_pid, max_documents)
     worker.install_supervised_signal_handlers()
+    # Held since the fork (see signals_held): a SIGTERM sent meanwhile reaches the worker now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     try:
         worker.init_process()
     except (DatabaseError, ConfigError) as exc:
         logging.getLogger("kgsupervisor.worker").error("worker %d cannot start: %s", worker_id, exc)
         raise SystemExit(EXIT_BOOT_ERROR)
     raise SystemExit(worker.run())
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Block our signals across a worker fork; the child unblocks them once its handlers are in."""
+    # Otherwise a signal in the child's first instants runs the inherited supervisor handler,
+    # which queues it in the child's useless copy of the supervisor: a drain's SIGTERM is lost
+    # and the worker runs on until the drain timeout kills it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class Supervisor:
@@ -98,13 +114,14 @@ class Supervisor:
         self.check_database()
         self.release_orphaned_claims()
         status_sock = statusd.bind(self.status_addr) if self.status_addr else None
-        self.stats = StatsManager(self.ctx)
+        if status_sock is not None:
+            self.extra_close_fds.append(status_sock.fileno())
+            self.status_sock = status_sock
+        self.stats = StatsManager(self.ctx, close_fds=self.extra_close_fds)
         self.install_signal_handlers()
         self.reporter.progress_handler = logs.attach_progress_line()
         try:
             if status_sock is not None:
-                self.extra_close_fds.append(status_sock.fileno())
-                self.status_sock = status_sock
                 self.spawn_status_process()
             self.manage_workers()
             self.change_state(SupervisorState.RUNNING)
@@ -310,7 +327,8 @@ class Supervisor:
         process = self.ctx.Process(
             target=worker_main, name=f"kgsupervisor-worker-{slot.worker_id}", daemon=False,
             args=(self.settings, slot.worker_id, self.stats.map, counters, self.pid, limit, close_fds))
-        process.start()
+        with signals_held():
+            process.start()
         slot.current = WorkerProcess(process, counters, owner_name(process.pid))
         log.info("worker %d started (pid %d)", slot.worker_id, process.pid)
 
@@ -342,20 +360,20 @@ class Supervisor:
         # Release before respawn: the replacement must find the documents pending.
         self.release_claims_of(worker, crashed=crashed, cause=cause)
         slot.fold(worker)
+        backoff = ""
         if worker is slot.current:
             slot.current = None
             slot.last_exit = cause
             if self.state is SupervisorState.RUNNING:
                 slot.restarts += 1
-                slot.schedule_respawn(worker, crashed, now)
+                slot.schedule_respawn(worker, crashed, now,
+                                      floor=BOOT_ERROR_BACKOFF if code == EXIT_BOOT_ERROR else 0.0)
+                backoff = f"; respawn in {slot.backoff:.1f}s" if slot.backoff else ""
         else:
             slot.retiring.remove(worker)
         level = logging.INFO if not crashed else (logging.ERROR if code in (-signal.SIGKILL, EXIT_ERROR) else logging.WARNING)
         hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and not worker.kill_reason else ""
-        backoff = f"; respawn in {slot.backoff:.1f}s" if slot.current is None and slot.backoff else ""
         log.log(level, "worker %d (pid %d) %s%s%s", slot.worker_id, worker.pid, cause, hint, backoff)
-        if code == EXIT_BOOT_ERROR and self.state is SupervisorState.RUNNING:
-            slot.backoff = max(slot.backoff, 1.0)
 
     def release_claims_of(self, worker: WorkerProcess, crashed: bool, cause: str = "") -> None:
         """Give a gone worker's claims back: the row in flight charged a crash only if it crashed."""
@@ -381,7 +399,7 @@ class Supervisor:
         """psutil and heartbeat checks: kill hung workers, recycle ones over the memory limit."""
         now_wall = time.time()
         limit = self.settings.max_worker_rss_mb * 1024 * 1024
-        recycling = any(w.stop_requested for s in self.slots.values() for w in s.retiring)
+        over_limit = []
         for slot in self.slots.values():
             worker = slot.current
             if worker is None or not worker.sample():
@@ -391,11 +409,21 @@ class Supervisor:
                 worker.kill_reason = f"hung: no heartbeat for {age:.0f}s"
                 log.error("worker %d (pid %d) %s; killing it", slot.worker_id, worker.pid, worker.kill_reason)
                 worker.signal(signal.SIGKILL)
-            elif limit and worker.rss_bytes > limit and not recycling and self.state is SupervisorState.RUNNING:
-                log.info("worker %d (pid %d) uses %.0f MiB, over the limit: recycling it",
-                         slot.worker_id, worker.pid, worker.rss_bytes / 2**20)
-                self.retire(slot)
-                recycling = True
+            elif limit and worker.rss_bytes > limit:
+                over_limit.append(slot)
+        self.recycle_one(over_limit)
+
+    def recycle_one(self, over_limit: list[WorkerSlot]) -> None:
+        """Retire the oldest worker over the memory limit; one at a time keeps the pool working."""
+        # Oldest first gives every slot its turn: slot 0 first would starve the others when
+        # even a fresh worker is over the limit.
+        recycling = any(w.stop_requested for s in self.slots.values() for w in s.retiring)
+        if not over_limit or recycling or self.state is not SupervisorState.RUNNING:
+            return
+        slot = min(over_limit, key=lambda s: s.current.started_mono)
+        log.info("worker %d (pid %d) uses %.0f MiB, over the limit: recycling it",
+                 slot.worker_id, slot.current.pid, slot.current.rss_bytes / 2**20)
+        self.retire(slot)
 
     def on_manager_restart(self) -> None:
         """The stats Manager was recreated: restart workers so they publish into the new one."""
