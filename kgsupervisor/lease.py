@@ -25,7 +25,7 @@ class LeaseKeeper(threading.Thread):
     """
 
     def __init__(self, db_path: str, owner: str, lease_seconds: float, beat: Callable[[], None],
-                 parent_pid: int | None = None) -> None:
+                 parent_pid: int | None = None, stop_claiming: Callable[[], None] | None = None) -> None:
         super().__init__(name="lease-keeper", daemon=True)
         self.db_path = db_path
         self.owner = owner
@@ -33,6 +33,7 @@ class LeaseKeeper(threading.Thread):
         self.renew_every = max(0.2, lease_seconds / 3)
         self.parent_pid = parent_pid
         self._beat = beat
+        self._stop_claiming = stop_claiming or (lambda: None)
         self._tokens: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -80,6 +81,8 @@ class LeaseKeeper(threading.Thread):
         completed rows hold no lease, so only unfinished ones go back to pending.
         """
         released = 0
+        # First make sure the main thread claims nothing more, then give back what it holds.
+        self._stop_claiming()
         try:
             released = queue.release_owner(self.owner)
         finally:

@@ -11,7 +11,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-from .procname import set_process_name
+from .procname import die_with_parent, set_process_name
 from .stats import iso_now
 
 log = logging.getLogger("kgsupervisor.manager")
@@ -22,6 +22,7 @@ SUPERVISOR_KEY = "supervisor"
 def _manager_process_init(parent_pid: int, close_fds: list[int]) -> None:
     """Runs in the Manager's server process: survive Ctrl-C, never outlive the supervisor."""
     set_process_name("kgs-stats")
+    die_with_parent(parent_pid)
     # The supervisor's pidfile lock and status socket: held here, they would outlive a
     # kill -9 of the supervisor and keep its restart out until this process noticed.
     for fd in close_fds:

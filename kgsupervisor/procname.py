@@ -1,5 +1,11 @@
-"""Name a process in ps/top (Linux comm), so operators and tests can tell workers apart."""
+"""Process identity and lifetime: a name for ps/top, and dying with the parent (Linux)."""
 from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
 
 
 def set_process_name(name: str) -> None:
@@ -9,3 +15,20 @@ def set_process_name(name: str) -> None:
             f.write(name[:15])
     except OSError:
         pass
+
+
+def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send `signum` when the parent dies; False where prctl is unavailable.
+
+    For children that hold nothing worth saving (the stats Manager, the status endpoint): they
+    are gone at once, so a restarted supervisor finds its port and pidfile free.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # it died before the request took effect
+        os.kill(os.getpid(), signum)
+    return True

@@ -103,9 +103,14 @@ class WorkerSlot:
         return result
 
     def schedule_respawn(self, worker: WorkerProcess, crashed: bool, now: float, floor: float = 0.0) -> None:
-        """Respawn at once after a clean or long-lived exit; back off while it crash-loops."""
+        """Respawn at once after a clean or long-lived exit; back off while it crash-loops.
+
+        Crash-looping means dying soon after start without getting anything done: a worker that
+        finished a document before it was killed (an operator, the OOM killer) was working.
+        """
         lived = now - worker.started_mono
-        if crashed and lived < MIN_UPTIME:
+        progressed = any(worker.counters.counts()[name] for name in ("processed", "retried", "released"))
+        if crashed and lived < MIN_UPTIME and not progressed:
             self.backoff = min(max(self.backoff * 2, BACKOFF_FIRST), BACKOFF_MAX)
         else:
             self.backoff = 0.0

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import metrics
 from .errors import KGSupervisorError
-from .procname import set_process_name
+from .procname import die_with_parent, set_process_name
 
 log = logging.getLogger("kgsupervisor.statusd")
 
@@ -106,6 +106,7 @@ def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list
     """Entry point of the forked status process: serve until the supervisor stops or is gone."""
     signal.set_wakeup_fd(-1)
     set_process_name("kgs-status")
+    die_with_parent(parent_pid)
     for fd in close_fds:
         try:
             os.close(fd)

@@ -463,9 +463,13 @@ class Supervisor:
     def check_exit_when_empty(self) -> None:
         if not self.exit_when_empty:
             return
-        with closing(connect(self.db_path)) as conn:
-            if SQLiteQueue(conn).has_live_work():
-                return
+        try:
+            with closing(connect(self.db_path)) as conn:
+                if SQLiteQueue(conn).has_live_work():
+                    return
+        except (sqlite3.Error, DatabaseError) as exc:  # busy or gone for now: ask again next turn
+            log.warning("could not check whether the queue is empty: %s", exc)
+            return
         self.begin_drain("queue is empty")
 
     def change_state(self, state: SupervisorState) -> None:
