@@ -16,7 +16,7 @@ class CircuitBreaker:
     Pure: every method takes `now` (monotonic seconds), so tests drive it with a fake clock.
     """
 
-    def __init__(self, threshold: int = 3, probe_base: float = 0.5, probe_cap: float = 30.0) -> None:
+    def __init__(self, threshold: int = 3, probe_base: float = 0.5, probe_cap: float = 10.0) -> None:
         self.threshold = threshold
         self.probe_base = probe_base
         self.probe_cap = probe_cap

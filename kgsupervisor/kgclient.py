@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 from collections.abc import Collection
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -10,6 +11,7 @@ from typing import Any
 
 import requests
 import tenacity
+import urllib3
 
 from .answer import IngestResult, parse_answer
 from .errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
@@ -148,6 +150,10 @@ class KGClient:
                     raise InvalidAnswer(f"answer is over the {self.max_answer_bytes}-byte limit")
                 chunks.append(chunk)
         except requests.exceptions.RequestException as exc:
+            if _is_read_timeout(exc):
+                # Headers came, then the body stalled past the read timeout: the same item failure
+                # as a timeout before the headers (the worker asks /health whose fault it is).
+                raise ItemFailure(f"KG service did not finish its answer within {self.read_timeout:g}s") from None
             # The connection broke mid-body: the service is in trouble, not the document.
             raise ServiceUnavailable(f"KG service connection broke mid-answer: {_short(exc)}") from None
         return b"".join(chunks)
@@ -180,8 +186,22 @@ def _says_healthy(resp: requests.Response) -> bool:
 
 
 def _error_detail(resp: requests.Response) -> str:
-    text = resp.raw.read(500, decode_content=True).decode("utf-8", "replace").strip() if resp.raw else ""
+    """The start of an error answer's body, for the message; best effort only. The status line
+    already decided what happens to the document: an error body cut short or stalling (urllib3's
+    ProtocolError / ReadTimeoutError, raised raw here) must not escape and kill the worker."""
+    try:
+        text = resp.raw.read(500, decode_content=True).decode("utf-8", "replace").strip() if resp.raw else ""
+    except Exception:  # noqa: BLE001 - whatever broke, the detail is only decoration
+        return " (error body unreadable)"
     return f": {' '.join(text.split())[:200]}" if text else ""
+
+
+def _is_read_timeout(exc: requests.exceptions.RequestException) -> bool:
+    """A read timeout while streaming the body: requests wraps urllib3's ReadTimeoutError in a
+    plain ConnectionError there, unlike the ReadTimeout it raises while waiting for headers."""
+    if isinstance(exc, requests.exceptions.Timeout):
+        return True
+    return any(isinstance(arg, (urllib3.exceptions.TimeoutError, socket.timeout)) for arg in exc.args)
 
 
 def _short(exc: BaseException) -> str:

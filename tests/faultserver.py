@@ -1,6 +1,7 @@
 """A purpose-built misbehaving KG service for tests: real HTTP on 127.0.0.1, scripted answers."""
 from __future__ import annotations
 
+import collections
 import json
 import socket
 import threading
@@ -13,8 +14,14 @@ from kgsupervisor.devservice import extract
 
 # A behaviour gets (payload, request number) and returns (status, body, headers), or None to
 # answer like the reference service. It may sleep, or return the string "reset" to drop the
-# connection without an answer.
+# connection without an answer, or "reset-mid-body" (RESET_MID_BODY) to send a 200 whose
+# Content-Length promises more than the half of the reference answer it writes before the
+# connection is cut ((RESET_MID_BODY, status) does the same to an error answer of that status),
+# or (STALL_MID_BODY, seconds) to send a 200 and half of the reference
+# answer at once and the rest only after `seconds` (a read timeout in the middle of the body).
 Behaviour = Callable[[dict, int], Any]
+RESET_MID_BODY = "reset-mid-body"
+STALL_MID_BODY = "stall-mid-body"
 
 
 class FaultServer:
@@ -78,6 +85,33 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _send_half_then_cut(self, body: bytes, status: int = 200) -> None:
+                """Headers promising the whole body (and more), half of it, then a cut connection."""
+                self.close_connection = True
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) + 4096))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _send_half_then_stall(self, body: bytes, seconds: float) -> None:
+                """Headers and half the body at once, the other half after `seconds` (if the client
+                is still there)."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                time.sleep(seconds)
+                try:
+                    self.wfile.write(body[len(body) // 2:])
+                    self.wfile.flush()
+                except OSError:
+                    self.close_connection = True
+
             def do_GET(self) -> None:
                 if server.healthy:
                     self._send(200, b'{"status": "healthy"}')
@@ -91,6 +125,16 @@ class FaultServer:
                 if outcome == "reset":
                     self.close_connection = True
                     self.connection.shutdown(2)
+                    return
+                if outcome == RESET_MID_BODY:
+                    self._send_half_then_cut(json.dumps(extract(payload)).encode())
+                    return
+                if isinstance(outcome, tuple) and outcome[:1] == (RESET_MID_BODY,):
+                    self._send_half_then_cut(b'{"error": "upstream connect error or disconnect/reset '
+                                             b'before headers (injected)"}', status=outcome[1])
+                    return
+                if isinstance(outcome, tuple) and outcome[:1] == (STALL_MID_BODY,):
+                    self._send_half_then_stall(json.dumps(extract(payload)).encode(), outcome[1])
                     return
                 if outcome is None:
                     outcome = (200, json.dumps(extract(payload)).encode(), None)
@@ -107,3 +151,23 @@ def reference_answer(payload: dict) -> dict:
 def sleep_then(seconds: float, outcome: Any = None) -> Any:
     time.sleep(seconds)
     return outcome
+
+
+class Attempts:
+    """Counts requests per content_id, so a behaviour can fault a document's k-th attempt
+    (deterministic whatever order the workers send documents in). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._seen: collections.Counter[Any] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def __call__(self, payload: dict) -> int:
+        """Record one request for this payload's document; returns its attempt number (0 first)."""
+        with self._lock:
+            k = self._seen[payload.get("content_id")]
+            self._seen[payload.get("content_id")] = k + 1
+            return k
+
+    def __getitem__(self, content_id: Any) -> int:
+        with self._lock:
+            return self._seen[content_id]

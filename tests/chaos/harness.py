@@ -47,10 +47,13 @@ class Outcome:
 class Supervisor:
     """`kgsupervisor run` as a real process in its own session, with a status endpoint on a free port."""
 
-    def __init__(self, db_path: str, service_url: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, db_path: str, service_url: str, *args: str, env: dict[str, str] | None = None,
+                 log_path: str | None = None) -> None:
         self.addr = f"127.0.0.1:{free_port()}"
         # The log goes to a file: a pipe nobody reads fills up and blocks every worker's logging.
-        self.log_path = f"{db_path}.{time.monotonic_ns()}.log"
+        # `log_path` puts it elsewhere than beside the database (a database on a full or
+        # read-only filesystem must not take the log down with it).
+        self.log_path = log_path or f"{db_path}.{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             KGSUPERVISOR + ["run", "--db", db_path, "--service-url", service_url, "--status-addr", self.addr,
@@ -71,6 +74,13 @@ class Supervisor:
     def stats(self) -> dict[str, Any] | None:
         try:
             return requests.get(f"http://{self.addr}/stats", timeout=5).json()
+        except (requests.RequestException, ValueError):
+            return None
+
+    def health(self) -> dict[str, Any] | None:
+        """The status endpoint's /health body (check_worker_health(): worker_details, restarts, ...)."""
+        try:
+            return requests.get(f"http://{self.addr}/health", timeout=5).json()
         except (requests.RequestException, ValueError):
             return None
 
@@ -175,3 +185,29 @@ def queue_done(db_path: str, total: int) -> bool:
     finally:
         conn.close()
     return n == total
+
+
+def log_messages(text: str) -> list[str]:
+    """The messages of a `--log-format json` log (lines that are not JSON are kept whole)."""
+    messages = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            messages.append(line)
+            continue
+        if not isinstance(entry, dict):
+            messages.append(line)
+            continue
+        message = str(entry.get("message", line))
+        if entry.get("exception"):
+            message += "\n" + str(entry["exception"])
+        messages.append(message)
+    return messages
+
+
+def worker_deaths(text: str) -> list[str]:
+    """Log lines saying a worker died: killed by a signal, or exited with a status other than 0."""
+    return [m for m in log_messages(text)
+            if "killed by" in m or ("exited with status" in m and "exited with status 0" not in m)
+            or "Traceback" in m]
