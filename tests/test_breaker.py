@@ -15,7 +15,7 @@ def test_opens_after_threshold_and_probes_with_growing_backoff():
         now = b.next_probe_at
         b.record_failure(now)
         delays.append(b.next_probe_at - now)
-    assert delays[-1] <= 8.0 * 1.2 and delays[-1] >= 8.0 * 0.8, "capped"
+    assert 8.0 * 0.8 <= delays[-1] <= 8.0 * 1.2, "capped"
     assert delays[0] < delays[2], "growing"
 
 
