@@ -62,10 +62,21 @@ def connect(path: str, *, create: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         if "not a database" in str(exc):
             raise DatabaseError(f"{path!r} is not an SQLite database") from None
-        raise DatabaseError(f"cannot open database {path!r}: {exc}") from None
+        raise DatabaseError(f"cannot open database {path!r}: {exc}{_unwritable_hint(path)}") from None
     if mode.lower() != "wal":
         log.warning("database %s is in journal_mode=%s, not WAL: concurrent workers will block", path, mode)
     return conn
+
+
+def _unwritable_hint(path: str) -> str:
+    """Why SQLite may have failed to open a WAL database: it, or the directory where the -wal and
+    -shm files must live, is read-only (access() also sees an immutable flag, even as root)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return " (the database file is read-only)"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f" (its directory {directory!r} is read-only: SQLite creates the -wal and -shm files there)"
+    return ""
 
 
 def is_lock_error(exc: BaseException) -> bool:

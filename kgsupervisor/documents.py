@@ -35,6 +35,9 @@ def _metadata(raw: str | None, tags: str | None, notes: list[str]) -> dict[str, 
         except ValueError:
             parsed = None
             notes.append("metadata is not JSON; sent without it")
+        except RecursionError:  # nested deeper than the decoder goes: unusable, not fatal
+            parsed = None
+            notes.append("metadata is nested too deeply to decode; sent without it")
         else:
             if isinstance(parsed, dict):
                 meta = parsed

@@ -135,6 +135,10 @@ class Supervisor:
 
     def check_database(self) -> None:
         """The schema is there and the database takes a write lock (it is not read-only)."""
+        # SQLite opens a file it cannot write read-only without a word, and a read-only
+        # connection even accepts BEGIN IMMEDIATE: ask the file system first.
+        if not os.access(self.db_path, os.W_OK):
+            raise DatabaseError(f"database {self.db_path!r} is read-only: workers could not write back")
         with closing(connect(self.db_path)) as conn:
             check_schema(conn, self.db_path)
             try:

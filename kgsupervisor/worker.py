@@ -6,6 +6,7 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import MutableMapping
@@ -17,8 +18,8 @@ from .config import Settings, require_db
 from .db import LockRetry, connect
 from .documents import build_payload
 from .heartbeat import SharedCounters
-from .errors import (DatabaseBusy, DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost,
-                     ServiceUnavailable)
+from .errors import (DatabaseBusy, DatabaseError, DocumentRejected, InvalidAnswer, ItemFailure,
+                     LeaseLost, ServiceUnavailable)
 from .kgclient import KGClient
 from .lease import LeaseKeeper
 from .queue import Claim, SQLiteQueue
@@ -33,6 +34,42 @@ log = logging.getLogger("kgsupervisor.worker")
 # wakes it at once instead of after poll_interval, for a few microseconds per look.
 WATCH_INTERVAL = 0.15
 REQUEUE_EXPIRED_EVERY = 30.0
+# A database that cannot be written (read-only, disk full, I/O errors, locked for minutes) pauses
+# the worker with this backoff; it never fails a document and never kills the worker.
+DB_FAULT_BACKOFF_FIRST = 0.25
+DB_FAULT_BACKOFF_MAX = 5.0
+DB_FAULT_LOG_EVERY = 30.0
+
+
+def is_database_fault(exc: BaseException) -> bool:
+    """A problem of the database as a whole, not of one document: worth waiting out.
+
+    OperationalError covers locked, read-only, full, I/O error and cannot-open; a bare
+    DatabaseError is a damaged file. IntegrityError, DataError or ProgrammingError would be a
+    bug or a bad document and still surface as one.
+    """
+    return (isinstance(exc, (sqlite3.OperationalError, DatabaseError))
+            or type(exc) is sqlite3.DatabaseError)
+
+
+def describe_database_fault(exc: BaseException) -> str:
+    """The SQLite error and what an operator should look at."""
+    name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
+    if isinstance(exc, DatabaseBusy):
+        hint = "another program holds a write transaction (find it with: fuser DB)"
+    elif "FULL" in name:
+        hint = "the disk holding the database is full"
+    elif "READONLY" in name or "readonly" in str(exc):
+        hint = "the database file or its directory is read-only"
+    elif "IOERR" in name:
+        hint = "the database file cannot be written (read-only or immutable file, failing or full disk)"
+    elif "CORRUPT" in name or "NOTADB" in name:
+        hint = "the database file is damaged (check it with: PRAGMA integrity_check)"
+    elif "CANTOPEN" in name:
+        hint = "the database or its -wal/-shm file cannot be opened"
+    else:
+        hint = "the database cannot be used"
+    return f"{name}: {exc} ({hint})"
 
 
 def owner_name(pid: int | None = None) -> str:
@@ -72,6 +109,10 @@ class KGWorker:
         self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
         self._data_version: int | None = None
+        self._db_fault_since: float | None = None  # monotonic; set while the database fails
+        self._db_claims_held = False  # claims left behind by a failed step, to give back
+        self._db_fault_backoff = 0.0
+        self._db_fault_logged = 0.0
 
     # -- process lifecycle -------------------------------------------------------------------
 
@@ -124,9 +165,10 @@ class KGWorker:
         """Loop until stopped (or, with `once`, for one claimed batch); returns the exit status."""
         self.log.info("worker started: db=%s service=%s batch=%d", self.db_path,
                       self.settings.service_url, self.settings.batch_size)
+        crashed = False
         try:
             while self.alive:
-                wait = self.loop_once(time.time())
+                wait = self.step(time.time())
                 if self.reopen_logs:
                     self.reopen_logs = False
                     logs.reopen()
@@ -137,14 +179,30 @@ class KGWorker:
                     self.wait_for_work(wait)
         except KeyboardInterrupt:
             self.log.warning("stopped at once by a second signal; releasing held claims")
+        except Exception:
+            crashed = True
+            raise
         finally:
-            self.shutdown()
+            self.shutdown(release=not crashed)
         return 0
 
-    def shutdown(self) -> None:
-        """Release anything still held, stop the keeper, close connections."""
+    def shutdown(self, release: bool = True) -> None:
+        """Release anything still held, stop the keeper, close connections.
+
+        After a crash (`release=False`) the claims are left to the supervisor, which charges the
+        document in flight one crash (a poison pill after KG_POISON_AFTER): giving them back
+        here, uncharged, would let a document that crashes workers do so forever.
+        """
         self.set_state(WorkerState.STOPPING)
-        released = self.queue.release_owner(self.owner)
+        try:
+            released = self.queue.release_owner(self.owner) if release else 0
+        except Exception as exc:
+            if not is_database_fault(exc):
+                raise
+            # The supervisor tries again when it reaps us, and lease expiry is the backstop.
+            self.log.error("could not give claimed documents back (%s); they return to pending "
+                           "when the database is writable again", describe_database_fault(exc))
+            released = 0
         if released:
             self.log.info("released %d claimed document(s) back to pending", released)
         self.keeper.stop()
@@ -154,6 +212,64 @@ class KGWorker:
                       self.stats.total_processed, self.stats.total_success, self.stats.total_failed)
 
     # -- one iteration -----------------------------------------------------------------------
+
+    def step(self, now: float) -> float:
+        """loop_once, riding out a database that cannot be written instead of dying of it.
+
+        While the database fails, the worker backs off and retries; its first successful write
+        gives back every claim it still holds (the document whose write-back failed, the rest of
+        its batch) to pending, uncharged. No document is failed because of the database.
+        """
+        try:
+            if self._db_claims_held:
+                self.give_back_claims()
+            wait = self.loop_once(now)
+        except Exception as exc:
+            if not is_database_fault(exc):
+                raise
+            return self.database_fault(exc)
+        if self._db_fault_since is not None:
+            self.log.info("database works again after %.1fs; resuming",
+                          time.monotonic() - self._db_fault_since)
+            self._db_fault_since = None
+        self._db_fault_backoff = 0.0
+        return wait
+
+    def database_fault(self, exc: BaseException) -> float:
+        """Note a database failure, log it (an error once, then now and then), return the pause."""
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        mono = time.monotonic()
+        self._db_claims_held = True
+        first = self._db_fault_since is None
+        if first:
+            self._db_fault_since = mono
+        self._db_fault_backoff = min(max(self._db_fault_backoff * 2, DB_FAULT_BACKOFF_FIRST),
+                                     DB_FAULT_BACKOFF_MAX)
+        self.log.extra["content_id"] = None
+        self.stats.set_current(None)
+        self.set_state(WorkerState.PAUSED)
+        if first:
+            self.log.error("database error, pausing (no document is charged; claims go back to "
+                           "pending once it is writable): %s", describe_database_fault(exc))
+            self._db_fault_logged = mono
+        elif mono - self._db_fault_logged >= DB_FAULT_LOG_EVERY:
+            self.log.warning("database still failing after %.0fs: %s", mono - self._db_fault_since,
+                             describe_database_fault(exc))
+            self._db_fault_logged = mono
+        return self._db_fault_backoff
+
+    def give_back_claims(self) -> None:
+        """After a database failure: every claim this worker still holds back to pending,
+        uncharged (the document whose write-back failed, the rest of its batch)."""
+        released = self.lock_retry(lambda: self.queue.release_owner(self.owner))
+        self._db_claims_held = False
+        self.stats.record_released(released)
+        if released:
+            self.log.info("%d claimed document(s) back to pending after the database error", released)
 
     def loop_once(self, now: float) -> float:
         """Do one step of work; returns how long to wait before the next (0: go again at once)."""
@@ -248,6 +364,13 @@ class KGWorker:
         except LeaseLost as exc:
             self.stats.lease_lost += 1
             self.log.warning("%s", exc)
+        except Exception as exc:
+            if is_database_fault(exc):
+                raise  # the database, not this document: step() pauses the worker
+            # A bug this document trips (a RecursionError on its data, ...): it costs the
+            # document an attempt, and the worker lives on, instead of dying on it again and again.
+            self.log.exception("unexpected error while processing this document; charging it an attempt")
+            self.retry_document(claim, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
         else:
             self.breaker.record_success()
             self.client.record_health(True)
