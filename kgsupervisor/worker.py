@@ -130,7 +130,7 @@ class KGWorker:
         self.client.health_status.enabled = s.service_enabled
         self.breaker = CircuitBreaker(threshold=s.breaker_threshold)
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
-                                  parent_pid=self.parent_pid)
+                                  parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
         self.keeper.start()
         self.set_state(WorkerState.IDLE)
 
@@ -153,6 +153,10 @@ class KGWorker:
     def handle_usr1(self, signum: int, frame: Any) -> None:
         self.reopen_logs = True
         self._wakeups.put_nowait(signum)
+
+    def stop_claiming(self) -> None:
+        """Called by the lease keeper when the supervisor is gone."""
+        self.alive = False
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
@@ -280,6 +284,8 @@ class KGWorker:
         if self.breaker.is_open and not self.probe_service(mono):
             return self.breaker.seconds_to_probe(mono)
         self.requeue_expired(now)
+        if not self.alive:  # stopped (or orphaned) since the loop last looked: claim nothing
+            return 0.0
         claims = self.lock_retry(lambda: self.queue.claim(
             self.owner, uuid.uuid4().hex, self.settings.batch_size, self.settings.lease_seconds, now))
         if not claims:
