@@ -115,6 +115,8 @@ def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # The supervisor blocked its signals around our fork; our own dispositions are set now.
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     server = StatusServer(sock, pipe_fetcher(conn))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
     while os.getppid() == parent_pid:

@@ -154,13 +154,17 @@ class Supervisor:
                                                      if fd != self.status_sock.fileno()]
         self.status_process = self.ctx.Process(target=statusd.status_main, name="kgsupervisor-status",
                                                args=(self.status_sock, theirs, self.pid, close_fds))
-        self.status_process.start()
+        with signals_held():
+            self.status_process.start()
         theirs.close()
         self.reporter.controls.append(mine)
         host, port = self.status_sock.getsockname()[:2]
         log.info("status endpoint on http://%s:%d (/health /stats /metrics)", host, port)
 
     def watch_status_process(self) -> None:
+        """Restart a dead status process, while running only: a drain does not need one."""
+        if self.state is not SupervisorState.RUNNING:
+            return
         if self.status_process is not None and not self.status_process.is_alive():
             self.status_process.join()
             log.error("status process (pid %d) %s; restarting it", self.status_process.pid,
@@ -200,7 +204,10 @@ class Supervisor:
                 self.release_claims_of(worker, crashed=False)
         if self.status_process is not None and self.status_process.is_alive():
             self.status_process.terminate()
-            self.status_process.join(5)
+            self.status_process.join(2)
+            if self.status_process.is_alive():  # it holds nothing: never wait on it
+                self.status_process.kill()
+                self.status_process.join(2)
         self.reporter.notify("STOPPING=1")
         if self.reporter.progress_handler is not None:
             self.reporter.progress_handler.finish()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 
 import psutil
@@ -170,33 +171,33 @@ def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_
 def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_path, fault_server):
     ids = seed(conn, 8)
     poison = ids[3]
-    server = fault_server(lambda payload, n: time.sleep(0.3) if payload["content_id"] == poison else None)
+    kills = []
+
+    def kill_the_sender(payload, n):
+        """The document kills whoever sends it: the row's lease owner, marked started before the POST."""
+        if payload["content_id"] != poison:
+            return None
+        c = sqlite3.connect(db_path, timeout=10)
+        owner = c.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? AND "
+                          "started_at IS NOT NULL AND status = 'processing'", (poison,)).fetchone()[0]
+        c.close()
+        kills.append(int(owner.rsplit(":", 1)[1]))
+        os.kill(kills[-1], signal.SIGKILL)
+        return "reset"
+
+    server = fault_server(kill_the_sender)
     proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "4",
                             env={"KG_POISON_AFTER": "3"})
-    kills = 0
     try:
-        deadline = time.monotonic() + 60
-        while status_counts(conn).get("completed", 0) + status_counts(conn).get("failed", 0) < 8:
-            assert time.monotonic() < deadline, status_counts(conn)
-            row = conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? "
-                               "AND started_at IS NOT NULL AND status = 'processing'", (poison,)).fetchone()
-            if row:  # the document "kills its worker": every time it is in flight
-                try:
-                    os.kill(int(row[0].rsplit(":", 1)[1]), signal.SIGKILL)
-                    kills += 1
-                except ProcessLookupError:
-                    pass
-                wait_for(lambda: conn.execute("SELECT status != 'processing' OR started_at IS NULL FROM "
-                                              "kg_processing_queue WHERE content_id = ?", (poison,)).fetchone()[0], 10)
-            time.sleep(0.02)
+        wait_for(lambda: status_counts(conn) == {"completed": 7, "failed": 1}, 60, message="queue settled")
     finally:
         err = stop(proc)
-    assert kills == 3
+    assert len(kills) == 3 and len(set(kills)) == 3, kills
     status, error, crashes = conn.execute("SELECT status, error_message, crash_count FROM kg_processing_queue "
                                           "WHERE content_id = ?", (poison,)).fetchone()
     assert status == "failed" and crashes == 3
     assert "poison pill: a worker died 3 times" in error and "killed by SIGKILL" in error
-    assert status_counts(conn) == {"completed": 7, "failed": 1}
+    assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
     assert proc.returncode == 0, err
 
 
