@@ -11,7 +11,7 @@ from multiprocessing.context import BaseContext
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-from .procname import die_with_parent, set_process_name
+from .procname import become_helper_child
 from .stats import iso_now
 
 log = logging.getLogger("kgsupervisor.manager")
@@ -21,17 +21,8 @@ SUPERVISOR_KEY = "supervisor"
 
 def _manager_process_init(parent_pid: int, close_fds: list[int]) -> None:
     """Runs in the Manager's server process: survive Ctrl-C, never outlive the supervisor."""
-    set_process_name("kgs-stats")
-    die_with_parent(parent_pid)
-    # The supervisor's pidfile lock and status socket: held here, they would outlive a
-    # kill -9 of the supervisor and keep its restart out until this process noticed.
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    become_helper_child("kgs-stats", parent_pid, close_fds)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor shuts it down by its pipe
 
     def exit_with_parent() -> None:
         while os.getppid() == parent_pid:

@@ -32,3 +32,21 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent_pid:  # it died before the request took effect
         os.kill(os.getpid(), signum)
     return True
+
+
+SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+
+
+def become_helper_child(name: str, parent_pid: int, close_fds: list[int]) -> None:
+    """The start of a stateless child (stats Manager, status endpoint): named, bound to the
+    supervisor's life, rid of its descriptors (a pidfile lock or listening socket held here
+    would outlive a kill -9 of the supervisor), and deaf to the signals meant for it."""
+    set_process_name(name)
+    die_with_parent(parent_pid)
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for sig in SUPERVISOR_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import metrics
 from .errors import KGSupervisorError
-from .procname import die_with_parent, set_process_name
+from .procname import become_helper_child
 
 log = logging.getLogger("kgsupervisor.statusd")
 
@@ -105,15 +105,7 @@ def pipe_fetcher(conn: Any, timeout: float = 5.0) -> Fetch:
 def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list[int]) -> None:
     """Entry point of the forked status process: serve until the supervisor stops or is gone."""
     signal.set_wakeup_fd(-1)
-    set_process_name("kgs-status")
-    die_with_parent(parent_pid)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    become_helper_child("kgs-status", parent_pid, close_fds)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The supervisor blocked its signals around our fork; our own dispositions are set now.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
