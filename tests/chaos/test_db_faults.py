@@ -419,9 +419,10 @@ def test_not_sqlite_file_other_commands(tmp_path, command):
 
 
 @pytest.mark.parametrize("what", ["file and directory", "file only"])
-def test_read_only_database_at_start(immutable_dir, tmp_path, what, request):
+def test_read_only_database_at_start(immutable_dir, tmp_path, what):
     """A database that is read-only before `run` starts: refused in one line naming the cause,
-    exit non-zero, no traceback, nothing forked."""
+    exit non-zero, no traceback, nothing forked. ("file only": SQLite silently opens such a file
+    read-only, and a read-only connection even accepts BEGIN IMMEDIATE.)"""
     set_readonly = immutable_dir
     db_path = set_readonly.db_path
     set_readonly(True)
