@@ -129,8 +129,7 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
             if name not in existing:
                 conn.execute(ddl)
                 changes.append(f"created index {name}")
-    if changes:
-        conn.execute("ANALYZE")
+    # No ANALYZE here: statistics of a still-empty queue would mislead the planner later.
     return changes
 
 

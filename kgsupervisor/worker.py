@@ -423,7 +423,9 @@ class KGWorker:
     def wait_for_work(self, timeout: float) -> None:
         """Sleep up to `timeout`, waking early on a stop signal or on a commit by anyone else."""
         deadline = time.monotonic() + timeout
-        watch = self.stats.state == WorkerState.IDLE.value
+        # Watch for commits whenever the worker would claim next (idle, or after a partial
+        # batch); not while paused, when a commit is no reason to call a service that is down.
+        watch = self.stats.state in (WorkerState.IDLE.value, WorkerState.BUSY.value)
         while self.alive:
             left = deadline - time.monotonic()
             if left <= 0 or self._woken(min(left, WATCH_INTERVAL if watch else left)):

@@ -149,3 +149,18 @@ def test_not_sqlite_and_missing_queue_are_one_line_errors(tmp_path):
     sqlite3.connect(empty).execute("CREATE TABLE other (x)").connection.commit()
     with pytest.raises(DatabaseError, match="no kg_processing_queue table"):
         check_schema(connect(empty), empty)
+
+
+def test_the_claim_keeps_its_index_when_statistics_are_stale(db_path):
+    """Regression: statistics taken while the queue was empty made SQLite plan the claim as an
+    OR over the status index plus a sort, which grows with the queue (found by the benchmark)."""
+    from kgsupervisor.queue import CLAIM_SQL
+    c = connect(db_path)
+    c.execute("ANALYZE")  # stale: the queue is empty now
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO kg_processing_queue (content_id, priority) VALUES (?, ?)",
+                  ((i, i % 3) for i in range(50_000)))
+    c.execute("COMMIT")
+    steps = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL, ("t", "o", "k", 0.0, 0.0, 5)).fetchall()]
+    assert "SCAN kg_processing_queue USING INDEX idx_kgq_claim_order" in steps, steps
+    assert not any("TEMP B-TREE" in s or "MULTI-INDEX" in s for s in steps), steps
