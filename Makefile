@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean reliability soak
+.PHONY: test demo install clean reliability soak bench
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,17 @@ reliability: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python scripts/reliability_report.py --soak
+
+# The benchmark (docs/benchmarks.md): about 40 min on 2 cores; run it on a quiet machine.
+# BENCH_ARGS=--quick for a few minutes at small sizes, BENCH_ARGS='--only growth' for one section.
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-data

@@ -1,0 +1,1 @@
+"""Helpers of scripts/bench.py: the benchmark service, the bare loops, the Huey task, the sections."""
