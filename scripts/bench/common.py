@@ -346,8 +346,8 @@ class Supervisor:
             self.status_url = f"http://{addr}"
         cmd = KG + ["run", "--db", self.db, "--service-url", self.url, "--workers", str(self.workers),
                     "--status-addr", addr, "--log-file", self.log_path] + self.extra
-        self.proc = subprocess.Popen(cmd, env=child_env(**self.env), stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log_path + ".stderr", "w"))
+        with open(self.log_path + ".stderr", "w") as stderr:
+            self.proc = subprocess.Popen(cmd, env=child_env(**self.env), stdout=subprocess.DEVNULL, stderr=stderr)
         if not wait_for(lambda: len(workers_of(self.proc.pid)) >= self.workers or self.proc.poll() is not None,
                         ready_timeout, 0.02) or self.proc.poll() is not None:
             raise RuntimeError(f"supervisor did not start {self.workers} workers: "
