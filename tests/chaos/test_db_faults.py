@@ -170,7 +170,7 @@ def immutable_dir(tmp_path) -> Iterator[Callable[[bool], None]]:
     directory.mkdir()
     why_not = _chattr_works(str(directory))
     if why_not:
-        pytest.skip(why_not)
+        pytest.fail(f"the read-only scenarios need chattr +i on this filesystem: {why_not}")
     db_path = str(directory / "kg.db")
     init_db(db_path)
 
@@ -193,7 +193,7 @@ def small_fs(tmp_path) -> Iterator[str]:
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        pytest.fail(f"the disk-full scenario needs a tmpfs of its own (run as root): {r.stderr.strip()}")
     try:
         yield str(mnt)
     finally:
