@@ -211,3 +211,12 @@ def worker_deaths(text: str) -> list[str]:
     return [m for m in log_messages(text)
             if "killed by" in m or ("exited with status" in m and "exited with status 0" not in m)
             or "Traceback" in m]
+
+
+def scalar(conn: sqlite3.Connection, sql: str, *args) -> int:
+    """One number from the database."""
+    return conn.execute(sql, args).fetchone()[0]
+
+
+def completed(conn: sqlite3.Connection) -> int:
+    return scalar(conn, "SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'completed'")

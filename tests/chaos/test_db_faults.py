@@ -31,7 +31,7 @@ from kgsupervisor.schema import init_db
 
 from ..conftest import KGSUPERVISOR, seed, wait_for
 from ..faultserver import FaultServer
-from .harness import Outcome, Supervisor, check_invariants, queue_done, record
+from .harness import Outcome, Supervisor, check_invariants, completed, queue_done, record, scalar
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.chaos]
 
@@ -57,14 +57,6 @@ def jitter(seed_: int, low: float = 0.005, high: float = 0.02) -> Callable[[dict
         time.sleep(rng.uniform(low, high))
 
     return behaviour
-
-
-def scalar(conn: sqlite3.Connection, sql: str, *args) -> int:
-    return conn.execute(sql, args).fetchone()[0]
-
-
-def completed(conn: sqlite3.Connection) -> int:
-    return scalar(conn, "SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'completed'")
 
 
 def charged(conn: sqlite3.Connection) -> int:

@@ -26,7 +26,7 @@ from kgsupervisor.sampledata import add_documents
 
 from ..conftest import seed, wait_for
 from ..faultserver import FaultServer
-from .harness import Outcome, Supervisor, check_invariants, queue_done
+from .harness import Outcome, Supervisor, check_invariants, completed, queue_done, scalar
 
 # A timeout marker overrides --timeout on the command line, so the soak run (thousands of
 # documents per scenario) gets its own bound here.
@@ -73,14 +73,6 @@ def alive(p: psutil.Process) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def scalar(conn: sqlite3.Connection, sql: str, *args) -> int:
-    return conn.execute(sql, args).fetchone()[0]
-
-
-def completed(conn: sqlite3.Connection) -> int:
-    return scalar(conn, "SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'completed'")
 
 
 def processing(conn: sqlite3.Connection) -> int:
