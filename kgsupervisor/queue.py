@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
 from .db import transaction
-from .schema import CLAIMABLE
+from .schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from .states import ALL_JOB_STATUSES, JobStatus
 
 LIVE = "status IN ('pending', 'processing')"
@@ -187,9 +187,13 @@ class SQLiteQueue:
         return cur.rowcount == 1
 
     def counts(self) -> dict[str, int]:
-        """Rows by status plus `total`; a pure read."""
-        found = dict(self.conn.execute(
-            "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
+        """Rows by status plus `total`; a pure read of the trigger-kept counts table."""
+        try:
+            found = dict(self.conn.execute(f"SELECT status, n FROM {STATUS_COUNTS_TABLE}").fetchall())
+        except sqlite3.OperationalError:
+            # A database migrated by an older version (before the counts table): count by scan.
+            found = dict(self.conn.execute(
+                "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
         counts = {s: found.pop(s, 0) for s in ALL_JOB_STATUSES}
         counts["total"] = sum(counts.values()) + sum(found.values())
         return counts

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from .db import connect, transaction
 from .errors import DatabaseError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger("kgsupervisor.schema")
 
@@ -96,6 +98,49 @@ SUPERVISOR_INDEXES = {
 }
 
 
+# Queue counts by status, kept by triggers in the same transaction as every change to a row's
+# status (ours or the upstream application's), so `queue` and the status endpoint read a handful
+# of rows instead of scanning a million. NULL status is counted under ''.
+STATUS_COUNTS_TABLE = "kg_queue_status_counts"
+STATUS_COUNT_TRIGGERS = {
+    "kgq_count_insert": f"""
+        CREATE TRIGGER IF NOT EXISTS kgq_count_insert AFTER INSERT ON kg_processing_queue BEGIN
+            INSERT INTO {STATUS_COUNTS_TABLE} (status, n) VALUES (IFNULL(NEW.status, ''), 1)
+                ON CONFLICT (status) DO UPDATE SET n = n + 1;
+        END""",
+    "kgq_count_delete": f"""
+        CREATE TRIGGER IF NOT EXISTS kgq_count_delete AFTER DELETE ON kg_processing_queue BEGIN
+            UPDATE {STATUS_COUNTS_TABLE} SET n = n - 1 WHERE status = IFNULL(OLD.status, '');
+        END""",
+    "kgq_count_update": f"""
+        CREATE TRIGGER IF NOT EXISTS kgq_count_update AFTER UPDATE OF status ON kg_processing_queue
+        WHEN OLD.status IS NOT NEW.status BEGIN
+            UPDATE {STATUS_COUNTS_TABLE} SET n = n - 1 WHERE status = IFNULL(OLD.status, '');
+            INSERT INTO {STATUS_COUNTS_TABLE} (status, n) VALUES (IFNULL(NEW.status, ''), 1)
+                ON CONFLICT (status) DO UPDATE SET n = n + 1;
+        END""",
+}
+
+
+def _install_status_counts(conn: sqlite3.Connection) -> bool:
+    """Create the counts table and its triggers when any is missing, seeded from one scan."""
+    have = {name for (name,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'kg_processing_queue'")}
+    if set(STATUS_COUNT_TRIGGERS) <= have:
+        return False
+    # Inside the migration's write transaction no row can change between the seed and the triggers.
+    for name in STATUS_COUNT_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    conn.execute(f"DROP TABLE IF EXISTS {STATUS_COUNTS_TABLE}")
+    conn.execute(f"CREATE TABLE {STATUS_COUNTS_TABLE} (status TEXT PRIMARY KEY, n INTEGER NOT NULL) "
+                 "WITHOUT ROWID")
+    conn.execute(f"INSERT INTO {STATUS_COUNTS_TABLE} (status, n) "
+                 "SELECT IFNULL(status, ''), COUNT(*) FROM kg_processing_queue GROUP BY 1")
+    for ddl in STATUS_COUNT_TRIGGERS.values():
+        conn.execute(ddl)
+    return True
+
+
 def _upstream_index_name(table: str, columns: list[str]) -> str:
     return f"idx_{table}_{'_'.join(columns)}"
 
@@ -106,6 +151,7 @@ def _has_index_on(db: sqlite_utils.Database, table: str, columns: list[str]) -> 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
     """Bring the schema up to date in one transaction; returns what was changed (empty: nothing)."""
+    import sqlite_utils  # only init-db migrates; every other command checks with two PRAGMAs
     db = sqlite_utils.Database(conn)
     changes: list[str] = []
     with transaction(conn):
@@ -129,6 +175,8 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
             if name not in existing:
                 conn.execute(ddl)
                 changes.append(f"created index {name}")
+        if _install_status_counts(conn):
+            changes.append(f"created {STATUS_COUNTS_TABLE} and its triggers")
     # No ANALYZE here: statistics of a still-empty queue would mislead the planner later.
     return changes
 
@@ -144,10 +192,10 @@ def init_db(path: str) -> list[str]:
 
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
     """Fail with one line when the database is not one kgsupervisor can work on."""
-    db = sqlite_utils.Database(conn)
-    if not db["kg_processing_queue"].exists():
+    have = {row[1] for row in conn.execute("PRAGMA table_info(kg_processing_queue)")}
+    if not have:
         raise DatabaseError(f"{path!r} has no kg_processing_queue table (run: kgsupervisor init-db --db {path})")
-    missing = [c for c in QUEUE_COLUMNS if c not in db["kg_processing_queue"].columns_dict]
+    missing = [c for c in QUEUE_COLUMNS if c not in have]
     if missing:
         raise DatabaseError(
             f"{path!r} needs migrating, kg_processing_queue lacks {', '.join(missing)} "

@@ -279,6 +279,16 @@ class QueueMachine(RuleBasedStateMachine):
                 assert not_before == m["not_before"] or not_before == pytest.approx(m["not_before"])
 
     @invariant()
+    def counts_table_matches_a_scan(self) -> None:
+        if not hasattr(self, "conns"):
+            return
+        scanned = dict(self.conns[1].execute(
+            "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
+        counted = self.queues[1].counts()
+        assert {s: n for s, n in counted.items() if n and s != "total"} == scanned
+        assert counted["total"] == ROWS
+
+    @invariant()
     def completed_rows_are_final_and_written_once(self) -> None:
         if not hasattr(self, "conns"):
             return

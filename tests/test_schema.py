@@ -8,6 +8,7 @@ import pytest
 
 from kgsupervisor.db import connect
 from kgsupervisor.errors import DatabaseError
+from kgsupervisor.queue import SQLiteQueue
 from kgsupervisor.schema import CLAIMABLE, QUEUE_COLUMNS, check_schema, init_db
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,7 +71,7 @@ def dump(path: str) -> dict[str, list]:
     out = {}
     for t in tables:
         cols = [r[1] for r in c.execute(f"PRAGMA table_info({t})")]
-        out[t] = (cols, c.execute(f"SELECT * FROM {t} ORDER BY rowid").fetchall())
+        out[t] = (cols, c.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall())
     c.close()
     return out
 
@@ -94,6 +95,28 @@ def test_init_db_on_an_upstream_database_keeps_every_row_and_column(tmp_path):
     # Running it again changes nothing at all.
     assert init_db(path) == []
     assert dump(path) == after
+
+
+def test_queue_counts_are_seeded_on_migration_and_follow_any_writer(tmp_path):
+    path = str(tmp_path / "upstream.db")
+    c = sqlite3.connect(path)
+    c.executescript(UPSTREAM_DDL)
+    c.close()
+    init_db(path)
+    queue = SQLiteQueue(connect(path))
+    assert queue.counts() == {"pending": 0, "processing": 0, "completed": 1, "failed": 0, "skipped": 1, "total": 2}
+    # The upstream application writes with plain SQL on its own connection: the triggers still count.
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("INSERT INTO kg_processing_queue (content_id) VALUES (2), (2), (1)")
+    c.execute("UPDATE kg_processing_queue SET status = 'failed' WHERE id = 3")
+    c.execute("UPDATE kg_processing_queue SET status = NULL WHERE id = 4")
+    c.execute("UPDATE kg_processing_queue SET priority = 9")  # not a status change
+    c.execute("DELETE FROM kg_processing_queue WHERE status = 'skipped'")
+    scanned = dict(c.execute("SELECT IFNULL(status, ''), COUNT(*) FROM kg_processing_queue GROUP BY 1"))
+    c.close()
+    counts = queue.counts()
+    assert {s: n for s, n in counts.items() if n and s != "total"} == {k: v for k, v in scanned.items() if k}
+    assert counts["total"] == sum(scanned.values()) == 4
 
 
 def test_init_db_twice_on_a_new_file_is_a_no_op(tmp_path):
