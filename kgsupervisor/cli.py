@@ -8,21 +8,25 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import closing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psutil
-import requests
 
-from . import config, devservice, logs, render
+from . import config, logs
 from .db import connect
 from .pidfile import Pidfile, running_pid
 from .errors import ConfigError, KGSupervisorError, NotReachable
 from .queue import SQLiteQueue
 from .schema import check_schema, init_db
 from .states import EXIT_USAGE
-from .supervisor import Supervisor
-from .worker import run_worker
+
+if TYPE_CHECKING:
+    import requests
+
+# The supervisor, worker, HTTP client, dev service and rich views are imported by the commands
+# that use them: `queue`, `enqueue` and `health` are called from scripts and cron, and each call
+# would otherwise pay ~0.3 s of imports it never uses.
 
 
 class KGGroup(click.Group):
@@ -151,6 +155,7 @@ def worker(once: bool, worker_id: int, **kwargs: Any) -> None:
     settings, _ = load_settings(kwargs)
     config.require_db(settings)
     setup_logging(settings)
+    from .worker import run_worker
     sys.exit(run_worker(settings, worker_id, once=once))
 
 
@@ -169,6 +174,7 @@ def dev_service(host: str, port: int, latency: float, fail_rate: float, token: s
     """A reference KG service (CONTRACT §3) with deterministic extraction, for demos and tests."""
     def ready(bound: int) -> None:
         click.echo(f"dev-service listening on http://{host}:{bound}", err=True)
+    from . import devservice
     try:
         devservice.serve(host, port, latency=latency, fail_rate=fail_rate, token=token, ready=ready)
     except OSError as exc:
@@ -196,6 +202,7 @@ def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     if pidfile:
         pidfile.acquire()
     cli_values = {k: v for k, v in kwargs.items() if k in config.FIELDS}
+    from .supervisor import Supervisor
     supervisor = Supervisor(
         settings, exit_when_empty=exit_when_empty, status_addr=config.parse_addr(settings.status_addr),
         reload_settings=lambda: config.load(cli_values, os.environ, kwargs.get("config_file"))[0],
@@ -266,6 +273,7 @@ def status_addr_option(f: Callable) -> Callable:
 
 def fetch(addr: str, path: str) -> requests.Response:
     """GET from a running supervisor's status endpoint, or a one-line error (exit 2)."""
+    import requests
     parsed = config.parse_addr(addr)
     if parsed is None:
         raise NotReachable("the status endpoint is off (--status-addr off): nothing to ask")
@@ -290,11 +298,14 @@ def status(status_addr: str, as_json: bool, watch: bool, interval: float) -> Non
     if as_json:
         return click.echo(fetch(status_addr, "/stats").text)
     snapshot = {"stats": fetch(status_addr, "/stats").json(), "health": fetch(status_addr, "/health").json()}
+    from . import render
     click.echo(render.status_text(snapshot))
 
 
 def watch_status(status_addr: str, interval: float) -> None:
     from rich.live import Live
+
+    from . import render
     meter = render.RateMeter()
 
     def view():
