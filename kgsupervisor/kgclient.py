@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 from collections.abc import Collection
 from datetime import datetime, timezone
@@ -82,7 +83,7 @@ class KGClient:
         self.health_timeout = health_timeout
         self.max_answer_bytes = max_answer_bytes
         self.health_status = ServiceHealth(url=self.url)
-        self._session = requests.Session()
+        self._session = _session_with_environment_read_once(self.url)
         self._session.headers["User-Agent"] = "kgsupervisor"
         if token:
             self._session.headers["Authorization"] = f"Bearer {token}"
@@ -175,6 +176,22 @@ class KGClient:
         h.is_healthy = ok
         h.last_health_check = datetime.now(timezone.utc).isoformat(timespec="seconds")
         h.consecutive_failures = 0 if ok else h.consecutive_failures + 1
+
+
+def _session_with_environment_read_once(url: str) -> requests.Session:
+    """A session that honours HTTP(S)_PROXY / NO_PROXY and REQUESTS_CA_BUNDLE as read now.
+
+    With trust_env on, requests re-reads the proxy variables and ~/.netrc on every request: a
+    tenth of a bare POST's cost on loopback. A worker's environment never changes (a reload
+    starts new workers), so it is read once here.
+    """
+    session = requests.Session()
+    session.proxies.update(requests.utils.get_environ_proxies(url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    session.trust_env = False
+    return session
 
 
 def _says_healthy(resp: requests.Response) -> bool:

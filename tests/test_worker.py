@@ -296,3 +296,24 @@ def test_the_bearer_token_is_sent_and_never_logged(conn, db_path):
     finally:
         service.send_signal(signal.SIGTERM)
         service.communicate(timeout=10)
+
+
+def test_proxy_variables_are_honoured_though_read_only_once(conn, db_path, fault_server):
+    """The session reads HTTP_PROXY / NO_PROXY at start (not per request): both still take effect."""
+    proxy = fault_server()  # answers whatever reaches it, absolute-URI proxy requests included
+    seed(conn, 2)
+    nothing_listens = "http://127.0.0.2:9"  # reachable only through the proxy
+    base = {**os.environ, "HTTP_PROXY": proxy.url, "NO_PROXY": ""}
+    proxied = subprocess.run([sys.executable, "-m", "kgsupervisor", "worker", "--once", "--db", db_path,
+                              "--service-url", nothing_listens], capture_output=True, text=True, timeout=60,
+                             env=base)
+    assert proxied.returncode == 0, proxied.stderr
+    assert status_counts(conn) == {"completed": 2}
+    assert len(proxy.requests) == 2, "both documents went through the proxy"
+    seed(conn, 1)
+    bypassed = subprocess.run([sys.executable, "-m", "kgsupervisor", "worker", "--once", "--db", db_path,
+                               "--service-url", nothing_listens], capture_output=True, text=True, timeout=60,
+                              env={**base, "NO_PROXY": "127.0.0.2"})
+    assert bypassed.returncode == 0, bypassed.stderr
+    assert "unreachable" in bypassed.stderr
+    assert len(proxy.requests) == 2 and status_counts(conn) == {"completed": 2, "pending": 1}
