@@ -83,11 +83,17 @@ class SQLiteQueue:
         return [Claim(r[0], r[1], r[2] or 0, r[3] or 0, owner, token) for r in rows]
 
     def mark_started(self, claim: Claim, now: float) -> bool:
-        """Record that this document is now in flight (a crash from here on counts against it)."""
+        """Record that this document is now in flight (a crash from here on counts against it).
+
+        Only one row of a batch is in flight: the mark moves off the batch's earlier documents,
+        whose answers may wait in memory for a group write-back, so a crash on this one does
+        not charge them too.
+        """
         cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET started_at = ? WHERE id = ? AND lease_token = ? "
-            "AND status = 'processing'", (now, claim.id, claim.token))
-        return cur.rowcount == 1
+            "UPDATE kg_processing_queue SET started_at = CASE WHEN id = ? THEN ? END "
+            "WHERE lease_token = ? AND status = 'processing' AND (id = ? OR started_at IS NOT NULL) "
+            "RETURNING id", (claim.id, now, claim.token, claim.id))
+        return claim.id in {row[0] for row in cur.fetchall()}
 
     def extend(self, token: str, lease_seconds: float, now: float) -> int:
         """Push the lease expiry of every row held under `token`; returns rows still held."""

@@ -1,8 +1,10 @@
-"""Write one document's KG answer back into SQLite in a single fenced transaction."""
+"""Write KG answers back into SQLite: one document, or a group of them, per fenced transaction."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
+from collections.abc import Sequence
 
 from .answer import IngestResult
 from .db import transaction
@@ -42,8 +44,24 @@ def _entity_rows(content_id: int, result: IngestResult, stamp: str) -> list[tupl
 
 def _relationship_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
     return [(content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
-             len(set(r.chunk_rowids)) > 1, json.dumps(list(r.chunk_rowids)), stamp)
+             len(set(r.chunk_rowids)) > 1, _json_int_list(r.chunk_rowids), stamp)
             for r in result.relationships]
+
+
+def _json_int_list(values: tuple[int, ...]) -> str:
+    """json.dumps of validated ints, the same text at a tenth of the cost (~70 a document)."""
+    return "[" + ", ".join(map(str, values)) + "]"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answered:
+    """A document whose answer is in hand and not yet written."""
+
+    claim: Claim
+    result: IngestResult
+    notes: list[str] | None = None
+    at: float = 0.0    # time.monotonic() when the answer came
+    took: float = 0.0  # seconds the service took for it
 
 
 def write_back(conn: sqlite3.Connection, claim: Claim, result: IngestResult, now: float,
@@ -53,22 +71,49 @@ def write_back(conn: sqlite3.Connection, claim: Claim, result: IngestResult, now
     The queue row is completed first and only if `claim.token` still holds it: a worker whose
     lease was taken over commits nothing (LeaseLost) instead of writing a second copy.
     """
+    with transaction(conn):
+        return _write_one(conn, claim, result, db_timestamp(now), notes)
+
+
+def write_back_group(conn: sqlite3.Connection, answered: Sequence[Answered],
+                     now: float) -> list[dict | LeaseLost]:
+    """Write several documents in one transaction: per document its summary, or the LeaseLost
+    that dropped it alone (a savepoint each, so one fenced-out document spoils nothing else).
+
+    One commit for a claimed batch instead of one per document: the ten upstream indexes make
+    each commit write ~220 pages, many of them the same pages from one document to the next.
+    """
     stamp = db_timestamp(now)
+    outcomes: list[dict | LeaseLost] = []
+    with transaction(conn):
+        for item in answered:
+            conn.execute("SAVEPOINT document")
+            try:
+                outcomes.append(_write_one(conn, item.claim, item.result, stamp, item.notes))
+            except LeaseLost as exc:
+                conn.execute("ROLLBACK TO document")
+                outcomes.append(exc)
+            conn.execute("RELEASE document")
+    return outcomes
+
+
+def _write_one(conn: sqlite3.Connection, claim: Claim, result: IngestResult, stamp: str,
+               notes: list[str] | None) -> dict:
+    """The statements of one write-back, inside the caller's transaction."""
     summary = result.summary()
     if notes:
         summary["notes"] = notes
-    with transaction(conn):
-        cur = conn.execute(COMPLETE_SQL, (stamp, json.dumps(summary), claim.id, claim.token))
-        if cur.rowcount != 1:
-            raise LeaseLost(f"queue row {claim.id} (content_id {claim.content_id}) is no longer "
-                            f"held by this worker; its answer was dropped")
-        # Replace, never append: a retried document must not leave a second set of rows.
-        conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
-        conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))
-        conn.executemany(ENTITY_SQL, _entity_rows(claim.content_id, result, stamp))
-        conn.executemany(RELATIONSHIP_SQL, _relationship_rows(claim.content_id, result, stamp))
-        conn.execute(DOCUMENT_SQL, (len(result.entities), len(result.relationships),
-                                    result.neo4j_document_id, stamp, claim.content_id))
-        conn.execute("UPDATE content_chunks SET kg_processed = 1 WHERE content_id = ?",
-                     (claim.content_id,))
+    cur = conn.execute(COMPLETE_SQL, (stamp, json.dumps(summary), claim.id, claim.token))
+    if cur.rowcount != 1:
+        raise LeaseLost(f"queue row {claim.id} (content_id {claim.content_id}) is no longer "
+                        f"held by this worker; its answer was dropped")
+    # Replace, never append: a retried document must not leave a second set of rows.
+    conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
+    conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))
+    conn.executemany(ENTITY_SQL, _entity_rows(claim.content_id, result, stamp))
+    conn.executemany(RELATIONSHIP_SQL, _relationship_rows(claim.content_id, result, stamp))
+    conn.execute(DOCUMENT_SQL, (len(result.entities), len(result.relationships),
+                                result.neo4j_document_id, stamp, claim.content_id))
+    conn.execute("UPDATE content_chunks SET kg_processed = 1 WHERE content_id = ?",
+                 (claim.content_id,))
     return summary

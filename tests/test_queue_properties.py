@@ -132,6 +132,10 @@ class QueueMachine(RuleBasedStateMachine):
         worker, claim = self.pick(index)
         ok = self.queues[worker].mark_started(claim, self.now)
         assert ok == self.holds(claim)
+        # One document of a batch in flight at a time: the mark leaves the batch's others.
+        for qid, m in self.model.items():
+            if m["status"] == "processing" and m["token"] == claim.token and qid != claim.id:
+                m["started"] = False
         if ok:
             self.model[claim.id]["started"] = True
 

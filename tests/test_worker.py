@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from kgsupervisor.worker import KGWorker
 
+from .faultserver import sleep_then
 from .conftest import free_port, make_settings, seed, spawn, status_counts, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -63,6 +65,26 @@ def test_a_full_batch_claims_again_at_once_a_partial_one_waits(conn, db_path, kg
     assert w.loop_once(time.time()) == 0.0
     assert w.loop_once(time.time()) == 3.0
     assert status_counts(conn) == {"completed": 7}
+
+
+def test_a_batch_is_written_back_together_and_a_slow_answer_alone(conn, db_path, fault_server, worker_factory):
+    """Answers of one batch wait in memory for one write-back transaction, but never longer
+    than WRITE_GROUP_MAX_AGE: what a crash could make the service redo stays bounded."""
+    seed(conn, 6)
+    seen: list[list] = []
+
+    def look_then_answer(payload, n):
+        # Before answering request n, note what the database shows as completed.
+        seen.append(status_counts(sqlite3.connect(db_path)).get("completed", 0))
+        return sleep_then(0.7 if n >= 3 else 0.0)
+
+    server = fault_server(look_then_answer)
+    w = worker_factory(make_settings(db_path, server.url, batch_size=3))
+    drive(w, lambda: status_counts(conn) == {"completed": 6})
+    # Requests 0-2 (fast): nothing written until the batch is done. Requests 3-5 (each 0.7 s,
+    # over the 0.5 s limit): every answer is written before the next document is sent.
+    assert seen == [0, 0, 0, 3, 4, 5]
+    assert w.stats.total_success == 6
 
 
 def test_500s_retry_with_backoff_then_fail_with_the_last_error(conn, db_path, fault_server, worker_factory):

@@ -11,7 +11,7 @@ from kgsupervisor.devservice import extract
 from kgsupervisor.documents import build_payload
 from kgsupervisor.errors import DocumentRejected, LeaseLost
 from kgsupervisor.queue import SQLiteQueue
-from kgsupervisor.writeback import write_back
+from kgsupervisor.writeback import Answered, write_back, write_back_group
 
 from .conftest import seed
 
@@ -79,6 +79,23 @@ def test_a_fenced_out_write_back_commits_nothing(conn):
     assert row == ("processing", "new")
     write_back(conn, fresh, result_for(conn, cid), time.time())
     assert conn.execute("SELECT status FROM kg_processing_queue").fetchone()[0] == "completed"
+
+
+def test_a_group_write_back_drops_only_the_fenced_out_document(conn):
+    ids = seed(conn, 3)
+    q = SQLiteQueue(conn)
+    claims = q.claim("host:1", "batch", 3, 60, time.time())
+    # The middle row's lease was taken over by another worker meanwhile.
+    conn.execute("UPDATE kg_processing_queue SET lease_token = 'theirs' WHERE id = ?", (claims[1].id,))
+    outcomes = write_back_group(conn, [Answered(c, result_for(conn, c.content_id)) for c in claims], time.time())
+    assert isinstance(outcomes[1], LeaseLost)
+    assert [o["entities"] for o in (outcomes[0], outcomes[2])] == [len(result_for(conn, ids[0]).entities),
+                                                                   len(result_for(conn, ids[2]).entities)]
+    statuses = [r[0] for r in conn.execute("SELECT status FROM kg_processing_queue ORDER BY id")]
+    assert statuses == ["completed", "processing", "completed"]
+    assert kg_rows(conn, ids[1]) == ([], []), "nothing of the fenced-out document was written"
+    assert kg_rows(conn, ids[0])[0] and kg_rows(conn, ids[2])[0]
+    assert not conn.in_transaction
 
 
 def test_payload_follows_contract_and_tolerates_bad_metadata_and_bytes(conn):

@@ -439,7 +439,8 @@ def test_sighup_every_2s_under_load(conn, db_path, soak):
                 with_work += 1
             os.kill(sup.pid, signal.SIGHUP)
             hups += 1
-        wait_drained(db_path, n, sup, 120)
+        # ~50 ms a document on 2 workers: 4,000 take >= 100 s of service time alone.
+        wait_drained(db_path, n, sup, 600 if soak else 120)
         last: dict = {}
 
         def counted() -> bool:
