@@ -303,21 +303,25 @@ def status(status_addr: str, as_json: bool, watch: bool, interval: float) -> Non
 
 
 def watch_status(status_addr: str, interval: float) -> None:
+    """Redraw the status until Ctrl-C or SIGTERM."""
+    import threading
+
     from rich.live import Live
 
     from . import render
     meter = render.RateMeter()
+    # A flag, not KeyboardInterrupt: an exception raised at a random point could land while
+    # rich's refresh thread waits on a lock the main thread holds, and the exit would hang.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
 
     def view():
         snapshot = {"stats": fetch(status_addr, "/stats").json(), "health": fetch(status_addr, "/health").json()}
         return render.status_view(snapshot, meter)
-    try:
-        with Live(view(), refresh_per_second=4, screen=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(view())
-    except KeyboardInterrupt:
-        pass
+    with Live(view(), refresh_per_second=4, screen=False) as live:
+        while not stop.wait(interval):
+            live.update(view())
 
 
 @main.command()

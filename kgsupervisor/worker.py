@@ -359,13 +359,18 @@ class KGWorker:
         if not answered:
             return
         outcomes = self.lock_retry(lambda: write_back_group(self.conn, answered, time.time()))
+        # Count every outcome before logging any: a log write can block (a full pipe), and the
+        # totals must not trail the committed rows meanwhile.
+        for outcome in outcomes:
+            if isinstance(outcome, LeaseLost):
+                self.stats.lease_lost += 1
+            else:
+                self.stats.record_outcome(True)
         for item, outcome in zip(answered, outcomes):
             self.log.extra["content_id"] = item.claim.content_id
             if isinstance(outcome, LeaseLost):
-                self.stats.lease_lost += 1
                 self.log.warning("%s", outcome)
             else:
-                self.stats.record_outcome(True)
                 self.log.info("completed: %d entities, %d relationships", outcome["entities"],
                               outcome["relationships"])
         answered.clear()

@@ -77,6 +77,12 @@ class Supervisor:
         except (requests.RequestException, ValueError):
             return None
 
+    def stats_counting(self, n: int, timeout: float = 10.0) -> dict[str, Any]:
+        """/stats once it counts `n` documents completed or failed: the status snapshot is
+        refreshed once a second, and a batch is counted just after its commit."""
+        return wait_for(lambda: (lambda s: s if s and s["total_success"] + s["total_failed"] >= n else None)(
+            self.stats()), timeout, interval=0.2, message=f"/stats to count all {n} documents")
+
     def health(self) -> dict[str, Any] | None:
         """The status endpoint's /health body (check_worker_health(): worker_details, restarts, ...)."""
         try:

@@ -235,7 +235,7 @@ def test_write_lock_held_3s_by_another_process(conn, db_path, soak):
         assert charged(conn) == 0, "a lock charged a document"
         wait_drained(db_path, n, sup, 120)
         h = health(sup)
-        stats = sup.stats()
+        stats = sup.stats_counting(n)
         code = stop(sup)
     finally:
         if holder is not None and holder.poll() is None:

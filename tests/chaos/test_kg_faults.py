@@ -61,9 +61,7 @@ def drain(db_path: str, url: str, n: int, *, workers: int = 2, env: dict[str, st
             during(sup)
         wait_for(lambda: queue_done(db_path, n), timeout, interval=0.1,
                  message=f"all {n} documents completed or failed")
-        # The status snapshot is refreshed once a second: wait until it has caught up.
-        stats = wait_for(lambda: (lambda s: s if s and s["total_success"] + s["total_failed"] >= n else None)(
-            sup.stats()), 10, interval=0.2, message="/stats to count every document")
+        stats = sup.stats_counting(n)
         health = sup.health()
         code = sup.stop()
     finally:

@@ -36,7 +36,7 @@ def test_service_down_for_10s_mid_run(conn, db_path, soak):
         while not queue_done(db_path, n):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        stats = sup.stats()
+        stats = sup.stats_counting(n)
         code = sup.stop()
     finally:
         if sup.proc.poll() is None:
