@@ -14,6 +14,7 @@ from typing import Any
 from . import config
 from .config import Settings
 from .errors import KGSupervisorError
+from .stats import kg_service_status
 from .supervisor import Supervisor
 
 log = logging.getLogger("kgsupervisor.api")
@@ -91,8 +92,7 @@ class KGWorkerManager:
         return {"total_workers": 0, "manager_running": False, "manager_started_at": None,
                 "workers_restarted": 0, "last_health_check": None, "total_processed": 0,
                 "total_success": 0, "total_failed": 0, "kg_service_enabled": self.settings.service_enabled,
-                "kg_service_status": {"enabled": self.settings.service_enabled, "url": self.settings.service_url,
-                                      "is_healthy": None, "last_health_check": None, "consecutive_failures": 0},
+                "kg_service_status": kg_service_status([], self.settings.service_url, self.settings.service_enabled),
                 "queue_size": {}}
 
     def restart(self) -> None:

@@ -30,6 +30,24 @@ def _http_url(v: str) -> str | None:
     return None
 
 
+def split_urls(value: str) -> list[str]:
+    """KG_SERVICE_URL as a list: one URL, or several separated by commas."""
+    return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+
+
+def _http_urls(v: str) -> str | None:
+    urls = split_urls(v)
+    if not urls:
+        return "an http:// or https:// URL with a host, e.g. http://localhost:8088 (or several, comma-separated)"
+    for url in urls:
+        problem = _http_url(url)
+        if problem:
+            return f"{problem} (or several, comma-separated; {url!r} is not one)" if len(urls) > 1 else problem
+    if len(set(urls)) != len(urls):
+        return "each KG service URL once"
+    return None
+
+
 def parse_addr(value: str) -> tuple[str, int] | None:
     """'127.0.0.1:9188', '[::1]:9188' or 'off' (None); a ConfigError names what is wrong."""
     if value.strip().lower() == "off":
@@ -49,8 +67,10 @@ def _addr(v: str) -> str | None:
     return None
 
 
-def _setting(default: Any, env: str | None, help: str, check: Callable[[Any], str | None] | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"env": env, "help": help, "check": check})
+def _setting(default: Any, env: str | None, help: str, check: Callable[[Any], str | None] | None = None,
+             *, listable: bool = False) -> Any:
+    """A field of Settings; `listable`: the config file may give a list, joined with commas."""
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "check": check, "listable": listable})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +81,9 @@ class Settings:
     num_workers: int = _setting(2, "KG_NUM_WORKERS", "worker processes", _between(1, 256))
     poll_interval: float = _setting(5.0, "KG_POLL_INTERVAL", "seconds an idle worker waits before polling again", _positive)
     service_enabled: bool = _setting(True, "KG_SERVICE_ENABLED", "false: workers claim nothing")
-    service_url: str = _setting("http://localhost:8088", "KG_SERVICE_URL", "KG service base URL", _http_url)
+    service_url: str = _setting("http://localhost:8088", "KG_SERVICE_URL",
+                                "KG service base URL, or several comma-separated (a list in the file)", _http_urls,
+                                listable=True)
     service_timeout: float = _setting(1800.0, "KG_SERVICE_TIMEOUT", "read timeout of one ingest request, seconds", _positive)
     service_token: str | None = _setting(None, "KG_SERVICE_TOKEN", "bearer token sent to the KG service (never logged)")
     service_token_file: str | None = _setting(None, "KG_SERVICE_TOKEN_FILE", "file holding the bearer token")
@@ -95,6 +117,10 @@ class Settings:
             raise ConfigError("service_token_file", self.service_token_file,
                               f"a readable file ({exc.strerror})") from None
 
+    def service_urls(self) -> list[str]:
+        """Every KG service endpoint, in the order given."""
+        return split_urls(self.service_url)
+
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with the token hidden, for display."""
         values = dataclasses.asdict(self)
@@ -120,7 +146,8 @@ def _label(name: str, source: str) -> str:
 
 def _coerce(name: str, raw: Any, label: str | None = None) -> Any:
     """Turn a flag, environment or file value into the field's type, or say what was expected."""
-    kind = FIELDS[name].type
+    field = FIELDS[name]
+    kind = field.type
     name = label or name
     if raw is None:
         return None
@@ -146,6 +173,10 @@ def _coerce(name: str, raw: Any, label: str | None = None) -> Any:
         if value is None or value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(name, raw, "a number")
         return value
+    if isinstance(raw, list) and field.metadata["listable"]:
+        if not all(isinstance(item, str) for item in raw):
+            raise ConfigError(name, raw, "a list of strings")
+        return ",".join(raw)
     return str(raw)
 
 

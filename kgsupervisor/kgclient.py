@@ -97,13 +97,16 @@ class KGClient:
     def close(self) -> None:
         self._session.close()
 
-    def ingest(self, payload: dict[str, Any], chunk_rowids: Collection[int]) -> IngestResult:
+    def ingest(self, payload: dict[str, Any], chunk_rowids: Collection[int], *,
+               retry_blips: bool = True) -> IngestResult:
         """POST one document and return its validated result.
 
         Raises ServiceUnavailable (the service is down or busy), ItemFailure / InvalidAnswer (this
         document failed; worth another attempt) or DocumentRejected (never worth another).
+        `retry_blips=False` gives up on the first refused connection or gateway error: the caller
+        has another endpoint to try.
         """
-        body = self._retrying(self._post_once, payload)
+        body = self._retrying(self._post_once, payload) if retry_blips else self._post_once(payload)
         return parse_answer(body, content_id=payload["content_id"], chunk_rowids=chunk_rowids,
                             max_bytes=self.max_answer_bytes)
 

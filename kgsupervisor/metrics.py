@@ -5,7 +5,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+                                   SummaryMetricFamily)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -49,10 +50,28 @@ class SnapshotCollector:
                                 value=1 if kg.get("is_healthy") else 0)
         yield GaugeMetricFamily("kgsupervisor_kg_consecutive_failures", "Consecutive KG service failures",
                                 value=kg.get("consecutive_failures") or 0)
+        yield from self._endpoints(kg.get("endpoints") or [])
         latency = extra.get("kg_request_latency") or {}
         yield HistogramMetricFamily("kgsupervisor_kg_request_duration_seconds", "KG ingest request latency",
                                     buckets=[tuple(b) for b in latency.get("buckets", [("+Inf", 0)])],
                                     sum_value=latency.get("sum", 0.0))
+
+    def _endpoints(self, endpoints: list[dict]) -> Iterator[Metric]:
+        up = GaugeMetricFamily("kgsupervisor_kg_endpoint_up", "1 when this KG service endpoint answered "
+                               "its last request or health check", labels=["url"])
+        failing = GaugeMetricFamily("kgsupervisor_kg_endpoint_consecutive_failures",
+                                    "Consecutive failures of this endpoint", labels=["url"])
+        failures = CounterMetricFamily("kgsupervisor_kg_endpoint_failures", "Failed requests to this endpoint "
+                                       "(outages and item failures), current worker processes", labels=["url"])
+        requests = SummaryMetricFamily("kgsupervisor_kg_endpoint_request_duration_seconds",
+                                       "Ingest requests to this endpoint, current worker processes", labels=["url"])
+        for e in endpoints:
+            up.add_metric([e["url"]], 1 if e.get("is_healthy") else 0)
+            failing.add_metric([e["url"]], e.get("consecutive_failures") or 0)
+            failures.add_metric([e["url"]], e.get("failures") or 0)
+            requests.add_metric([e["url"]], count_value=e.get("requests") or 0,
+                                sum_value=e.get("latency_seconds_total") or 0.0)
+        yield from (up, failing, failures, requests)
 
     def _workers(self, stats: dict, details: list[dict]) -> Iterator[Metric]:
         yield GaugeMetricFamily("kgsupervisor_workers", "Worker slots", value=stats.get("total_workers", 0))

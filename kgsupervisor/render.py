@@ -74,6 +74,18 @@ def worker_table(health: dict[str, Any]) -> Table:
     return table
 
 
+def endpoint_lines(kg: dict[str, Any]) -> list[str]:
+    """One line per KG service endpoint, when there is more than one."""
+    endpoints = kg.get("endpoints") or []
+    if len(endpoints) < 2:
+        return []
+    return [f"  endpoint {e['url']}: {'up' if e.get('is_healthy') else 'down or unknown'}, "
+            f"{e.get('requests', 0)} requests, {e.get('failures', 0)} failed, "
+            f"consecutive_failures={e.get('consecutive_failures', 0)}, "
+            f"mean {e['latency_ms_mean'] if e.get('latency_ms_mean') is not None else '-'} ms"
+            for e in endpoints]
+
+
 def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
     """The `status --watch` screen: progress bar, queue and service line, worker table."""
     stats, health = snapshot["stats"], snapshot["health"]
@@ -86,7 +98,7 @@ def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
                    f"{q.get('completed', 0)} completed, {q.get('failed', 0)} failed    "
                    f"KG service {kg.get('url')}: {service}    restarts (HUP): {stats.get('workers_restarted', 0)}")
     return Group(ProgressBar(total=max(total, 1), completed=done, width=60), Text(line), summary,
-                 worker_table(health))
+                 *(Text(e) for e in endpoint_lines(kg)), worker_table(health))
 
 
 def status_text(snapshot: dict[str, Any]) -> str:
@@ -103,6 +115,7 @@ def status_text(snapshot: dict[str, Any]) -> str:
         "queue: " + ", ".join(f"{q.get(k, 0)} {k}" for k in ("pending", "processing", "completed", "failed", "skipped")),
         f"KG service {kg.get('url')}: enabled={kg.get('enabled')} healthy={kg.get('is_healthy')} "
         f"consecutive_failures={kg.get('consecutive_failures')} last_check={kg.get('last_health_check')}",
+        *endpoint_lines(kg),
     ]
     for d in health.get("worker_details", []):
         s = d.get("stats") or {}

@@ -127,7 +127,27 @@ def kg_service_status(details: list[dict[str, Any]], url: str, enabled: bool) ->
         "is_healthy": latest.get("is_healthy") if enabled else False,
         "last_health_check": latest.get("last_health_check"),
         "consecutive_failures": max((r.get("consecutive_failures") or 0 for r in reports), default=0),
+        "endpoints": endpoint_status(reports, enabled),
     }
+
+
+def endpoint_status(reports: list[dict[str, Any]], enabled: bool) -> list[dict[str, Any]]:
+    """Each KG service endpoint across the workers: the freshest verdict, summed counts."""
+    merged: dict[str, dict[str, Any]] = {}
+    for report in reports:
+        for e in report.get("endpoints") or []:
+            m = merged.setdefault(e["url"], {"url": e["url"], "is_healthy": None, "last_health_check": None,
+                                             "consecutive_failures": 0, "requests": 0, "failures": 0,
+                                             "latency_seconds_total": 0.0})
+            if e.get("last_health_check") and (m["last_health_check"] or "") <= e["last_health_check"]:
+                m["is_healthy"], m["last_health_check"] = e.get("is_healthy"), e["last_health_check"]
+            m["consecutive_failures"] = max(m["consecutive_failures"], e.get("consecutive_failures") or 0)
+            for key in ("requests", "failures", "latency_seconds_total"):
+                m[key] += e.get(key) or 0
+    for m in merged.values():
+        m["is_healthy"] = m["is_healthy"] if enabled else False
+        m["latency_ms_mean"] = round(1000 * m["latency_seconds_total"] / m["requests"], 1) if m["requests"] else None
+    return list(merged.values())
 
 
 def aggregate(details: list[dict[str, Any]], *, manager_running: bool, manager_started_at: str,

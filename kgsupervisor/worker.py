@@ -13,14 +13,14 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from . import logs
-from .breaker import CircuitBreaker
+from .answer import IngestResult
 from .config import Settings, require_db
 from .db import LockRetry, connect
+from .dbfault import DatabasePause, describe_database_fault, is_database_fault
 from .documents import build_payload
 from .heartbeat import SharedCounters
-from .errors import (DatabaseBusy, DatabaseError, DocumentRejected, InvalidAnswer, ItemFailure,
-                     LeaseLost, ServiceUnavailable)
-from .kgclient import KGClient
+from .errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
+from .endpoints import Endpoint, EndpointPool
 from .lease import LeaseKeeper
 from .queue import Claim, SQLiteQueue
 from .schema import check_schema
@@ -39,42 +39,6 @@ REQUEUE_EXPIRED_EVERY = 30.0
 # that took this long, or an older answer in hand, is written at once, so after a crash the
 # service is asked again for little.
 WRITE_GROUP_MAX_AGE = 0.5
-# A database that cannot be written (read-only, disk full, I/O errors, locked for minutes) pauses
-# the worker with this backoff; it never fails a document and never kills the worker.
-DB_FAULT_BACKOFF_FIRST = 0.25
-DB_FAULT_BACKOFF_MAX = 5.0
-DB_FAULT_LOG_EVERY = 30.0
-
-
-def is_database_fault(exc: BaseException) -> bool:
-    """A problem of the database as a whole, not of one document: worth waiting out.
-
-    OperationalError covers locked, read-only, full, I/O error and cannot-open; a bare
-    DatabaseError is a damaged file. IntegrityError, DataError or ProgrammingError would be a
-    bug or a bad document and still surface as one.
-    """
-    return (isinstance(exc, (sqlite3.OperationalError, DatabaseError))
-            or type(exc) is sqlite3.DatabaseError)
-
-
-def describe_database_fault(exc: BaseException) -> str:
-    """The SQLite error and what an operator should look at."""
-    name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
-    if isinstance(exc, DatabaseBusy):
-        hint = "another program holds a write transaction (find it with: fuser DB)"
-    elif "FULL" in name:
-        hint = "the disk holding the database is full"
-    elif "READONLY" in name or "readonly" in str(exc):
-        hint = "the database file or its directory is read-only"
-    elif "IOERR" in name:
-        hint = "the database file cannot be written (read-only or immutable file, failing or full disk)"
-    elif "CORRUPT" in name or "NOTADB" in name:
-        hint = "the database file is damaged (check it with: PRAGMA integrity_check)"
-    elif "CANTOPEN" in name:
-        hint = "the database or its -wal/-shm file cannot be opened"
-    else:
-        hint = "the database cannot be used"
-    return f"{name}: {exc} ({hint})"
 
 
 def owner_name(pid: int | None = None) -> str:
@@ -114,10 +78,8 @@ class KGWorker:
         self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
         self._data_version: int | None = None
-        self._db_fault_since: float | None = None  # monotonic; set while the database fails
+        self.db_pause = DatabasePause(self.log)
         self._db_claims_held = False  # claims left behind by a failed step, to give back
-        self._db_fault_backoff = 0.0
-        self._db_fault_logged = 0.0
 
     # -- process lifecycle -------------------------------------------------------------------
 
@@ -130,10 +92,7 @@ class KGWorker:
         self.queue = SQLiteQueue(self.conn)
         self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
         s = self.settings
-        self.client = KGClient(s.service_url, s.service_timeout, token=s.token(),
-                               max_answer_bytes=int(s.max_answer_mb * 1024 * 1024))
-        self.client.health_status.enabled = s.service_enabled
-        self.breaker = CircuitBreaker(threshold=s.breaker_threshold)
+        self.endpoints = EndpointPool.from_settings(s, self.worker_id)
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
                                   parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
         self.keeper.start()
@@ -215,7 +174,7 @@ class KGWorker:
         if released:
             self.log.info("released %d claimed document(s) back to pending", released)
         self.keeper.stop()
-        self.client.close()
+        self.endpoints.close()
         self.conn.close()
         self.log.info("worker stopped: %d processed, %d succeeded, %d failed",
                       self.stats.total_processed, self.stats.total_success, self.stats.total_failed)
@@ -237,39 +196,21 @@ class KGWorker:
             if not is_database_fault(exc):
                 raise
             return self.database_fault(exc)
-        if self._db_fault_since is not None:
-            self.log.info("database works again after %.1fs; resuming",
-                          time.monotonic() - self._db_fault_since)
-            self._db_fault_since = None
-        self._db_fault_backoff = 0.0
+        self.db_pause.recovered()
         return wait
 
     def database_fault(self, exc: BaseException) -> float:
-        """Note a database failure, log it (an error once, then now and then), return the pause."""
+        """Roll back, note the claims to give back, pause; returns how long."""
         if self.conn.in_transaction:
             try:
                 self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-        mono = time.monotonic()
         self._db_claims_held = True
-        first = self._db_fault_since is None
-        if first:
-            self._db_fault_since = mono
-        self._db_fault_backoff = min(max(self._db_fault_backoff * 2, DB_FAULT_BACKOFF_FIRST),
-                                     DB_FAULT_BACKOFF_MAX)
         self.log.extra["content_id"] = None
         self.stats.set_current(None)
         self.set_state(WorkerState.PAUSED)
-        if first:
-            self.log.error("database error, pausing (no document is charged; claims go back to "
-                           "pending once it is writable): %s", describe_database_fault(exc))
-            self._db_fault_logged = mono
-        elif mono - self._db_fault_logged >= DB_FAULT_LOG_EVERY:
-            self.log.warning("database still failing after %.0fs: %s", mono - self._db_fault_since,
-                             describe_database_fault(exc))
-            self._db_fault_logged = mono
-        return self._db_fault_backoff
+        return self.db_pause.failed(exc)
 
     def give_back_claims(self) -> None:
         """After a database failure: every claim this worker still holds back to pending,
@@ -286,8 +227,10 @@ class KGWorker:
             self.set_state(WorkerState.DISABLED)
             return self.settings.poll_interval
         mono = time.monotonic()
-        if self.breaker.is_open and not self.probe_service(mono):
-            return self.breaker.seconds_to_probe(mono)
+        self.probe_endpoints(mono)
+        if self.endpoints.all_down:
+            self.set_state(WorkerState.PAUSED)
+            return self.endpoints.seconds_to_probe(mono)
         self.requeue_expired(now)
         if not self.alive:  # stopped (or orphaned) since the loop last looked: claim nothing
             return 0.0
@@ -300,18 +243,16 @@ class KGWorker:
         # A full batch means there is probably more: claim again at once (the upstream slept).
         return 0.0 if len(claims) == self.settings.batch_size else self.settings.poll_interval
 
-    def probe_service(self, mono: float) -> bool:
-        """While the breaker is open: ask /health when due; True once the service is back."""
-        self.set_state(WorkerState.PAUSED)
-        if not self.breaker.probe_due(mono):
-            return False
-        if self.client.health():
-            self.breaker.record_success()
-            self.log.info("KG service at %s is healthy again; resuming", self.settings.service_url)
-            return True
-        self.breaker.record_failure(mono)
-        self.log.info("KG service still down; next probe in %.1fs", self.breaker.seconds_to_probe(mono))
-        return False
+    def probe_endpoints(self, mono: float) -> None:
+        """Ask /health of each endpoint whose breaker is open and whose probe is due."""
+        for endpoint in self.endpoints.probes_due(mono):
+            if endpoint.client.health():
+                endpoint.breaker.record_success()
+                self.log.info("KG service at %s is healthy again; resuming", endpoint.url)
+            else:
+                endpoint.breaker.record_failure(mono)
+                self.log.info("KG service at %s still down; next probe in %.1fs", endpoint.url,
+                              endpoint.breaker.seconds_to_probe(mono))
 
     def requeue_expired(self, now: float) -> None:
         if now - self._last_requeue < REQUEUE_EXPIRED_EVERY:
@@ -329,7 +270,7 @@ class KGWorker:
         answered: list[Answered] = []
         try:
             for i, claim in enumerate(claims):
-                if not self.alive or self.breaker.is_open:
+                if not self.alive or self.endpoints.all_down:
                     self.write_answered(answered)
                     self.stats.record_released(self.lock_retry(lambda: self.queue.release(claims[i:])))
                     break
@@ -392,23 +333,13 @@ class KGWorker:
         self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
         try:
             payload, notes = build_payload(self.conn, claim.content_id)
-            rowids = {c["vector_rowid"] for c in payload["chunks"]}
-            sent = time.monotonic()
-            try:
-                result = self.client.ingest(payload, rowids)
-            finally:
-                took = time.monotonic() - sent
-                self.stats.counters.observe_latency(took)
+            result, took = self.send(payload, {c["vector_rowid"] for c in payload["chunks"]})
         except DocumentRejected as exc:
             self.fail_document(claim, str(exc))
         except InvalidAnswer as exc:
             self.retry_document(claim, f"invalid answer: {exc}")
         except ItemFailure as exc:
-            # A 500 or timeout while /health is also failing is an outage, not this document.
-            if self.client.health():
-                self.retry_document(claim, str(exc))
-            else:
-                self.release_for_outage(claim, ServiceUnavailable(str(exc)))
+            self.retry_document(claim, str(exc))
         except ServiceUnavailable as exc:
             self.release_for_outage(claim, exc)
         except Exception as exc:
@@ -419,10 +350,57 @@ class KGWorker:
             self.log.exception("unexpected error while processing this document; charging it an attempt")
             self.retry_document(claim, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
         else:
-            self.breaker.record_success()
-            self.client.record_health(True)
             return Answered(claim, result, notes, at=time.monotonic(), took=took)
         return None
+
+    def send(self, payload: dict[str, Any], rowids: set[int]) -> tuple[IngestResult, float]:
+        """POST to the next healthy endpoint, and on that endpoint's outage to the next one.
+
+        Returns the result and the request's seconds. Raises ServiceUnavailable once every
+        healthy endpoint was down for this document (no attempt charged), or the item's own
+        failure (ItemFailure, InvalidAnswer, DocumentRejected).
+        """
+        tried: list[Endpoint] = []
+        outage = ServiceUnavailable("every KG service endpoint is down")
+        while (endpoint := self.endpoints.choose(exclude=tried)) is not None:
+            tried.append(endpoint)
+            sent = time.monotonic()
+            try:
+                # A blip is retried inline only where there is no other endpoint to go to.
+                result = endpoint.client.ingest(payload, rowids, retry_blips=not self.endpoints.has_another(tried))
+            except ItemFailure as exc:
+                self.observe(endpoint, sent, ok=False)
+                # A 500 or timeout while /health also fails is an outage, not this document.
+                if isinstance(exc, InvalidAnswer) or endpoint.client.health():
+                    raise
+                outage = ServiceUnavailable(str(exc))
+            except ServiceUnavailable as exc:
+                self.observe(endpoint, sent, ok=False)
+                outage = exc
+            except DocumentRejected:
+                self.observe(endpoint, sent, ok=True)
+                raise
+            else:
+                return result, self.observe(endpoint, sent, ok=True)
+            self.endpoint_down(endpoint, outage)
+        raise outage
+
+    def observe(self, endpoint: Endpoint, sent: float, ok: bool) -> float:
+        took = time.monotonic() - sent
+        self.stats.counters.observe_latency(took)
+        endpoint.record_request(took, ok)
+        return took
+
+    def endpoint_down(self, endpoint: Endpoint, exc: ServiceUnavailable) -> None:
+        """Feed the endpoint's breaker; say so when that leaves the others, or nothing."""
+        if not endpoint.record_outage(time.monotonic(), exc.retry_after):
+            return
+        left = self.endpoints.healthy_count()
+        if left:
+            self.log.error("KG service at %s unavailable, sending to the %d other healthy endpoint(s): %s",
+                           endpoint.url, left, exc)
+        else:
+            self.log.error("KG service unavailable, pausing claims (no document is charged): %s", exc)
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -447,16 +425,11 @@ class KGWorker:
                              s.max_attempts, reason)
 
     def release_for_outage(self, claim: Claim, exc: ServiceUnavailable) -> None:
-        """PROCESSING -> PENDING with no attempt charged; feed the breaker."""
+        """PROCESSING -> PENDING with no attempt charged: no endpoint could take the document."""
         now = time.time()
         not_before = now + exc.retry_after if exc.retry_after else None
         self.stats.record_released(self.lock_retry(lambda: self.queue.release([claim], not_before)))
-        opened = self.breaker.record_failure(time.monotonic(), exc.retry_after)
-        self.client.record_health(False)
-        if opened:
-            self.log.error("KG service unavailable, pausing claims (no document is charged): %s", exc)
-        else:
-            self.log.warning("KG service unavailable, document released: %s", exc)
+        self.log.warning("KG service unavailable, document released: %s", exc)
 
     # -- waiting and stats -------------------------------------------------------------------
 
@@ -497,9 +470,8 @@ class KGWorker:
     def publish(self) -> None:
         """Beat, and copy the stats to the shared map when they changed (or every 10 s)."""
         self.stats.counters.beat()
-        self.stats.kg_service = self.client.health_status.as_dict() if hasattr(self, "client") else {}
-        self.stats.kg_service["consecutive_failures"] = (
-            self.breaker.consecutive_failures if hasattr(self, "breaker") else 0)
+        if hasattr(self, "endpoints"):
+            self.stats.kg_service = self.endpoints.status(self.settings.service_url, self.settings.service_enabled)
         self.publisher.publish_if_changed(self.stats)
 
     def _count_lock_retry(self) -> None:

@@ -90,6 +90,33 @@ def fault_server() -> Iterator[Callable[..., FaultServer]]:
         s.close()
 
 
+@pytest.fixture
+def worker_factory():
+    """Factory of in-process workers (init_process done); each is shut down at teardown."""
+    from kgsupervisor.worker import KGWorker
+    workers = []
+
+    def make(settings: config.Settings) -> KGWorker:
+        w = KGWorker(settings)
+        w.init_process()
+        workers.append(w)
+        return w
+
+    yield make
+    for w in workers:
+        w.shutdown()
+
+
+def drive(worker, until: Callable[[], object], timeout: float = 20.0) -> None:
+    """Run loop_once steps (as the real loop does, waits included) until `until()` holds."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "worker did not reach the expected state"
+        wait = worker.loop_once(time.time())
+        if wait:
+            worker.wait_for_work(min(wait, 0.05))
+
+
 def make_settings(db_path: str, service_url: str, **overrides) -> config.Settings:
     """Settings for fast tests: short polls and backoffs."""
     values = dict(db_path=db_path, service_url=service_url, poll_interval=0.1, retry_backoff=0.05,

@@ -93,7 +93,8 @@ def test_the_api_from_a_plain_script(conn, db_path, kg_service):
     assert stats["workers_restarted"] == 1
     assert stats["total_success"] == 10 and stats["total_processed"] == 10
     assert set(stats["kg_service_status"]) == {"enabled", "url", "is_healthy", "last_health_check",
-                                               "consecutive_failures"}
+                                               "consecutive_failures", "endpoints"}
+    assert [e["url"] for e in stats["kg_service_status"]["endpoints"]] == [kg_service]
     assert set(stats["queue_size"]) == {"total", "pending", "processing", "completed", "failed", "skipped"}
     assert not set(out["before"]) & set(out["after"])
     assert status_counts(conn) == {"completed": 10}

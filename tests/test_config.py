@@ -62,3 +62,36 @@ def test_the_shipped_example_config_loads():
     settings, sources = config.load({}, {}, str(example))
     assert settings.db_path == "/var/lib/crawl/crawl.db"
     assert sources["num_workers"].startswith("file ")
+
+
+def test_several_kg_service_urls_from_the_environment_and_from_a_toml_list(tmp_path):
+    s, _ = config.load({}, {"KG_SERVICE_URL": "http://gpu1:8088, http://gpu2:8088/ ,http://gpu3:8088"})
+    assert s.service_urls() == ["http://gpu1:8088", "http://gpu2:8088", "http://gpu3:8088"]
+    path = tmp_path / "kg.toml"
+    path.write_text('[kgsupervisor]\nservice_url = ["http://gpu1:8088", "https://gpu2"]\n')
+    s, _ = config.load({}, {}, str(path))
+    assert s.service_urls() == ["http://gpu1:8088", "https://gpu2"]
+    assert config.load({}, {})[0].service_urls() == ["http://localhost:8088"]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("http://gpu1:8088,gpu2:8088", "KG_SERVICE_URL='http://gpu1:8088,gpu2:8088': expected an http:// or https:// "
+                                   "URL with a host, e.g. http://localhost:8088 (or several, comma-separated; "
+                                   "'gpu2:8088' is not one)"),
+    ("http://gpu1:8088,http://gpu1:8088/", "expected each KG service URL once"),
+    (" , ", "expected an http:// or https:// URL with a host"),
+])
+def test_a_bad_url_in_a_list_is_named_in_one_line(value, message):
+    with pytest.raises(ConfigError) as info:
+        config.load({}, {"KG_SERVICE_URL": value})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_toml_list_of_non_strings_is_one_line(tmp_path):
+    path = tmp_path / "kg.toml"
+    path.write_text('service_url = ["http://gpu1:8088", 8088]\n')
+    with pytest.raises(ConfigError, match=r"service_url=\['http://gpu1:8088', 8088\]: expected a list of strings"):
+        config.load({}, {}, str(path))
+    path.write_text('num_workers = [1, 2]\n')
+    with pytest.raises(ConfigError, match="num_workers"):
+        config.load({}, {}, str(path))

@@ -55,7 +55,7 @@ def _get(addr: str, path: str):
         return None
 
 
-def test_status_endpoint_health_stats_and_metrics(running, conn):
+def test_status_endpoint_health_stats_and_metrics(running, conn, kg_service):
     proc, addr = running
     seed(conn, 20)
     wait_for(lambda: status_counts(conn) == {"completed": 20}, 30, message="drain")
@@ -75,6 +75,13 @@ def test_status_endpoint_health_stats_and_metrics(running, conn):
             if not s.labels.get("le") or s.labels["le"] == "+Inf"}
     assert hist["kgsupervisor_kg_request_duration_seconds_count"] >= 20
     assert families["kgsupervisor_kg_up"].samples[0].value == 1
+    [endpoint] = stats["kg_service_status"]["endpoints"]
+    assert endpoint["requests"] == 20 and endpoint["is_healthy"] is True and endpoint["url"] == kg_service
+    up = families["kgsupervisor_kg_endpoint_up"].samples
+    assert [(s.labels["url"], s.value) for s in up] == [(endpoint["url"], 1)]
+    count = [s.value for s in families["kgsupervisor_kg_endpoint_request_duration_seconds"].samples
+             if s.name.endswith("_count")]
+    assert count == [20]
     assert {s.labels["worker_id"] for s in families["kgsupervisor_worker_rss_bytes"].samples} == {"0", "1"}
     assert all(s.value > 0 for s in families["kgsupervisor_worker_rss_bytes"].samples)
 

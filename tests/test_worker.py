@@ -11,37 +11,10 @@ import time
 
 import pytest
 
-from kgsupervisor.worker import KGWorker
-
 from .faultserver import sleep_then
-from .conftest import free_port, make_settings, seed, spawn, status_counts, wait_for
+from .conftest import drive, free_port, make_settings, seed, spawn, status_counts, wait_for
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def worker_factory():
-    workers = []
-
-    def make(settings) -> KGWorker:
-        w = KGWorker(settings)
-        w.init_process()
-        workers.append(w)
-        return w
-
-    yield make
-    for w in workers:
-        w.shutdown()
-
-
-def drive(worker: KGWorker, until, timeout: float = 20.0) -> None:
-    """Run loop_once steps (as the real loop does, waits included) until `until()` holds."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, "worker did not reach the expected state"
-        wait = worker.loop_once(time.time())
-        if wait:
-            worker.wait_for_work(min(wait, 0.05))
 
 
 def queue_rows(conn):
@@ -167,7 +140,7 @@ def test_each_malformed_answer_gives_a_clear_error_and_the_worker_keeps_running(
         assert MALFORMED[kind][2] in errors[cid], (kind, errors[cid])
         assert "invalid answer" in errors[cid]
     assert errors[ids[-1]] is None
-    assert w.breaker.consecutive_failures == 0, "a bad answer is the document's fault, not an outage"
+    assert w.endpoints.endpoints[0].breaker.consecutive_failures == 0, "a bad answer is the document's fault, not an outage"
 
 
 def test_an_invalid_answer_is_retried_like_a_5xx(conn, db_path, fault_server, worker_factory):
@@ -182,7 +155,7 @@ def test_an_outage_charges_no_attempt_and_pauses_claims(conn, db_path, fault_ser
     seed(conn, 6)
     server = fault_server(lambda payload, n: (503, {"error": "down"}), healthy=False)
     w = worker_factory(make_settings(db_path, server.url, breaker_threshold=2, batch_size=3))
-    drive(w, lambda: w.breaker.is_open)
+    drive(w, lambda: w.endpoints.all_down)
     assert status_counts(conn) == {"pending": 6}
     assert all(r[2] == 0 for r in queue_rows(conn)), "no attempt charged"
     asked = len(server.requests)
@@ -198,7 +171,7 @@ def test_500s_while_health_fails_are_an_outage_not_item_failures(conn, db_path, 
     seed(conn, 2)
     server = fault_server(lambda payload, n: (500, {"error": "boom"}), healthy=False)
     w = worker_factory(make_settings(db_path, server.url, max_attempts=1, breaker_threshold=1))
-    drive(w, lambda: w.breaker.is_open)
+    drive(w, lambda: w.endpoints.all_down)
     assert status_counts(conn) == {"pending": 2}
 
 
@@ -206,7 +179,7 @@ def test_429_with_retry_after_postpones_without_charging(conn, db_path, fault_se
     seed(conn, 1)
     server = fault_server(lambda payload, n: (429, {"error": "slow down"}, {"Retry-After": "30"}))
     w = worker_factory(make_settings(db_path, server.url))
-    drive(w, lambda: w.breaker.is_open)
+    drive(w, lambda: w.endpoints.all_down)
     status, retries, not_before = conn.execute(
         "SELECT status, retry_count, not_before FROM kg_processing_queue").fetchone()
     assert (status, retries) == ("pending", 0) and not_before > time.time() + 20

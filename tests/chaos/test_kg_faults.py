@@ -436,3 +436,62 @@ def test_connection_cut_mid_answer_charges_nothing(conn, db_path, soak):
     assert all(attempts[cid] == len(planned[cid]) + 1 for cid in ids), \
         {cid: attempts[cid] for cid in ids if attempts[cid] != len(planned[cid]) + 1}
     assert messages_with(run.log, "connection broke mid-answer") >= 1
+
+
+# -- 8: one of three KG service endpoints down, then back ----------------------------------------
+
+def test_one_of_three_endpoints_down_and_back_slows_nothing_down_and_charges_nothing(conn, db_path, soak):
+    """KG_SERVICE_URL lists three services; one is killed mid-run (connections refused) for 3 s
+    (10 s with --soak) and started again on its port. The others take its documents meanwhile,
+    nothing is charged or failed, and once back it gets documents again."""
+    n = 3000 if soak else 900
+    outage = 10.0 if soak else 3.0
+    ids = seed(conn, n)
+
+    def behaviour(payload: dict, i: int) -> None:
+        time.sleep(0.02)  # a GPU box's think time: keeps the run long enough to see the return
+
+    servers = [FaultServer(behaviour) for _ in range(3)]
+    port = int(servers[1].url.rsplit(":", 1)[1])
+    url = ",".join(s.url for s in servers)
+    notes: list[str] = []
+    recovered: list[float] = []
+
+    def completed() -> int:
+        return count(db_path, "status = 'completed'")
+
+    def inject(sup: Supervisor) -> None:
+        wait_for(lambda: completed() >= n // 6, 60, interval=0.05, message="first documents done")
+        assert min(len(s.requests) for s in servers) > 0, "every endpoint took documents"
+        servers[1].close()
+        before = completed()
+        time.sleep(outage)
+        during = completed() - before
+        assert during > 0, "the two healthy endpoints kept the pipeline going"
+        assert charged(db_path) == 0, "an endpoint's outage charged a document"
+        notes.append(f"{during} completed on the other two during the {outage:g} s outage")
+        servers[1] = FaultServer(behaviour, port=port)
+        back = time.monotonic()
+        wait_for(lambda: len(servers[1].requests) > 0, 30, interval=0.02, message="the endpoint used again")
+        recovered.append(time.monotonic() - back)
+        assert count(db_path, "status IN ('pending', 'processing')") > 0, "drained before the endpoint was back"
+
+    try:
+        run = drain(db_path, url, n, workers=3, during=inject, timeout=600 if soak else 120)
+    finally:
+        for s in servers:
+            s.close()
+    outcome = check_invariants(
+        db_path, ids, Outcome("one of three KG endpoints down, then back", n,
+                              f"endpoint 2 of 3 refusing connections for {outage:g} s mid-run",
+                              recover_seconds=round(recovered[0], 2), exit_code=run.code, notes="; ".join(notes)),
+        queue_rows=n)
+    assert outcome.failed == 0
+    assert_clean_run(run, n)
+    assert max(retry_counts(db_path).values()) == 0, "an endpoint's outage charged an attempt"
+    endpoints = {e["url"]: e for e in run.stats["kg_service_status"]["endpoints"]}
+    assert sorted(endpoints) == sorted(s.url for s in servers)
+    assert all(e["requests"] > 0 and e["is_healthy"] for e in endpoints.values()), endpoints
+    assert endpoints[servers[1].url]["failures"] > 0, endpoints
+    assert messages_with(run.log, "sending to the 2 other healthy endpoint(s)") >= 1
+    assert messages_with(run.log, "healthy again; resuming") >= 1
