@@ -15,6 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	scripts/ensure-postgresql
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

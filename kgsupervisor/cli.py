@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING, Any
 import click
 import psutil
 
-from . import config, logs
+from . import backend, config, logs
 from .db import connect
 from .pidfile import Pidfile, running_pid
 from .errors import ConfigError, KGSupervisorError, NotReachable
-from .queue import SQLiteQueue
-from .schema import check_schema, init_db
+from .schema import check_schema
 from .states import EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -50,14 +49,8 @@ def main() -> None:
 
 
 def db_option(f: Callable) -> Callable:
-    return click.option("--db", "db_path", envvar="KG_DB_PATH", metavar="PATH", required=True,
-                        help="SQLite database (env KG_DB_PATH).")(f)
-
-
-def open_queue(db_path: str) -> SQLiteQueue:
-    conn = connect(db_path)
-    check_schema(conn, db_path)
-    return SQLiteQueue(conn)
+    return click.option("--db", "db_path", envvar="KG_DB_PATH", metavar="PATH|URL", required=True,
+                        help="SQLite database, or a postgresql:// URL (env KG_DB_PATH).")(f)
 
 
 def settings_options(f: Callable) -> Callable:
@@ -87,10 +80,10 @@ def load_settings(kwargs: dict[str, Any]) -> tuple[config.Settings, dict[str, st
 @db_option
 def init_db_command(db_path: str) -> None:
     """Create the schema, or migrate an existing upstream database (idempotent)."""
-    changes = init_db(db_path)
+    changes = backend.init_database(db_path)
     for change in changes:
         click.echo(change)
-    click.echo(f"{db_path}: schema up to date ({len(changes)} change(s))")
+    click.echo(f"{backend.describe(db_path)}: schema up to date ({len(changes)} change(s))")
 
 
 @main.command()
@@ -102,7 +95,7 @@ def enqueue(db_path: str, ids: tuple[int, ...], all_unprocessed: bool, priority:
     """Queue documents (crawled_content ids); a document already queued is not queued twice."""
     if not ids and not all_unprocessed:
         raise click.UsageError("give document ids or --all-unprocessed")
-    queue = open_queue(db_path)
+    queue = backend.open_queue(db_path)
     if all_unprocessed:
         click.echo(f"queued {queue.enqueue_all_unprocessed(priority, time.time())} unprocessed document(s)")
     if ids:
@@ -125,7 +118,7 @@ def _id_list(ids: list[int]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 def queue_command(db_path: str, as_json: bool) -> None:
     """Counts of queue rows by status, straight from the database."""
-    counts = open_queue(db_path).counts()
+    counts = backend.open_queue(db_path).counts()
     if as_json:
         click.echo(json.dumps(counts))
         return
@@ -142,7 +135,7 @@ def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> No
     """Put failed or skipped rows back to pending with a fresh attempt budget."""
     if not (failed or skipped or ids):
         raise click.UsageError("give --failed, --skipped or --id N")
-    n = open_queue(db_path).retry(failed=failed, skipped=skipped, ids=ids)
+    n = backend.open_queue(db_path).retry(failed=failed, skipped=skipped, ids=ids)
     click.echo(f"{n} row(s) back to pending")
 
 
@@ -153,7 +146,7 @@ def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> No
 def worker(once: bool, worker_id: int, **kwargs: Any) -> None:
     """Run one worker in the foreground (for debugging; production uses `run`)."""
     settings, _ = load_settings(kwargs)
-    config.require_db(settings)
+    backend.require_sqlite_for_workers(config.require_db(settings))
     setup_logging(settings)
     from .worker import run_worker
     sys.exit(run_worker(settings, worker_id, once=once))
@@ -195,6 +188,7 @@ def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     if print_config:
         return show_config(settings, sources)
     db_path = config.require_db(settings)
+    backend.require_sqlite_for_workers(db_path)
     with closing(connect(db_path)) as conn:  # closed: no connection may cross the fork
         check_schema(conn, db_path)
     setup_logging(settings)

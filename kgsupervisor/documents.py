@@ -6,6 +6,7 @@ import sqlite3
 from typing import Any
 
 from .errors import DocumentRejected
+from .pgdb import is_postgres
 
 # Text is read as bytes and decoded leniently: a crawler that stored invalid UTF-8 must cost
 # one document a replacement character, not crash the worker with "Could not decode to UTF-8".
@@ -16,10 +17,15 @@ DOCUMENT_SQL = """
 CHUNKS_SQL = """
     SELECT rowid, chunk_index, char_start, char_end, CAST(chunk_text AS BLOB)
       FROM content_chunks WHERE content_id = ? ORDER BY chunk_index, rowid"""
+# PostgreSQL text is valid UTF-8 by construction: read it as it is.
+PG_DOCUMENT_SQL = "SELECT url, title, markdown, metadata, tags FROM crawled_content WHERE id = ?"
+PG_CHUNKS_SQL = """
+    SELECT rowid, chunk_index, char_start, char_end, chunk_text
+      FROM content_chunks WHERE content_id = ? ORDER BY chunk_index, rowid"""
 
 
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("utf-8", "replace")
+def _text(raw: bytes | str | None) -> str | None:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -52,13 +58,14 @@ def build_payload(conn: sqlite3.Connection, content_id: int) -> tuple[dict[str, 
 
     Raises DocumentRejected when the document is missing or has no chunks: no retry can help.
     """
-    row = conn.execute(DOCUMENT_SQL, (content_id,)).fetchone()
+    postgres = is_postgres(conn)
+    row = conn.execute(PG_DOCUMENT_SQL if postgres else DOCUMENT_SQL, (content_id,)).fetchone()
     if row is None:
         raise DocumentRejected(f"content_id {content_id} does not exist in crawled_content")
     chunks = [
         {"vector_rowid": r[0], "chunk_index": _int_or_none(r[1]), "char_start": _int_or_none(r[2]),
          "char_end": _int_or_none(r[3]), "text": _text(r[4]) or ""}
-        for r in conn.execute(CHUNKS_SQL, (content_id,))
+        for r in conn.execute(PG_CHUNKS_SQL if postgres else CHUNKS_SQL, (content_id,))
     ]
     if not chunks:
         raise DocumentRejected(f"content_id {content_id} has no chunks in content_chunks")

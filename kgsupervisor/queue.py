@@ -1,4 +1,4 @@
-"""The leased SQLite queue: claim, extend, release, retry, fail, requeue and count rows."""
+"""The leased queue: claim, extend, release, retry, fail, requeue and count rows, on SQLite or PostgreSQL."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 
 from .db import transaction
+from .pgdb import is_postgres
 from .schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from .states import ALL_JOB_STATUSES, JobStatus
 
@@ -19,6 +20,15 @@ CLAIM_SQL = f"""
              WHERE id IN (SELECT id FROM kg_processing_queue INDEXED BY idx_kgq_claim_order
                            WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
                            ORDER BY priority DESC, id ASC LIMIT ?)
+            RETURNING id, content_id, retry_count, priority"""
+# PostgreSQL: the same claim, where a row another claimer has locked is passed over, not waited for.
+PG_CLAIM_SQL = f"""
+            UPDATE kg_processing_queue
+               SET status = 'processing', processing_started_at = ?, lease_owner = ?,
+                   lease_token = ?, lease_expires_at = ?, started_at = NULL
+             WHERE id IN (SELECT id FROM kg_processing_queue
+                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
+                           ORDER BY priority DESC, id ASC LIMIT ? FOR UPDATE SKIP LOCKED)
             RETURNING id, content_id, retry_count, priority"""
 
 
@@ -62,8 +72,14 @@ def backoff_delay(retry_count: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * (2 ** min(retry_count, 30))))
 
 
-class SQLiteQueue:
-    """kg_processing_queue as a leased queue; every method is one short transaction."""
+class LeasedQueue:
+    """kg_processing_queue as a leased queue; every method is one short transaction.
+
+    One body of SQL for both backends (a PostgreSQL connection takes SQLite's spelling, see
+    pgdb.PGConnection), so their semantics cannot drift; only the claim statement differs.
+    """
+
+    claim_sql = CLAIM_SQL
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -75,7 +91,7 @@ class SQLiteQueue:
         OR over the status index and sort, which grows with the queue; the claim index never does.
         """
         rows = self.conn.execute(
-            CLAIM_SQL,
+            self.claim_sql,
             (db_timestamp(now), owner, token, now + lease_seconds, now, limit),
         ).fetchall()
         # RETURNING does not promise the subquery's order.
@@ -195,7 +211,8 @@ class SQLiteQueue:
     def counts(self) -> dict[str, int]:
         """Rows by status plus `total`; a pure read of the trigger-kept counts table."""
         try:
-            found = dict(self.conn.execute(f"SELECT status, n FROM {STATUS_COUNTS_TABLE}").fetchall())
+            found = dict(self.conn.execute(
+                f"SELECT status, CAST(SUM(n) AS BIGINT) FROM {STATUS_COUNTS_TABLE} GROUP BY status").fetchall())
         except sqlite3.OperationalError:
             # A database migrated by an older version (before the counts table): count by scan.
             found = dict(self.conn.execute(
@@ -253,3 +270,31 @@ class SQLiteQueue:
             f"WHERE ({' OR '.join(clauses)}) AND NOT EXISTS (SELECT 1 FROM kg_processing_queue o "
             f"WHERE o.content_id = q.content_id AND o.id != q.id AND o.{LIVE})", params)
         return cur.rowcount
+
+
+class SQLiteQueue(LeasedQueue):
+    """The queue in an SQLite file (WAL): one writer at a time, the claim served by its partial index."""
+
+
+class PostgresQueue(LeasedQueue):
+    """The queue in PostgreSQL: claimers on many hosts skip each other's locked rows."""
+
+    claim_sql = PG_CLAIM_SQL
+
+    def requeue_expired(self, now: float) -> int:
+        """The lease-expiry backstop, and (as periodic upkeep) the count rows of closed
+        connections folded into one, so a count reads few rows however many have come and gone."""
+        count = super().requeue_expired(now)
+        self.conn.execute(
+            f"""WITH gone AS (DELETE FROM {STATUS_COUNTS_TABLE}
+                               WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity)
+                           RETURNING status, n)
+                INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n)
+                SELECT status, 0, SUM(n) FROM gone GROUP BY status
+                ON CONFLICT (status, slot) DO UPDATE SET n = {STATUS_COUNTS_TABLE}.n + EXCLUDED.n""")
+        return count
+
+
+def queue_for(conn: object) -> LeasedQueue:
+    """The queue over `conn`, of that connection's backend."""
+    return PostgresQueue(conn) if is_postgres(conn) else SQLiteQueue(conn)  # type: ignore[arg-type]

@@ -192,11 +192,15 @@ def init_db(path: str) -> list[str]:
 
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
     """Fail with one line when the database is not one kgsupervisor can work on."""
-    have = {row[1] for row in conn.execute("PRAGMA table_info(kg_processing_queue)")}
+    require_queue_columns({row[1] for row in conn.execute("PRAGMA table_info(kg_processing_queue)")},
+                          repr(path), path)
+
+
+def require_queue_columns(have: set[str], label: str, db_arg: str) -> None:
+    """One line naming what the queue table lacks and the init-db that adds it (either backend)."""
     if not have:
-        raise DatabaseError(f"{path!r} has no kg_processing_queue table (run: kgsupervisor init-db --db {path})")
+        raise DatabaseError(f"{label} has no kg_processing_queue table (run: kgsupervisor init-db --db {db_arg})")
     missing = [c for c in QUEUE_COLUMNS if c not in have]
     if missing:
-        raise DatabaseError(
-            f"{path!r} needs migrating, kg_processing_queue lacks {', '.join(missing)} "
-            f"(run: kgsupervisor init-db --db {path})")
+        raise DatabaseError(f"{label} needs migrating, kg_processing_queue lacks {', '.join(missing)} "
+                            f"(run: kgsupervisor init-db --db {db_arg})")

@@ -1,4 +1,4 @@
-"""Write KG answers back into SQLite: one document, or a group of them, per fenced transaction."""
+"""Write KG answers back into the database: one document, or a group of them, per fenced transaction."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +34,7 @@ DOCUMENT_SQL = """
 def _entity_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
     rows = []
     for e in result.entities:
-        spans = len({a.vector_rowid for a in e.appearances}) > 1
+        spans = int(len({a.vector_rowid for a in e.appearances}) > 1)  # 0/1: PostgreSQL's column is an integer too
         for a in e.appearances:
             rows.append((a.vector_rowid, content_id, e.text, e.normalized, e.type_primary,
                          e.type_sub1, e.type_sub2, e.type_sub3, e.confidence,
@@ -44,7 +44,7 @@ def _entity_rows(content_id: int, result: IngestResult, stamp: str) -> list[tupl
 
 def _relationship_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
     return [(content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
-             len(set(r.chunk_rowids)) > 1, _json_int_list(r.chunk_rowids), stamp)
+             int(len(set(r.chunk_rowids)) > 1), _json_int_list(r.chunk_rowids), stamp)
             for r in result.relationships]
 
 

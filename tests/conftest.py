@@ -1,6 +1,7 @@
 """Shared fixtures: real SQLite files, real HTTP servers on 127.0.0.1, real processes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import init_db
 
 from .faultserver import FaultServer
+from .pgserver import PostgresServer
 
 KGSUPERVISOR = [sys.executable, "-m", "kgsupervisor"]
 
@@ -150,3 +152,58 @@ def pytest_addoption(parser) -> None:
 def soak(request) -> bool:
     """True under --soak: scenarios scale their documents and durations up."""
     return request.config.getoption("--soak")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run; a test database per test."""
+    try:
+        server = PostgresServer().start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"cannot start a PostgreSQL server for the tests: {exc}", pytrace=False)
+    yield server
+    server.stop()
+
+
+@dataclasses.dataclass
+class Backend:
+    """One migrated test database, SQLite file or PostgreSQL database, and how to open it."""
+
+    kind: str
+    target: str  # a path or a postgresql:// URL
+
+    def connect(self):
+        if self.kind == "sqlite":
+            return connect(self.target)
+        from kgsupervisor.pgdb import PGConnection
+        return PGConnection(self.target)
+
+
+def make_backend(kind: str, tmp_path, request) -> Backend:
+    """A fresh migrated database of `kind`: a file in tmp_path, or a database on the test server."""
+    if kind == "sqlite":
+        path = str(tmp_path / "kg.db")
+        init_db(path)
+        return Backend("sqlite", path)
+    from kgsupervisor.pgdb import PGConnection
+    from kgsupervisor.pgschema import migrate_pg
+    server = request.getfixturevalue("pg_server")
+    url = server.create_database(f"t_{os.getpid()}_{time.monotonic_ns()}")
+    conn = PGConnection(url)
+    try:
+        migrate_pg(conn)
+    finally:
+        conn.close()
+    return Backend("postgres", url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, tmp_path) -> Backend:
+    """The queue contract runs once per backend."""
+    return make_backend(request.param, tmp_path, request)
+
+
+@pytest.fixture
+def pg_backend(request, tmp_path) -> Backend:
+    """A PostgreSQL database, for what only that backend has (SKIP LOCKED, striped counts)."""
+    return make_backend("postgres", tmp_path, request)

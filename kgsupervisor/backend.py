@@ -1,0 +1,62 @@
+"""Which backend a --db value names (an SQLite path or a postgresql:// URL), and opening it."""
+from __future__ import annotations
+
+from typing import Any
+
+from .db import connect
+from .errors import ConfigError
+from .pgdb import is_postgres_url, redact
+from .queue import LeasedQueue, queue_for
+from .schema import check_schema, init_db
+
+
+def describe(target: str) -> str:
+    """The database as it may be shown: a URL without its password."""
+    return redact(target) if is_postgres_url(target) else target
+
+
+def open_database(target: str) -> Any:
+    """A connection to the schema-checked database `target`; a one-line error otherwise."""
+    if is_postgres_url(target):
+        from .pgdb import PGConnection
+        from .pgschema import check_schema_pg
+        conn = PGConnection(target)
+        try:
+            check_schema_pg(conn, redact(target))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+    conn = connect(target)
+    try:
+        check_schema(conn, target)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def open_queue(target: str) -> LeasedQueue:
+    """The queue of the database `target` (its connection is `queue.conn`)."""
+    return queue_for(open_database(target))
+
+
+def init_database(target: str) -> list[str]:
+    """Create or migrate the schema at `target`, SQLite or PostgreSQL; idempotent."""
+    if not is_postgres_url(target):
+        return init_db(target)
+    from .pgdb import PGConnection
+    from .pgschema import migrate_pg
+    conn = PGConnection(target)
+    try:
+        return migrate_pg(conn)
+    finally:
+        conn.close()
+
+
+def require_sqlite_for_workers(target: str) -> None:
+    """`run` and `worker` drive an SQLite queue only, so far: say so in one line."""
+    if is_postgres_url(target):
+        raise ConfigError("KG_DB_PATH", redact(target),
+                          "an SQLite file: `run` and `worker` do not drive a PostgreSQL queue yet "
+                          "(init-db, enqueue, queue and retry do)")

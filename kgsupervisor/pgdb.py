@@ -1,0 +1,76 @@
+"""PostgreSQL connections that take the same SQL and calls as the SQLite ones (qmark, explicit BEGIN)."""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .errors import DatabaseError
+
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: str | None) -> bool:
+    """KG_DB_PATH / --db names a PostgreSQL database rather than an SQLite file."""
+    return bool(value) and value.strip().lower().startswith(URL_SCHEMES)
+
+
+def is_postgres(conn: object) -> bool:
+    """Is this connection a PostgreSQL one (the few statements spelled differently ask)?"""
+    return isinstance(conn, PGConnection)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+@functools.lru_cache(maxsize=256)
+def translate(sql: str, with_params: bool = True) -> str:
+    """SQLite spelling -> psycopg's: `?` placeholders become `%s` (and a literal `%` is doubled)
+    when there are parameters; BEGIN IMMEDIATE (SQLite's take-the-write-lock-now) is a plain
+    BEGIN, since PostgreSQL locks rows, not the database."""
+    if with_params:
+        sql = sql.replace("%", "%%").replace("?", "%s")
+    return re.sub(r"^\s*BEGIN\s+IMMEDIATE\b", "BEGIN", sql, flags=re.I)
+
+
+class PGConnection:
+    """psycopg 3 in autocommit mode, used as kgsupervisor uses sqlite3: transactions are explicit."""
+
+    def __init__(self, url: str, *, application_name: str = "kgsupervisor") -> None:
+        import psycopg  # only a PostgreSQL database needs the driver
+        self.url = url
+        try:
+            self.raw = psycopg.connect(url, autocommit=True, application_name=application_name,
+                                       connect_timeout=10)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(url)}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                ) from None
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        params = tuple(params)
+        return self.raw.execute(translate(sql, bool(params)), params or None)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Any:
+        cur = self.raw.cursor()
+        cur.executemany(translate(sql), [tuple(p) for p in seq])
+        return cur
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+    def __repr__(self) -> str:
+        return f"PGConnection({redact(self.url)!r})"
+
+
+def connect_pg(url: str) -> PGConnection:
+    """Open `url` (postgresql://user@host:port/dbname)."""
+    return PGConnection(url)

@@ -1,0 +1,86 @@
+"""The PostgreSQL backend through the command line and the schema, on a throwaway real server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from kgsupervisor.pgdb import PGConnection, redact
+from kgsupervisor.pgschema import migrate_pg
+from kgsupervisor.sampledata import add_documents
+
+from .conftest import status_counts
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def kg(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kgsupervisor", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_init_db_enqueue_queue_retry_on_a_postgresql_url(pg_server):
+    url = pg_server.create_database("cli")
+    first = kg("init-db", "--db", url)
+    assert first.returncode == 0, first.stderr
+    assert "created table kg_processing_queue" in first.stdout and "created kg_queue_status_counts" in first.stdout
+    again = kg("init-db", "--db", url)
+    assert again.returncode == 0 and "schema up to date (0 change(s))" in again.stdout
+    conn = PGConnection(url)
+    try:
+        ids = add_documents(conn, 4, seed=1)
+        out = kg("enqueue", "--db", url, *map(str, ids[:3]), "999")
+        assert out.returncode == 1 and "queued 3 document(s)" in out.stdout and "999" in out.stderr
+        assert kg("enqueue", "--db", url, "--all-unprocessed").stdout.startswith("queued 1 unprocessed")
+        counts = json.loads(kg("queue", "--db", url, "--json").stdout)
+        assert counts["pending"] == 4 and counts["total"] == 4
+        conn.execute("UPDATE kg_processing_queue SET status = 'failed' WHERE content_id = ?", (ids[0],))
+        assert kg("retry", "--db", url, "--failed").stdout.strip() == "1 row(s) back to pending"
+        assert status_counts(conn) == {"pending": 4}
+    finally:
+        conn.close()
+
+
+def test_an_unreachable_or_unmigrated_postgresql_is_one_line_and_the_password_is_never_shown(pg_server):
+    url = f"postgresql://kg:s3cret@127.0.0.1:{pg_server.port + 1}/nowhere"
+    out = kg("queue", "--db", url)
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "cannot connect to PostgreSQL at postgresql://kg:***@127.0.0.1" in out.stderr and "s3cret" not in out.stderr
+    empty = pg_server.create_database("empty")
+    out = kg("queue", "--db", empty)
+    assert out.returncode != 0 and "has no kg_processing_queue table (run: kgsupervisor init-db" in out.stderr
+    assert out.stderr.count("\n") == 1
+
+
+def test_run_and_worker_say_in_one_line_that_they_do_not_drive_postgresql_yet(pg_server):
+    url = pg_server.create_database("norun")
+    for command in ("run", "worker"):
+        out = kg(command, "--db", url, "--service-url", "http://127.0.0.1:9")
+        assert out.returncode != 0 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+        assert "do not drive a PostgreSQL queue yet" in out.stderr
+
+
+def test_two_init_db_at_once_make_one_schema(pg_server):
+    url = pg_server.create_database("race")
+    results: list[list[str]] = []
+
+    def migrate() -> None:
+        conn = PGConnection(url)
+        try:
+            results.append(migrate_pg(conn))
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=migrate) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(len(r) > 0 for r in results) == [False, False, True], "one did it, the others found it done"
+
+
+def test_redact_hides_only_the_password():
+    assert redact("postgresql://kg:pw@db:5432/crawl") == "postgresql://kg:***@db:5432/crawl"
+    assert redact("postgresql://kg@db/crawl") == "postgresql://kg@db/crawl"
