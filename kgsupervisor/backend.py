@@ -4,10 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from .db import connect
-from .errors import ConfigError
 from .pgdb import is_postgres_url, redact
 from .queue import LeasedQueue, queue_for
 from .schema import check_schema, init_db
+
+
+def backend_name(target: str) -> str:
+    """`postgresql` or `sqlite`, as stats and health say it."""
+    return "postgresql" if is_postgres_url(target) else "sqlite"
 
 
 def describe(target: str) -> str:
@@ -52,11 +56,3 @@ def init_database(target: str) -> list[str]:
         return migrate_pg(conn)
     finally:
         conn.close()
-
-
-def require_sqlite_for_workers(target: str) -> None:
-    """`run` and `worker` drive an SQLite queue only, so far: say so in one line."""
-    if is_postgres_url(target):
-        raise ConfigError("KG_DB_PATH", redact(target),
-                          "an SQLite file: `run` and `worker` do not drive a PostgreSQL queue yet "
-                          "(init-db, enqueue, queue and retry do)")

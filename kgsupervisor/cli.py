@@ -14,10 +14,8 @@ import click
 import psutil
 
 from . import backend, config, logs
-from .db import connect
 from .pidfile import Pidfile, running_pid
 from .errors import ConfigError, KGSupervisorError, NotReachable
-from .schema import check_schema
 from .states import EXIT_USAGE
 
 if TYPE_CHECKING:
@@ -57,7 +55,7 @@ def settings_options(f: Callable) -> Callable:
     """The options shared by `worker` and `run`; unset ones fall back to env, file, default."""
     options = [
         click.option("--config", "config_file", metavar="FILE", help="TOML config file."),
-        click.option("--db", "db_path", metavar="PATH", help="SQLite database [KG_DB_PATH]."),
+        click.option("--db", "db_path", metavar="PATH|URL", help="SQLite database or postgresql:// URL [KG_DB_PATH]."),
         click.option("--service-url", help="KG service base URL [KG_SERVICE_URL]."),
         click.option("--service-timeout", type=float, help="Read timeout of one ingest, seconds [KG_SERVICE_TIMEOUT]."),
         click.option("--poll-interval", type=float, help="Seconds an idle worker waits [KG_POLL_INTERVAL]."),
@@ -146,7 +144,7 @@ def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> No
 def worker(once: bool, worker_id: int, **kwargs: Any) -> None:
     """Run one worker in the foreground (for debugging; production uses `run`)."""
     settings, _ = load_settings(kwargs)
-    backend.require_sqlite_for_workers(config.require_db(settings))
+    config.require_db(settings)
     setup_logging(settings)
     from .worker import run_worker
     sys.exit(run_worker(settings, worker_id, once=once))
@@ -188,9 +186,8 @@ def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     if print_config:
         return show_config(settings, sources)
     db_path = config.require_db(settings)
-    backend.require_sqlite_for_workers(db_path)
-    with closing(connect(db_path)) as conn:  # closed: no connection may cross the fork
-        check_schema(conn, db_path)
+    with closing(backend.open_database(db_path)):  # closed: no connection may cross the fork
+        pass
     setup_logging(settings)
     pidfile = Pidfile(settings.pidfile) if settings.pidfile else None
     if pidfile:

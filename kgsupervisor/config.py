@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .pgdb import redact
 
 
 def _positive(v: float) -> str | None:
@@ -77,7 +78,7 @@ def _setting(default: Any, env: str | None, help: str, check: Callable[[Any], st
 class Settings:
     """Every setting of kgsupervisor; the field metadata names its variable and says what it means."""
 
-    db_path: str | None = _setting(None, "KG_DB_PATH", "the SQLite database (required)")
+    db_path: str | None = _setting(None, "KG_DB_PATH", "the SQLite database, or a postgresql:// URL (required)")
     num_workers: int = _setting(2, "KG_NUM_WORKERS", "worker processes", _between(1, 256))
     poll_interval: float = _setting(5.0, "KG_POLL_INTERVAL", "seconds an idle worker waits before polling again", _positive)
     service_enabled: bool = _setting(True, "KG_SERVICE_ENABLED", "false: workers claim nothing")
@@ -122,10 +123,12 @@ class Settings:
         return split_urls(self.service_url)
 
     def masked(self) -> dict[str, Any]:
-        """The settings as a dict with the token hidden, for display."""
+        """The settings as a dict with the token and a database password hidden, for display."""
         values = dataclasses.asdict(self)
         if values["service_token"]:
             values["service_token"] = "********"
+        if values["db_path"]:
+            values["db_path"] = redact(values["db_path"])
         return values
 
 

@@ -79,8 +79,16 @@ def _unwritable_hint(path: str) -> str:
     return ""
 
 
+# PostgreSQL waits for row locks by itself; what is worth running again is a deadlock, a
+# serialisation failure or a lock timeout.
+PG_RETRYABLE = {"40P01", "40001", "55P03"}
+
+
 def is_lock_error(exc: BaseException) -> bool:
-    """True for SQLITE_BUSY / SQLITE_LOCKED, which are worth retrying."""
+    """True for SQLITE_BUSY / SQLITE_LOCKED (or PostgreSQL's deadlock and lock timeout), which
+    are worth retrying."""
+    if getattr(exc, "sqlstate", None) in PG_RETRYABLE:
+        return True
     if not isinstance(exc, sqlite3.OperationalError):
         return False
     text = str(exc).lower()
@@ -123,7 +131,7 @@ class LockRetry:
         while True:
             try:
                 return step()
-            except sqlite3.OperationalError as exc:
+            except Exception as exc:
                 if not is_lock_error(exc):
                     raise
                 if self._clock() >= deadline:

@@ -14,19 +14,31 @@ DB_FAULT_BACKOFF_MAX = 5.0
 DB_FAULT_LOG_EVERY = 30.0
 
 
+# PostgreSQL SQLSTATE classes of a server in trouble rather than a bad statement: connection
+# lost, out of disk or memory, shutting down, system or internal error, a deadlock that outlived
+# its retries; and 25006, a read-only server (a standby after a failover).
+PG_FAULT_CLASSES = {"08", "53", "57", "58", "XX", "40"}
+
+
 def is_database_fault(exc: BaseException) -> bool:
     """A problem of the database as a whole, not of one document: worth waiting out.
 
     OperationalError covers locked, read-only, full, I/O error and cannot-open; a bare
     DatabaseError is a damaged file. IntegrityError, DataError or ProgrammingError would be a
-    bug or a bad document and still surface as one.
+    bug or a bad document and still surface as one. On PostgreSQL: a lost connection (no
+    SQLSTATE) and the classes above.
     """
+    if type(exc).__module__.startswith("psycopg"):
+        state = getattr(exc, "sqlstate", None)
+        return state is None or state[:2] in PG_FAULT_CLASSES or state == "25006"
     return (isinstance(exc, (sqlite3.OperationalError, DatabaseError))
             or type(exc) is sqlite3.DatabaseError)
 
 
 def describe_database_fault(exc: BaseException) -> str:
     """The SQLite error and what an operator should look at."""
+    if type(exc).__module__.startswith("psycopg"):
+        return _describe_postgres_fault(exc)
     name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
     if isinstance(exc, DatabaseBusy):
         hint = "another program holds a write transaction (find it with: fuser DB)"
@@ -43,6 +55,22 @@ def describe_database_fault(exc: BaseException) -> str:
     else:
         hint = "the database cannot be used"
     return f"{name}: {exc} ({hint})"
+
+
+def _describe_postgres_fault(exc: BaseException) -> str:
+    state = getattr(exc, "sqlstate", None) or ""
+    if not state or state[:2] in ("08", "57"):
+        hint = "the PostgreSQL server is unreachable, restarting or shutting down"
+    elif state == "53100":
+        hint = "the PostgreSQL server's disk is full"
+    elif state[:2] == "53":
+        hint = "the PostgreSQL server is out of resources (memory, connections)"
+    elif state == "25006":
+        hint = "the PostgreSQL server is read-only (a standby?)"
+    else:
+        hint = "the PostgreSQL server cannot be used"
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}{f' ({state})' if state else ''}: {text} ({hint})"
 
 
 class DatabasePause:

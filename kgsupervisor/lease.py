@@ -7,8 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from .db import connect
-from .queue import SQLiteQueue
+from .backend import open_database
+from .queue import LeasedQueue, queue_for
 
 log = logging.getLogger("kgsupervisor.lease")
 
@@ -50,8 +50,8 @@ class LeaseKeeper(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        conn = connect(self.db_path)
-        queue = SQLiteQueue(conn)
+        conn = open_database(self.db_path)
+        queue = queue_for(conn)
         last_renew = time.monotonic()
         try:
             while not self._stop.wait(min(BEAT_INTERVAL, self.renew_every)):
@@ -64,7 +64,7 @@ class LeaseKeeper(threading.Thread):
         finally:
             conn.close()
 
-    def renew_all(self, queue: SQLiteQueue) -> None:
+    def renew_all(self, queue: LeasedQueue) -> None:
         with self._lock:
             tokens = list(self._tokens)
         for token in tokens:
@@ -74,7 +74,7 @@ class LeaseKeeper(threading.Thread):
             except Exception as exc:  # a locked database now is retried next interval
                 log.warning("could not renew lease (%s); retrying in %.1fs", exc, self.renew_every)
 
-    def leave_as_orphan(self, queue: SQLiteQueue) -> None:
+    def leave_as_orphan(self, queue: LeasedQueue) -> None:
         """The supervisor is gone: give every claim back and exit now, not after a long request.
 
         The release waits for the main thread's write-back, if one is under way, to commit:

@@ -40,29 +40,51 @@ class PGConnection:
     """psycopg 3 in autocommit mode, used as kgsupervisor uses sqlite3: transactions are explicit."""
 
     def __init__(self, url: str, *, application_name: str = "kgsupervisor") -> None:
-        import psycopg  # only a PostgreSQL database needs the driver
         self.url = url
+        self.application_name = application_name
+        self.channels: list[str] = []  # LISTENed to; listened to again after a reconnect
+        self.raw = self._connect()
+
+    def _connect(self) -> Any:
+        import psycopg  # only a PostgreSQL database needs the driver
         try:
-            self.raw = psycopg.connect(url, autocommit=True, application_name=application_name,
-                                       connect_timeout=10)
+            raw = psycopg.connect(self.url, autocommit=True, application_name=self.application_name,
+                                  connect_timeout=10)
         except psycopg.Error as exc:
-            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(url)}: "
-                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                                ) from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(self.url)}: {first}") from None
+        for channel in self.channels:
+            raw.execute(f"LISTEN {channel}")
+        return raw
+
+    def _live(self) -> Any:
+        """The connection, opened again if the server dropped it (a restart, a failover): the
+        statement that saw it drop has already failed, so nothing half-done is lost."""
+        if self.raw.closed:
+            self.raw = self._connect()
+        return self.raw
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         params = tuple(params)
-        return self.raw.execute(translate(sql, bool(params)), params or None)
+        return self._live().execute(translate(sql, bool(params)), params or None)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Any:
-        cur = self.raw.cursor()
+        cur = self._live().cursor()
         cur.executemany(translate(sql), [tuple(p) for p in seq])
         return cur
+
+    def listen(self, channel: str) -> None:
+        self._live().execute(f"LISTEN {channel}")
+        self.channels.append(channel)
+
+    def notified(self) -> bool:
+        """Did a NOTIFY arrive on a LISTENed channel since the last look? Never blocks."""
+        return sum(1 for _ in self._live().notifies(timeout=0)) > 0  # drain them all
 
     @property
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
-        return self.raw.info.transaction_status != TransactionStatus.IDLE
+        return not self.raw.closed and self.raw.info.transaction_status != TransactionStatus.IDLE
 
     def close(self) -> None:
         self.raw.close()

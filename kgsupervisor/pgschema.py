@@ -7,6 +7,7 @@ supervisor's lease times stay unix seconds.
 """
 from __future__ import annotations
 
+from .commitwatch import QUEUE_CHANNEL
 from .pgdb import PGConnection
 from .schema import (QUEUE_COLUMNS, STATUS_COUNTS_TABLE, SUPERVISOR_INDEXES, UPSTREAM_INDEXES,
                      require_queue_columns)
@@ -75,11 +76,28 @@ STATUS_COUNT_TRIGGERS = {
                         "FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION kgq_count_status()",
 }
 
+# A row that becomes claimable (enqueued, released, retried) wakes idle workers on every host at
+# once; pg_notify folds the NOTIFYs of one transaction into one.
+NOTIFY_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION kgq_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{QUEUE_CHANNEL}', '');
+    RETURN NULL;
+END $$"""
+NOTIFY_TRIGGERS = {
+    "kgq_notify_insert": "CREATE TRIGGER kgq_notify_insert AFTER INSERT ON kg_processing_queue "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION kgq_notify()",
+    "kgq_notify_pending": "CREATE TRIGGER kgq_notify_pending AFTER UPDATE OF status ON kg_processing_queue "
+                          "FOR EACH ROW WHEN (NEW.status = 'pending' AND OLD.status IS DISTINCT FROM 'pending') "
+                          "EXECUTE FUNCTION kgq_notify()",
+}
+
 # Serialises two `init-db` runs against one database (two hosts starting at once).
 MIGRATION_LOCK = 0x6B67_7375  # "kgsu"
 
 
-def _columns(conn: PGConnection, table: str) -> set[str]:
+def table_columns(conn: PGConnection, table: str) -> set[str]:
+    """The column names of `table` in the current schema (empty: no such table)."""
     return {r[0] for r in conn.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
         "AND table_name = ?", (table,))}
@@ -110,7 +128,7 @@ def migrate_pg(conn: PGConnection) -> list[str]:
     try:
         conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
         for table, ddl in TABLES.items():
-            if not _columns(conn, table):
+            if not table_columns(conn, table):
                 conn.execute(ddl)
                 changes.append(f"created table {table}")
         for table, columns in UPSTREAM_INDEXES:
@@ -118,7 +136,7 @@ def migrate_pg(conn: PGConnection) -> list[str]:
                 conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_{'_'.join(columns)} "
                              f"ON {table} ({', '.join(columns)})")
                 changes.append(f"created index on {table}({', '.join(columns)})")
-        have = _columns(conn, "kg_processing_queue")
+        have = table_columns(conn, "kg_processing_queue")
         for name, col_type in QUEUE_COLUMNS.items():
             if name not in have:
                 conn.execute(f"ALTER TABLE kg_processing_queue ADD COLUMN {name} {PG_TYPES[col_type]}")
@@ -131,6 +149,8 @@ def migrate_pg(conn: PGConnection) -> list[str]:
                 changes.append(f"created index {name}")
         if _install_status_counts(conn):
             changes.append(f"created {STATUS_COUNTS_TABLE} and its triggers")
+        if _install_notify(conn):
+            changes.append(f"created the NOTIFY {QUEUE_CHANNEL} triggers")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -141,9 +161,7 @@ def migrate_pg(conn: PGConnection) -> list[str]:
 def _install_status_counts(conn: PGConnection) -> bool:
     """The counts table and its triggers when any is missing, seeded from one scan under a lock
     that keeps every writer out until the triggers exist."""
-    have = _names(conn, "SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                        "WHERE c.relname = 'kg_processing_queue' AND NOT t.tgisinternal")
-    if set(STATUS_COUNT_TRIGGERS) <= have:
+    if set(STATUS_COUNT_TRIGGERS) <= _queue_triggers(conn):
         return False
     conn.execute("LOCK TABLE kg_processing_queue IN SHARE ROW EXCLUSIVE MODE")
     for name in STATUS_COUNT_TRIGGERS:
@@ -159,6 +177,21 @@ def _install_status_counts(conn: PGConnection) -> bool:
     return True
 
 
+def _queue_triggers(conn: PGConnection) -> set[str]:
+    return _names(conn, "SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "WHERE c.relname = 'kg_processing_queue' AND NOT t.tgisinternal")
+
+
+def _install_notify(conn: PGConnection) -> bool:
+    missing = set(NOTIFY_TRIGGERS) - _queue_triggers(conn)
+    if not missing:
+        return False
+    conn.execute(NOTIFY_FUNCTION)
+    for name in sorted(missing):
+        conn.execute(NOTIFY_TRIGGERS[name])
+    return True
+
+
 def check_schema_pg(conn: PGConnection, label: str) -> None:
     """Fail with one line when the database is not one kgsupervisor can work on."""
-    require_queue_columns(_columns(conn, "kg_processing_queue"), label, "URL")
+    require_queue_columns(table_columns(conn, "kg_processing_queue"), label, "URL")

@@ -6,9 +6,9 @@ import time
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
-from .db import connect
+from .backend import backend_name, describe, open_database
 from .heartbeat import latency_histogram
-from .queue import SQLiteQueue
+from .queue import queue_for
 from .render import RateMeter, progress_line
 from .states import SupervisorState
 from .stats import aggregate, iso_now, worker_health
@@ -51,7 +51,13 @@ class Reporter:
         now = time.time()
         details = [slot.describe(now, published.get(slot.worker_id)) for _, slot in sorted(sup.slots.items())
                    if slot.worker_id < sup.num_workers or slot.current or slot.retiring]
-        return worker_health(details, sup.state is SupervisorState.RUNNING)
+        return {**worker_health(details, sup.state is SupervisorState.RUNNING), **self.whereabouts()}
+
+    def whereabouts(self) -> dict[str, Any]:
+        """Which host this supervisor runs on and which database it drains: with several hosts
+        on one PostgreSQL queue, the workers are this host's and the queue counts everyone's."""
+        return {"host": self.sup.host, "database": {"backend": backend_name(self.sup.db_path),
+                                                    "name": describe(self.sup.db_path)}}
 
     def refresh_queue_size(self) -> None:
         now = time.monotonic()
@@ -59,8 +65,8 @@ class Reporter:
             return
         self._queue_counted = now
         try:
-            with closing(connect(self.sup.db_path)) as conn:
-                self.queue_size = SQLiteQueue(conn).counts()
+            with closing(open_database(self.sup.db_path)) as conn:
+                self.queue_size = queue_for(conn).counts()
         except Exception as exc:
             log.warning("could not count the queue: %s", exc)
 
@@ -91,6 +97,7 @@ class Reporter:
                           manager_started_at=sup.started_at, workers_restarted=sup.workers_restarted,
                           last_health_check=self.last_health_check, url=sup.settings.service_url,
                           enabled=sup.settings.service_enabled, queue_size=self.queue_size)
+        stats.update(self.whereabouts())
         self.latest = {"stats": stats, "health": health, "extra": self.extra(health["worker_details"])}
         sup.stats.publish_supervisor(self.latest)
         self.notify_systemd(health, stats)

@@ -119,15 +119,15 @@ def worker_health(details: list[dict[str, Any]], manager_running: bool) -> dict[
 
 def kg_service_status(details: list[dict[str, Any]], url: str, enabled: bool) -> dict[str, Any]:
     """The freshest health verdict any worker has about the KG service."""
-    reports = [d["stats"].get("kg_service") or {} for d in details]
-    reports = [r for r in reports if r.get("last_health_check")]
+    every = [d["stats"].get("kg_service") or {} for d in details]
+    reports = [r for r in every if r.get("last_health_check")]
     latest = max(reports, key=lambda r: r["last_health_check"], default={})
     return {
         "enabled": enabled, "url": url,
         "is_healthy": latest.get("is_healthy") if enabled else False,
         "last_health_check": latest.get("last_health_check"),
         "consecutive_failures": max((r.get("consecutive_failures") or 0 for r in reports), default=0),
-        "endpoints": endpoint_status(reports, enabled),
+        "endpoints": endpoint_status(every, enabled),  # also those no worker has asked yet
     }
 
 

@@ -18,14 +18,14 @@ from typing import Any
 import psutil
 
 from . import logs, statusd
+from .backend import describe, open_database
 from .config import Settings, require_db
-from .db import connect
 from .errors import ConfigError, DatabaseError, KGSupervisorError
 from .heartbeat import SharedCounters
 from .manager import StatsManager
 from .procname import set_process_name
-from .queue import SQLiteQueue
-from .schema import check_schema
+from .pgdb import is_postgres_url
+from .queue import queue_for
 from .slots import WorkerProcess, WorkerSlot, describe_exit
 from .states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState
 from .reporting import Reporter
@@ -126,7 +126,7 @@ class Supervisor:
             self.manage_workers()
             self.change_state(SupervisorState.RUNNING)
             log.info("supervisor started: pid %d, %d worker(s), db=%s, service=%s", self.pid,
-                     self.num_workers, self.db_path, self.settings.service_url)
+                     self.num_workers, describe(self.db_path), self.settings.service_url)
             while self.state is not SupervisorState.STOPPED:
                 self.loop_once(self.wait_for_events(TICK))
         finally:
@@ -135,12 +135,16 @@ class Supervisor:
 
     def check_database(self) -> None:
         """The schema is there and the database takes a write lock (it is not read-only)."""
+        if is_postgres_url(self.db_path):
+            with closing(open_database(self.db_path)) as conn:
+                if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                    raise DatabaseError(f"{describe(self.db_path)} is a read-only standby: workers could not write back")
+            return
         # SQLite opens a file it cannot write read-only without a word, and a read-only
         # connection even accepts BEGIN IMMEDIATE: ask the file system first.
         if not os.access(self.db_path, os.W_OK):
             raise DatabaseError(f"database {self.db_path!r} is read-only: workers could not write back")
-        with closing(connect(self.db_path)) as conn:
-            check_schema(conn, self.db_path)
+        with closing(open_database(self.db_path)) as conn:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 conn.execute("ROLLBACK")
@@ -173,8 +177,8 @@ class Supervisor:
 
     def release_orphaned_claims(self) -> None:
         """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
-        with closing(connect(self.db_path)) as conn:
-            q = SQLiteQueue(conn)
+        with closing(open_database(self.db_path)) as conn:
+            q = queue_for(conn)
             for owner in q.owners_with_claims(f"{self.host}:"):
                 pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
                 if pid and not _pid_alive(pid):
@@ -389,8 +393,8 @@ class Supervisor:
     def release_claims_of(self, worker: WorkerProcess, crashed: bool, cause: str = "") -> None:
         """Give a gone worker's claims back: the row in flight charged a crash only if it crashed."""
         try:
-            with closing(connect(self.db_path)) as conn:
-                q = SQLiteQueue(conn)
+            with closing(open_database(self.db_path)) as conn:
+                q = queue_for(conn)
                 if crashed:
                     result = q.release_crashed(worker.owner, cause, self.settings.poison_after, time.time())
                     for cid in result.poisoned:
@@ -475,10 +479,10 @@ class Supervisor:
         if not self.exit_when_empty:
             return
         try:
-            with closing(connect(self.db_path)) as conn:
-                if SQLiteQueue(conn).has_live_work():
+            with closing(open_database(self.db_path)) as conn:
+                if queue_for(conn).has_live_work():
                     return
-        except (sqlite3.Error, DatabaseError) as exc:  # busy or gone for now: ask again next turn
+        except Exception as exc:  # busy or gone for now: ask again next turn
             log.warning("could not check whether the queue is empty: %s", exc)
             return
         self.begin_drain("queue is empty")

@@ -6,7 +6,6 @@ import os
 import queue
 import signal
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import MutableMapping
@@ -15,24 +14,23 @@ from typing import Any
 from . import logs
 from .answer import IngestResult
 from .config import Settings, require_db
-from .db import LockRetry, connect
+from .backend import describe, open_database
+from .commitwatch import commit_watch
+from .db import LockRetry
 from .dbfault import DatabasePause, describe_database_fault, is_database_fault
 from .documents import build_payload
 from .heartbeat import SharedCounters
 from .errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
 from .endpoints import Endpoint, EndpointPool
 from .lease import LeaseKeeper
-from .queue import Claim, SQLiteQueue
-from .schema import check_schema
+from .queue import Claim, queue_for
 from .states import JobStatus, WorkerState
 from .stats import StatsPublisher, WorkerStats
 from .writeback import Answered, write_back_group
 
 log = logging.getLogger("kgsupervisor.worker")
 
-# An idle worker looks at PRAGMA data_version this often: a commit by anyone else (an enqueue)
-# wakes it at once instead of after poll_interval, for a few microseconds per look.
-WATCH_INTERVAL = 0.15
+# Expired leases (a host that vanished) are looked for this often, or every half lease if shorter.
 REQUEUE_EXPIRED_EVERY = 30.0
 # Answers of one claimed batch are written in one transaction (a third less write cost a
 # document). An answer waits for its batch's later documents only while they come fast: one
@@ -77,7 +75,6 @@ class KGWorker:
         # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
         self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
-        self._data_version: int | None = None
         self.db_pause = DatabasePause(self.log)
         self._db_claims_held = False  # claims left behind by a failed step, to give back
 
@@ -87,9 +84,10 @@ class KGWorker:
         """Open this process's own connection, HTTP session and lease keeper."""
         self.stats.pid = os.getpid()
         self.owner = owner_name()
-        self.conn = connect(self.db_path)
-        check_schema(self.conn, self.db_path)
-        self.queue = SQLiteQueue(self.conn)
+        self.conn = open_database(self.db_path)
+        self.queue = queue_for(self.conn)
+        # A commit by anyone else (an enqueue) wakes an idle worker at once, not after poll_interval.
+        self.commits = commit_watch(self.conn)
         self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
         s = self.settings
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
@@ -131,7 +129,7 @@ class KGWorker:
 
     def run(self, once: bool = False) -> int:
         """Loop until stopped (or, with `once`, for one claimed batch); returns the exit status."""
-        self.log.info("worker started: db=%s service=%s batch=%d", self.db_path,
+        self.log.info("worker started: db=%s service=%s batch=%d", describe(self.db_path),
                       self.settings.service_url, self.settings.batch_size)
         crashed = False
         try:
@@ -204,7 +202,7 @@ class KGWorker:
         if self.conn.in_transaction:
             try:
                 self.conn.execute("ROLLBACK")
-            except sqlite3.Error:
+            except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
                 pass
         self._db_claims_held = True
         self.log.extra["content_id"] = None
@@ -255,7 +253,7 @@ class KGWorker:
                               endpoint.breaker.seconds_to_probe(mono))
 
     def requeue_expired(self, now: float) -> None:
-        if now - self._last_requeue < REQUEUE_EXPIRED_EVERY:
+        if now - self._last_requeue < min(REQUEUE_EXPIRED_EVERY, self.settings.lease_seconds / 2):
             return
         self._last_requeue = now
         count = self.lock_retry(lambda: self.queue.requeue_expired(now))
@@ -441,9 +439,9 @@ class KGWorker:
         watch = self.stats.state in (WorkerState.IDLE.value, WorkerState.BUSY.value)
         while self.alive:
             left = deadline - time.monotonic()
-            if left <= 0 or self._woken(min(left, WATCH_INTERVAL if watch else left)):
+            if left <= 0 or self._woken(min(left, self.commits.interval if watch else left)):
                 return
-            if watch and self.database_changed():
+            if watch and self.commits.changed():
                 return
 
     def _woken(self, timeout: float) -> bool:
@@ -452,15 +450,6 @@ class KGWorker:
         except queue.Empty:
             return False
         return True
-
-    def database_changed(self) -> bool:
-        try:
-            version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        except Exception:
-            return False
-        changed = self._data_version is not None and version != self._data_version
-        self._data_version = version
-        return changed
 
     def set_state(self, state: WorkerState) -> None:
         if self.stats.state != state.value:

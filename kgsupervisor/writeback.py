@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from .answer import IngestResult
 from .db import transaction
 from .errors import LeaseLost
+from .pgdb import is_postgres
 from .queue import Claim, db_timestamp
 
 COMPLETE_SQL = """
@@ -46,6 +47,13 @@ def _relationship_rows(content_id: int, result: IngestResult, stamp: str) -> lis
     return [(content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
              int(len(set(r.chunk_rowids)) > 1), _json_int_list(r.chunk_rowids), stamp)
             for r in result.relationships]
+
+
+def _without_nul(rows: list[tuple]) -> list[tuple]:
+    """PostgreSQL text cannot hold NUL: an answer with one gets U+FFFD there, as undecodable
+    bytes do on the way in, instead of failing its whole batch."""
+    return [tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in row)
+            for row in rows]
 
 
 def _json_int_list(values: tuple[int, ...]) -> str:
@@ -110,8 +118,12 @@ def _write_one(conn: sqlite3.Connection, claim: Claim, result: IngestResult, sta
     # Replace, never append: a retried document must not leave a second set of rows.
     conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
     conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))
-    conn.executemany(ENTITY_SQL, _entity_rows(claim.content_id, result, stamp))
-    conn.executemany(RELATIONSHIP_SQL, _relationship_rows(claim.content_id, result, stamp))
+    entities = _entity_rows(claim.content_id, result, stamp)
+    relationships = _relationship_rows(claim.content_id, result, stamp)
+    if is_postgres(conn):
+        entities, relationships = _without_nul(entities), _without_nul(relationships)
+    conn.executemany(ENTITY_SQL, entities)
+    conn.executemany(RELATIONSHIP_SQL, relationships)
     conn.execute(DOCUMENT_SQL, (len(result.entities), len(result.relationships),
                                 result.neo4j_document_id, stamp, claim.content_id))
     conn.execute("UPDATE content_chunks SET kg_processed = 1 WHERE content_id = ?",

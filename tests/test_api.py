@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -84,7 +85,8 @@ def test_the_api_from_a_plain_script(conn, db_path, kg_service):
     seed(conn, 10)
     out = run_host(PLAIN, db_path, kg_service)
     health, stats = out["health"], out["stats"]
-    assert set(health) == HEALTH_KEYS and health["healthy_workers"] == 2
+    assert set(health) == HEALTH_KEYS | {"host", "database"} and health["healthy_workers"] == 2
+    assert health["database"] == {"backend": "sqlite", "name": db_path} and health["host"] == socket.gethostname()
     detail = health["worker_details"][0]
     assert {"worker_id", "pid", "running", "stats"} <= set(detail)
     assert {"total_processed", "total_success", "total_failed", "last_processed_at"} <= set(detail["stats"])

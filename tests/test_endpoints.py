@@ -8,7 +8,7 @@ import pytest
 from kgsupervisor.breaker import CircuitBreaker
 from kgsupervisor.endpoints import Endpoint, EndpointPool
 from kgsupervisor.kgclient import KGClient
-from kgsupervisor.stats import endpoint_status
+from kgsupervisor.stats import endpoint_status, kg_service_status
 
 from .conftest import drive, make_settings, seed, status_counts
 
@@ -97,3 +97,14 @@ def test_every_endpoint_down_releases_uncharged_and_pauses_until_one_is_back(con
     drive(w, lambda: status_counts(conn) == {"completed": 4})
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
     assert w.endpoints.endpoints[0].breaker.is_open, "a is still down and still probed, not sent to"
+
+
+def test_endpoints_nobody_has_asked_yet_are_listed_as_unknown():
+    # Right after a start or a reload no worker has sent anything: the endpoints are still shown.
+    fresh = {"url": "http://b", "enabled": True, "is_healthy": None, "last_health_check": None,
+             "consecutive_failures": 0,
+             "endpoints": [{"url": "http://b", "is_healthy": None, "last_health_check": None,
+                            "consecutive_failures": 0, "requests": 0, "failures": 0, "latency_seconds_total": 0.0}]}
+    status = kg_service_status([{"stats": {"kg_service": fresh}}], "http://b", True)
+    [b] = status["endpoints"]
+    assert b["url"] == "http://b" and b["is_healthy"] is None and b["requests"] == 0 and b["latency_ms_mean"] is None

@@ -54,12 +54,22 @@ def test_an_unreachable_or_unmigrated_postgresql_is_one_line_and_the_password_is
     assert out.stderr.count("\n") == 1
 
 
-def test_run_and_worker_say_in_one_line_that_they_do_not_drive_postgresql_yet(pg_server):
-    url = pg_server.create_database("norun")
-    for command in ("run", "worker"):
-        out = kg(command, "--db", url, "--service-url", "http://127.0.0.1:9")
-        assert out.returncode != 0 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-        assert "do not drive a PostgreSQL queue yet" in out.stderr
+def test_worker_once_on_a_postgresql_url_and_the_password_masked_in_print_config(pg_server, kg_service):
+    url = pg_server.create_database("worker")
+    assert kg("init-db", "--db", url).returncode == 0
+    conn = PGConnection(url)
+    try:
+        ids = add_documents(conn, 3, seed=2)
+        assert kg("enqueue", "--db", url, *map(str, ids)).returncode == 0
+        out = kg("worker", "--db", url, "--service-url", kg_service, "--once")
+        assert out.returncode == 0, out.stderr
+        assert status_counts(conn) == {"completed": 3}
+        assert conn.execute("SELECT MIN(kg_entity_count) FROM crawled_content").fetchone()[0] > 0
+    finally:
+        conn.close()
+    secret = url.replace("postgres@", "postgres:hunter2@")
+    out = kg("run", "--db", secret, "--print-config")
+    assert out.returncode == 0 and "postgres:***@" in out.stdout and "hunter2" not in out.stdout
 
 
 def test_two_init_db_at_once_make_one_schema(pg_server):

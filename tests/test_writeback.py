@@ -142,3 +142,18 @@ def test_sqlite_text_that_is_not_utf8_is_sent_with_replacement_characters(db_pat
         assert build_payload(conn, cid)[0]["markdown"] == "A\ufffdB"
     finally:
         conn.close()
+
+
+def test_an_answer_with_nul_in_its_strings_is_written_on_either_backend(conn):
+    (cid,) = seed(conn, 1)
+    (claim,) = queue_for(conn).claim("me", "t", 1, 60, time.time())
+    payload, _ = build_payload(conn, cid)
+    answer = extract(payload)
+    answer["entities"][0]["text"] = "Ada\x00Lovelace"
+    answer["relationships"][0]["context"] = "said\x00so"
+    result = parse_answer(json.dumps(answer), content_id=cid,
+                          chunk_rowids={c["vector_rowid"] for c in payload["chunks"]})
+    write_back(conn, claim, result, time.time())
+    assert conn.execute("SELECT status FROM kg_processing_queue").fetchone()[0] == "completed"
+    texts = {r[0] for r in conn.execute("SELECT entity_text FROM chunk_entities WHERE content_id = ?", (cid,))}
+    assert texts & {"Ada\x00Lovelace", "Ada\ufffdLovelace"}, "kept as sent (SQLite) or with U+FFFD (PostgreSQL)"

@@ -14,6 +14,7 @@ from typing import Any
 import requests
 
 from kgsupervisor.db import connect
+from kgsupervisor.pgdb import PGConnection, is_postgres_url
 from kgsupervisor.devservice import extract
 from kgsupervisor.documents import build_payload
 
@@ -145,7 +146,7 @@ def check_invariants(db_path: str, ids: list[int], outcome: Outcome, *, queue_ro
     poison = poison or {}
     if not outcome.wall_seconds and TEST_CLOCK["started"]:
         outcome.wall_seconds = round(time.monotonic() - TEST_CLOCK["started"], 1)
-    conn = connect(db_path)
+    conn = open_any(db_path)
     try:
         rows = conn.execute("SELECT content_id, status, error_message FROM kg_processing_queue").fetchall()
         by_doc = {cid: (status, error) for cid, status, error in rows}
@@ -183,9 +184,14 @@ def record(outcome: Outcome) -> None:
             f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
 
 
+def open_any(target: str) -> Any:
+    """A connection to the scenario's database, an SQLite file or a PostgreSQL URL."""
+    return PGConnection(target) if is_postgres_url(target) else connect(target)
+
+
 def queue_done(db_path: str, total: int) -> bool:
     """Every row has reached an end state (completed or failed)."""
-    conn = sqlite3.connect(db_path, timeout=30)
+    conn = PGConnection(db_path) if is_postgres_url(db_path) else sqlite3.connect(db_path, timeout=30)
     try:
         n = conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status IN ('completed', 'failed')").fetchone()[0]
     finally:
