@@ -137,6 +137,40 @@ def retry(db_path: str, failed: bool, skipped: bool, ids: tuple[int, ...]) -> No
     click.echo(f"{n} row(s) back to pending")
 
 
+@main.command("copy-db")
+@click.option("--from", "source", metavar="PATH", required=True, help="The SQLite database to copy.")
+@click.option("--to", "target", metavar="URL", required=True, help="The postgresql:// database to copy into.")
+@click.option("--batch-rows", type=click.IntRange(1), default=5000, show_default=True,
+              help="Rows per transaction; an interrupted copy resumes after the last one committed.")
+def copy_db(source: str, target: str, batch_rows: int) -> None:
+    """Copy an SQLite database (documents, chunks, KG rows, queue) into PostgreSQL.
+
+    \b
+    Stop every supervisor on the SQLite database first. Run it again after an interruption:
+    it resumes where it stopped. It ends by comparing every table's row count.
+    Example: kgsupervisor copy-db --from /var/lib/crawl/crawl.db --to postgresql://kg@db/crawl
+    """
+    if not backend.is_postgres_url(target):
+        raise ConfigError("--to", target, "a postgresql:// URL")
+    from rich.progress import Progress
+
+    from .copydb import copy_database
+    with Progress(transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty()) as bar:
+        tasks: dict[str, Any] = {}
+
+        def show(table: str, done: int, total: int) -> None:
+            if table not in tasks:
+                tasks[table] = bar.add_task(table, total=total)
+            bar.update(tasks[table], completed=done)
+
+        done, released = copy_database(source, target, batch_rows=batch_rows, progress=show)
+    for t in done:
+        click.echo(f"{t.table:<20} {t.source_rows:>9} row(s): {t.copied} copied, {t.already_there} already there")
+    if released:
+        click.echo(f"{released} claim(s) that were processing in the SQLite database are pending in PostgreSQL")
+    click.echo(f"verified: every table has as many rows in {backend.describe(target)} as in {source}")
+
+
 @main.command()
 @settings_options
 @click.option("--once", is_flag=True, help="Claim and process one batch, then exit.")

@@ -94,3 +94,52 @@ def test_two_init_db_at_once_make_one_schema(pg_server):
 def test_redact_hides_only_the_password():
     assert redact("postgresql://kg:pw@db:5432/crawl") == "postgresql://kg:***@db:5432/crawl"
     assert redact("postgresql://kg@db/crawl") == "postgresql://kg@db/crawl"
+
+
+def sqlite_database_with_history(tmp_path) -> tuple[str, list[int]]:
+    """An SQLite database as a running pipeline leaves it: done, failed, pending and claimed
+    rows, KG rows written back, and text that is not valid UTF-8."""
+    from kgsupervisor.db import connect
+    from kgsupervisor.schema import init_db
+    path = str(tmp_path / "crawl.db")
+    init_db(path)
+    conn = connect(path)
+    try:
+        ids = add_documents(conn, 40, seed=3)
+        conn.executemany("INSERT INTO kg_processing_queue (content_id, status) VALUES (?, ?)",
+                         [(cid, ("completed", "failed", "pending", "processing")[i % 4]) for i, cid in enumerate(ids)])
+        conn.execute("INSERT INTO chunk_entities (chunk_rowid, content_id, entity_text) VALUES (1, ?, 'Ada')", (ids[0],))
+        conn.execute("UPDATE crawled_content SET markdown = CAST(X'41FF42' AS TEXT) WHERE id = ?", (ids[1],))
+    finally:
+        conn.close()
+    return path, ids
+
+
+def test_copy_db_moves_everything_verifies_counts_and_resumes_after_an_interruption(pg_server, tmp_path):
+    from kgsupervisor.copydb import copy_database
+    source, ids = sqlite_database_with_history(tmp_path)
+    url = pg_server.create_database("copy")
+
+    def crash_after_first_batch(table: str, done: int, total: int) -> None:
+        if table == "content_chunks":
+            raise KeyboardInterrupt  # as Ctrl-C or a kill would, half-way through a table
+
+    with pytest.raises(KeyboardInterrupt):
+        copy_database(source, url, batch_rows=25, progress=crash_after_first_batch)
+    out = kg("copy-db", "--from", source, "--to", url, "--batch-rows", "25")
+    assert out.returncode == 0, out.stderr
+    assert "crawled_content" in out.stdout and "40 already there" in out.stdout, out.stdout
+    assert "10 claim(s) that were processing" in out.stdout and "verified" in out.stdout
+    conn = PGConnection(url)
+    try:
+        assert status_counts(conn) == {"completed": 10, "failed": 10, "pending": 20}
+        assert conn.execute("SELECT COUNT(*) FROM content_chunks").fetchone()[0] == 120
+        assert conn.execute("SELECT markdown FROM crawled_content WHERE id = ?", (ids[1],)).fetchone()[0] == "A\ufffdB"
+        new = add_documents(conn, 1, seed=9)  # keys go on after the copied ones
+        assert new == [max(ids) + 1]
+        conn.execute("INSERT INTO kg_processing_queue (content_id) VALUES (?)", (new[0],))
+    finally:
+        conn.close()
+    again = kg("copy-db", "--from", source, "--to", url)
+    assert again.returncode != 0 and "copy not verified: crawled_content has 40 row(s)" in again.stderr
+    assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
