@@ -47,11 +47,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def commit() -> str:
+    """The commit the suite ran at, so a table can be matched to the code it describes."""
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
 def section(title: str, rows: list[dict], status: int, took: float) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     verdict = "all scenarios passed" if status == 0 else f"pytest exit status {status}: see the failures above the table"
     return (f"<!-- {title} -->\n## {title}\n\n{when}, {platform.node()} ({os.cpu_count()} cores, Python "
-            f"{platform.python_version()}), {len(rows)} scenarios in {took:.0f} s: {verdict}.\n\n{table(rows)}\n"
+            f"{platform.python_version()}), commit {commit()}, {len(rows)} scenarios in {took:.0f} s: "
+            f"{verdict}.\n\n{table(rows)}\n"
             f"<!-- end {title} -->\n")
 
 
