@@ -1,6 +1,7 @@
 """The claim/release state machine of the leased queue, explored by hypothesis against a model.
 
-Real SQLite file, one connection (and SQLiteQueue) per simulated worker, 20 rows. Rules claim,
+Real SQLite file (and the same machine on a real PostgreSQL server, below), one connection (and
+queue) per simulated worker, 20 rows. Rules claim,
 mark in flight, renew, complete (the fenced write-back), fail, retry later, release, release a
 dead owner's claims (with or without charging a crash), let leases expire and requeue them, and
 put failed rows back. Workers keep stale Claim objects on purpose: every later write through
@@ -17,16 +18,20 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import closing
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 from kgsupervisor.answer import parse_answer
 from kgsupervisor.db import connect
 from kgsupervisor.errors import LeaseLost
-from kgsupervisor.queue import Claim, SQLiteQueue
+from kgsupervisor.pgdb import PGConnection
+from kgsupervisor.pgschema import migrate_pg
+from kgsupervisor.queue import Claim, SQLiteQueue, queue_for
 from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import init_db
 from kgsupervisor.states import JobStatus
@@ -67,6 +72,10 @@ class QueueMachine(RuleBasedStateMachine):
         shutil.copyfile(template_db(), self.path)
         self.conns = [connect(self.path) for _ in range(WORKERS)]
         self.queues = [SQLiteQueue(c) for c in self.conns]
+        self.start_model()
+
+    def start_model(self) -> None:
+        """The model of the freshly opened database: every row pending, nothing held."""
         self.owners = [f"testhost:{1000 + w}" for w in range(WORKERS)]
         self.held: list[list[Claim]] = [[] for _ in range(WORKERS)]  # every claim ever handed out, stale ones too
         self.handed: list[tuple[int, Claim]] = []  # the same, as (worker, claim)
@@ -315,3 +324,58 @@ class QueueMachine(RuleBasedStateMachine):
 QueueMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_queue_state_machine = QueueMachine.TestCase
+
+
+# -- the same machine on PostgreSQL --------------------------------------------------------------
+
+class PostgresQueueMachine(QueueMachine):
+    """The same rules and invariants against a PostgreSQL database cloned from a template per
+    example, so the two backends' semantics cannot drift apart."""
+
+    def __init__(self, server, template: str) -> None:
+        super().__init__()
+        self.server = server
+        self.template = template
+
+    @initialize()
+    def open_database(self) -> None:
+        self.dbname = f"kgq_{uuid.uuid4().hex[:12]}"
+        with closing(PGConnection(self.server.url())) as admin:
+            admin.execute(f'CREATE DATABASE "{self.dbname}" TEMPLATE "{self.template}"')
+        url = self.server.url(self.dbname)
+        self.conns = [PGConnection(url) for _ in range(WORKERS)]
+        self.queues = [queue_for(c) for c in self.conns]
+        self.start_model()
+
+    def teardown(self) -> None:
+        for c in getattr(self, "conns", []):
+            c.close()
+        if hasattr(self, "dbname"):
+            with closing(PGConnection(self.server.url())) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)')
+
+
+def postgres_template(server) -> str:
+    """A migrated PostgreSQL database with the same ROWS documents and queue rows as template_db()."""
+    url = server.create_database("kgq_template")
+    with closing(PGConnection(url)) as conn:
+        migrate_pg(conn)
+        ids = add_documents(conn, ROWS, chunks=2, seed=1)
+        conn.executemany("INSERT INTO kg_processing_queue (content_id, priority, queued_at) "
+                         "VALUES (?, ?, '2024-01-01')", [(cid, cid % 3) for cid in ids])
+    return "kgq_template"
+
+
+def test_queue_state_machine_on_postgresql(pg_server):
+    template = postgres_template(pg_server)
+    machines: list[PostgresQueueMachine] = []
+
+    def machine() -> PostgresQueueMachine:
+        machines.append(PostgresQueueMachine(pg_server, template))
+        return machines[-1]
+
+    run_state_machine_as_test(machine, settings=settings(max_examples=25, stateful_step_count=30, deadline=None,
+                                                         suppress_health_check=[HealthCheck.too_slow]))
+    ran = [m for m in machines if hasattr(m, "conns")]
+    assert len(ran) >= 10 and all(isinstance(c, PGConnection) for m in ran for c in m.conns)
+    assert not any(hasattr(m, "dir") for m in machines), "only the PostgreSQL database was opened"
