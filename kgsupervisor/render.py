@@ -110,6 +110,9 @@ def status_text(snapshot: dict[str, Any]) -> str:
         f"supervisor: {'running' if stats.get('manager_running') else 'stopping'}, "
         f"{health.get('healthy_workers', 0)}/{health.get('total_workers', 0)} workers healthy, "
         f"started {stats.get('manager_started_at')}, {stats.get('workers_restarted', 0)} reload(s)",
+        f"host {stats.get('host', '?')}, database {(stats.get('database') or {}).get('name', '?')} "
+        f"({(stats.get('database') or {}).get('backend', '?')}; the queue below is everyone's, the workers "
+        f"this host's)",
         f"documents: {stats.get('total_processed', 0)} processed, {stats.get('total_success', 0)} "
         f"succeeded, {stats.get('total_failed', 0)} failed",
         "queue: " + ", ".join(f"{q.get(k, 0)} {k}" for k in ("pending", "processing", "completed", "failed", "skipped")),

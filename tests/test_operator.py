@@ -92,6 +92,7 @@ def test_status_and_health_commands(running, conn):
     assert out.returncode == 0 and set(json.loads(out.stdout)) == STATS_KEYS
     out = cli("status", "--status-addr", addr)
     assert out.returncode == 0 and "workers healthy" in out.stdout and "worker 0: pid" in out.stdout
+    assert f"host {socket.gethostname()}, database " in out.stdout and "(sqlite;" in out.stdout
     out = cli("health", "--json", "--status-addr", addr)
     assert out.returncode == 0 and json.loads(out.stdout)["healthy_workers"] == 2
     stop(proc)
