@@ -19,21 +19,24 @@ def describe(target: str) -> str:
     return redact(target) if is_postgres_url(target) else target
 
 
-def open_database(target: str) -> Any:
-    """A connection to the schema-checked database `target`; a one-line error otherwise."""
+def connect_to(target: str) -> Any:
+    """A connection to `target`, SQLite file or PostgreSQL URL, its schema taken as checked
+    (the periodic opens of a supervisor whose start checked it)."""
     if is_postgres_url(target):
         from .pgdb import PGConnection
-        from .pgschema import check_schema_pg
-        conn = PGConnection(target)
-        try:
-            check_schema_pg(conn, redact(target))
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-    conn = connect(target)
+        return PGConnection(target)
+    return connect(target)
+
+
+def open_database(target: str) -> Any:
+    """A connection to the schema-checked database `target`; a one-line error otherwise."""
+    conn = connect_to(target)
     try:
-        check_schema(conn, target)
+        if is_postgres_url(target):
+            from .pgschema import check_schema_pg
+            check_schema_pg(conn, redact(target))
+        else:
+            check_schema(conn, target)
     except BaseException:
         conn.close()
         raise
@@ -49,9 +52,8 @@ def init_database(target: str) -> list[str]:
     """Create or migrate the schema at `target`, SQLite or PostgreSQL; idempotent."""
     if not is_postgres_url(target):
         return init_db(target)
-    from .pgdb import PGConnection
     from .pgschema import migrate_pg
-    conn = PGConnection(target)
+    conn = connect_to(target)
     try:
         return migrate_pg(conn)
     finally:

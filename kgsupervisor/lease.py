@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .backend import open_database
+from .backend import connect_to
 from .queue import LeasedQueue, queue_for
 
 log = logging.getLogger("kgsupervisor.lease")
@@ -50,7 +50,7 @@ class LeaseKeeper(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        conn = open_database(self.db_path)
+        conn = connect_to(self.db_path)  # the worker checked the schema a moment ago
         queue = queue_for(conn)
         last_renew = time.monotonic()
         try:

@@ -6,7 +6,7 @@ import time
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
-from .backend import backend_name, describe, open_database
+from .backend import backend_name, connect_to, describe
 from .heartbeat import latency_histogram
 from .queue import queue_for
 from .render import RateMeter, progress_line
@@ -65,7 +65,7 @@ class Reporter:
             return
         self._queue_counted = now
         try:
-            with closing(open_database(self.sup.db_path)) as conn:
+            with closing(connect_to(self.sup.db_path)) as conn:
                 self.queue_size = queue_for(conn).counts()
         except Exception as exc:
             log.warning("could not count the queue: %s", exc)

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from . import logs, statusd
-from .backend import describe, open_database
+from .backend import connect_to, describe, open_database
 from .config import Settings, require_db
 from .errors import ConfigError, DatabaseError, KGSupervisorError
 from .heartbeat import SharedCounters
@@ -177,7 +177,7 @@ class Supervisor:
 
     def release_orphaned_claims(self) -> None:
         """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
-        with closing(open_database(self.db_path)) as conn:
+        with closing(connect_to(self.db_path)) as conn:
             q = queue_for(conn)
             for owner in q.owners_with_claims(f"{self.host}:"):
                 pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
@@ -393,7 +393,7 @@ class Supervisor:
     def release_claims_of(self, worker: WorkerProcess, crashed: bool, cause: str = "") -> None:
         """Give a gone worker's claims back: the row in flight charged a crash only if it crashed."""
         try:
-            with closing(open_database(self.db_path)) as conn:
+            with closing(connect_to(self.db_path)) as conn:
                 q = queue_for(conn)
                 if crashed:
                     result = q.release_crashed(worker.owner, cause, self.settings.poison_after, time.time())
@@ -479,7 +479,7 @@ class Supervisor:
         if not self.exit_when_empty:
             return
         try:
-            with closing(open_database(self.db_path)) as conn:
+            with closing(connect_to(self.db_path)) as conn:
                 if queue_for(conn).has_live_work():
                     return
         except Exception as exc:  # busy or gone for now: ask again next turn

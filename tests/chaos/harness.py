@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from kgsupervisor.db import connect
+from kgsupervisor.backend import connect_to
 from kgsupervisor.pgdb import PGConnection, is_postgres_url
 from kgsupervisor.devservice import extract
 from kgsupervisor.documents import build_payload
@@ -186,7 +186,7 @@ def record(outcome: Outcome) -> None:
 
 def open_any(target: str) -> Any:
     """A connection to the scenario's database, an SQLite file or a PostgreSQL URL."""
-    return PGConnection(target) if is_postgres_url(target) else connect(target)
+    return connect_to(target)
 
 
 def queue_done(db_path: str, total: int) -> bool:
