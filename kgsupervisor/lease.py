@@ -6,9 +6,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 
 from .backend import connect_to
-from .queue import LeasedQueue, queue_for
+from .queue import queue_for
 
 log = logging.getLogger("kgsupervisor.lease")
 
@@ -20,8 +21,8 @@ class LeaseKeeper(threading.Thread):
 
     It runs beside the main thread, so a 30-minute request keeps both its claim and the
     worker's heartbeat; a SIGSTOP or a stuck C call holding the GIL stops both, as it should.
-    It has its own connection: statements on the worker's connection would otherwise land
-    inside the worker's open write-back transaction.
+    It opens its own connection for each renewal: statements on the worker's connection would
+    otherwise land inside the worker's open write-back transaction.
     """
 
     def __init__(self, db_path: str, owner: str, lease_seconds: float, beat: Callable[[], None],
@@ -50,31 +51,36 @@ class LeaseKeeper(threading.Thread):
         self._stop.set()
 
     def run(self) -> None:
-        conn = connect_to(self.db_path)  # the worker checked the schema a moment ago
-        queue = queue_for(conn)
         last_renew = time.monotonic()
-        try:
-            while not self._stop.wait(min(BEAT_INTERVAL, self.renew_every)):
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    self.leave_as_orphan(queue)
-                self._beat()
-                if time.monotonic() - last_renew >= self.renew_every:
-                    last_renew = time.monotonic()
-                    self.renew_all(queue)
-        finally:
-            conn.close()
+        while not self._stop.wait(min(BEAT_INTERVAL, self.renew_every)):
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                self.leave_as_orphan()
+            self._beat()
+            if time.monotonic() - last_renew >= self.renew_every:
+                last_renew = time.monotonic()
+                self.renew_all()
 
-    def renew_all(self, queue: LeasedQueue) -> None:
+    def renew_all(self) -> None:
+        """Extend every held lease, on a connection open only meanwhile.
+
+        A connection kept open would pin SQLite's read-only view of a file opened while it could
+        not be written (every connection of the process to it stays read-only), and the worker's
+        own reconnect could never recover; one open every lease/3 costs well under a millisecond.
+        """
         with self._lock:
             tokens = list(self._tokens)
-        for token in tokens:
-            try:
-                if queue.extend(token, self.lease_seconds, time.time()) == 0:
-                    log.debug("lease %s holds no rows any more", token)
-            except Exception as exc:  # a locked database now is retried next interval
-                log.warning("could not renew lease (%s); retrying in %.1fs", exc, self.renew_every)
+        if not tokens:
+            return
+        try:
+            with closing(connect_to(self.db_path)) as conn:  # the worker checked the schema
+                queue = queue_for(conn)
+                for token in tokens:
+                    if queue.extend(token, self.lease_seconds, time.time()) == 0:
+                        log.debug("lease %s holds no rows any more", token)
+        except Exception as exc:  # a locked or read-only database now is retried next interval
+            log.warning("could not renew lease (%s); retrying in %.1fs", exc, self.renew_every)
 
-    def leave_as_orphan(self, queue: LeasedQueue) -> None:
+    def leave_as_orphan(self) -> None:
         """The supervisor is gone: give every claim back and exit now, not after a long request.
 
         The release waits for the main thread's write-back, if one is under way, to commit:
@@ -84,7 +90,8 @@ class LeaseKeeper(threading.Thread):
         # First make sure the main thread claims nothing more, then give back what it holds.
         self._stop_claiming()
         try:
-            released = queue.release_owner(self.owner)
+            with closing(connect_to(self.db_path)) as conn:
+                released = queue_for(conn).release_owner(self.owner)
         finally:
             log.warning("supervisor (pid %d) is gone; released %d claim(s) and exiting",
                         self.parent_pid, released)

@@ -39,6 +39,11 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN,
 TICK = 0.5
 BOOT_ERROR_BACKOFF = 1.0  # a worker that could not open the database will not a moment later either
 SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
+EXIT_HINTS = {
+    -signal.SIGKILL: " (perhaps out of memory?)",
+    -signal.SIGBUS: " (the database's -shm file could not be written: immutable (chattr +i) or a "
+                    "failing disk? its documents go back uncharged)",
+}
 
 
 def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: SharedCounters,
@@ -205,7 +210,7 @@ class Supervisor:
                     worker.kill_reason = worker.kill_reason or "supervisor stopping"
                     worker.signal(signal.SIGKILL)
                     worker.process.join(5)
-                self.release_claims_of(worker, crashed=False)
+                self.release_claims_of(worker, charge=False)
         if self.status_process is not None and self.status_process.is_alive():
             self.status_process.terminate()
             self.status_process.join(2)
@@ -372,8 +377,11 @@ class Supervisor:
         code = worker.process.exitcode
         cause = worker.kill_reason or describe_exit(code)
         crashed = code != EXIT_OK and not (worker.stop_requested and worker.kill_reason == "drain timeout")
+        # A SIGBUS is a memory-mapped file that could not be written (SQLite's -shm made
+        # immutable, a failing disk), never a document: nothing is charged for it.
+        charged = crashed and code != -signal.SIGBUS
         # Release before respawn: the replacement must find the documents pending.
-        self.release_claims_of(worker, crashed=crashed, cause=cause)
+        self.release_claims_of(worker, charge=charged, cause=cause)
         slot.fold(worker)
         backoff = ""
         if worker is slot.current:
@@ -386,16 +394,17 @@ class Supervisor:
                 backoff = f"; respawn in {slot.backoff:.1f}s" if slot.backoff else ""
         else:
             slot.retiring.remove(worker)
-        level = logging.INFO if not crashed else (logging.ERROR if code in (-signal.SIGKILL, EXIT_ERROR) else logging.WARNING)
-        hint = " (perhaps out of memory?)" if code == -signal.SIGKILL and not worker.kill_reason else ""
+        level = logging.INFO if not crashed else (
+            logging.ERROR if code in (-signal.SIGKILL, -signal.SIGBUS, EXIT_ERROR) else logging.WARNING)
+        hint = EXIT_HINTS.get(code, "") if not worker.kill_reason else ""
         log.log(level, "worker %d (pid %d) %s%s%s", slot.worker_id, worker.pid, cause, hint, backoff)
 
-    def release_claims_of(self, worker: WorkerProcess, crashed: bool, cause: str = "") -> None:
-        """Give a gone worker's claims back: the row in flight charged a crash only if it crashed."""
+    def release_claims_of(self, worker: WorkerProcess, charge: bool, cause: str = "") -> None:
+        """Give a gone worker's claims back; with `charge`, the row in flight is charged a crash."""
         try:
             with closing(connect_to(self.db_path)) as conn:
                 q = queue_for(conn)
-                if crashed:
+                if charge:
                     result = q.release_crashed(worker.owner, cause, self.settings.poison_after, time.time())
                     for cid in result.poisoned:
                         log.error("content_id %d failed as a poison pill: it killed %d worker(s)",

@@ -14,7 +14,7 @@ from typing import Any
 from . import logs
 from .answer import IngestResult
 from .config import Settings, require_db
-from .backend import describe, open_database
+from .backend import connect_to, describe, open_database
 from .commitwatch import commit_watch
 from .db import LockRetry
 from .dbfault import DatabasePause, describe_database_fault, is_database_fault
@@ -77,6 +77,7 @@ class KGWorker:
         self._last_requeue = 0.0
         self.db_pause = DatabasePause(self.log)
         self._db_claims_held = False  # claims left behind by a failed step, to give back
+        self._db_reopen = False  # after a database fault, retry on a fresh connection
 
     # -- process lifecycle -------------------------------------------------------------------
 
@@ -161,6 +162,8 @@ class KGWorker:
         """
         self.set_state(WorkerState.STOPPING)
         try:
+            if self._db_reopen and release:
+                self.reopen_database()
             released = self.queue.release_owner(self.owner) if release else 0
         except Exception as exc:
             if not is_database_fault(exc):
@@ -187,6 +190,8 @@ class KGWorker:
         its batch) to pending, uncharged. No document is failed because of the database.
         """
         try:
+            if self._db_reopen:
+                self.reopen_database()
             if self._db_claims_held:
                 self.give_back_claims()
             wait = self.loop_once(now)
@@ -199,16 +204,34 @@ class KGWorker:
 
     def database_fault(self, exc: BaseException) -> float:
         """Roll back, note the claims to give back, pause; returns how long."""
-        if self.conn.in_transaction:
-            try:
+        try:
+            if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
-                pass
+        except Exception:  # noqa: BLE001 - the fault that brought us here (or a failed reopen) may break this too
+            pass
         self._db_claims_held = True
+        self._db_reopen = True
         self.log.extra["content_id"] = None
         self.stats.set_current(None)
         self.set_state(WorkerState.PAUSED)
         return self.db_pause.failed(exc)
+
+    def reopen_database(self) -> None:
+        """Close the connection and open a fresh one.
+
+        SQLite opens a file it cannot write read-only (a worker started while the database was
+        read-only), and every connection of the process to that file stays read-only until all
+        of them are closed: the old one goes first. If the open fails the step fails, and the
+        next one tries again.
+        """
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
+            pass
+        self.conn = connect_to(self.db_path)
+        self.queue = queue_for(self.conn)
+        self.commits = commit_watch(self.conn)
+        self._db_reopen = False
 
     def give_back_claims(self) -> None:
         """After a database failure: every claim this worker still holds back to pending,

@@ -168,24 +168,27 @@ def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_
     assert proc.returncode == 0, err
 
 
+def killing_the_sender(db_path: str, content_id: int, sig: int, kills: list[int], times: int = 1000):
+    """A fault-server behaviour: sending `content_id` gets the sender (the row's lease owner,
+    marked started before the POST) killed with `sig`, the first `times` times."""
+    def behaviour(payload, n):
+        if payload["content_id"] != content_id or len(kills) >= times:
+            return None
+        c = sqlite3.connect(db_path, timeout=10)
+        owner = c.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? AND "
+                          "started_at IS NOT NULL AND status = 'processing'", (content_id,)).fetchone()[0]
+        c.close()
+        kills.append(int(owner.rsplit(":", 1)[1]))
+        os.kill(kills[-1], sig)
+        return "reset"
+    return behaviour
+
+
 def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_path, fault_server):
     ids = seed(conn, 8)
     poison = ids[3]
     kills = []
-
-    def kill_the_sender(payload, n):
-        """The document kills whoever sends it: the row's lease owner, marked started before the POST."""
-        if payload["content_id"] != poison:
-            return None
-        c = sqlite3.connect(db_path, timeout=10)
-        owner = c.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? AND "
-                          "started_at IS NOT NULL AND status = 'processing'", (poison,)).fetchone()[0]
-        c.close()
-        kills.append(int(owner.rsplit(":", 1)[1]))
-        os.kill(kills[-1], signal.SIGKILL)
-        return "reset"
-
-    server = fault_server(kill_the_sender)
+    server = fault_server(killing_the_sender(db_path, poison, signal.SIGKILL, kills))
     proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "4",
                             env={"KG_POISON_AFTER": "3"})
     try:
@@ -198,6 +201,26 @@ def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_
     assert status == "failed" and crashes == 3
     assert "poison pill: a worker died 3 times" in error and "killed by SIGKILL" in error
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
+    assert proc.returncode == 0, err
+
+
+def test_a_worker_killed_by_sigbus_charges_nothing(conn, db_path, fault_server):
+    """SIGBUS is SQLite's -shm mapping failing to be written (an immutable file, a failing disk),
+    never the document: however often it happens, the document is not poisoned."""
+    ids = seed(conn, 4)
+    kills = []
+    server = fault_server(killing_the_sender(db_path, ids[1], signal.SIGBUS, kills, times=3))
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2",
+                            env={"KG_POISON_AFTER": "2"})
+    try:
+        wait_for(lambda: status_counts(conn) == {"completed": 4}, 60, message="every document completed")
+    finally:
+        err = stop(proc)
+    assert len(kills) == 3, kills
+    assert conn.execute("SELECT MAX(COALESCE(crash_count, 0)), MAX(retry_count) FROM kg_processing_queue"
+                        ).fetchone() == (0, 0)
+    assert "killed by SIGBUS" in err and "its documents go back uncharged" in err
+    completed_once(conn, ids)
     assert proc.returncode == 0, err
 
 
