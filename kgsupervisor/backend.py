@@ -1,9 +1,13 @@
 """Which backend a --db value names (an SQLite path or a postgresql:// URL), and opening it."""
 from __future__ import annotations
 
+import os
+import sqlite3
+from contextlib import closing
 from typing import Any
 
 from .db import connect
+from .errors import DatabaseError
 from .pgdb import is_postgres_url, redact
 from .queue import LeasedQueue, queue_for
 from .schema import check_schema, init_db
@@ -41,6 +45,25 @@ def open_database(target: str) -> Any:
         conn.close()
         raise
     return conn
+
+
+def check_writable(target: str) -> None:
+    """The schema is there and workers could write back (not a read-only file or a standby)."""
+    if is_postgres_url(target):
+        with closing(open_database(target)) as conn:
+            if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                raise DatabaseError(f"{describe(target)} is a read-only standby: workers could not write back")
+        return
+    # SQLite opens a file it cannot write read-only without a word, and a read-only
+    # connection even accepts BEGIN IMMEDIATE: ask the file system first.
+    if not os.access(target, os.W_OK):
+        raise DatabaseError(f"database {target!r} is read-only: workers could not write back")
+    with closing(open_database(target)) as conn:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.OperationalError as exc:
+            raise DatabaseError(f"database {target!r} is not writable: {exc}") from None
 
 
 def open_queue(target: str) -> LeasedQueue:

@@ -9,25 +9,22 @@ import queue
 import random
 import signal
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
-import psutil
-
 from . import logs, statusd
-from .backend import connect_to, describe, open_database
+from .backend import check_writable, connect_to, describe
 from .config import Settings, require_db
 from .errors import ConfigError, DatabaseError, KGSupervisorError
 from .heartbeat import SharedCounters
 from .manager import StatsManager
 from .procname import set_process_name
-from .pgdb import is_postgres_url
 from .queue import queue_for
 from .slots import WorkerProcess, WorkerSlot, describe_exit
-from .states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState
+from .states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState, WorkerState
+from .releases import ClaimReleaser
 from .reporting import Reporter
 from .stats import iso_now
 from .worker import KGWorker, owner_name
@@ -111,13 +108,14 @@ class Supervisor:
         self.exit_status = EXIT_OK
         self.pid = os.getpid()
         self.host = socket.gethostname()
+        self.releaser = ClaimReleaser(self.db_path, self.host)
 
     # -- start and stop ----------------------------------------------------------------------
 
     def run(self) -> int:
         """Run until drained; returns the exit status."""
-        self.check_database()
-        self.release_orphaned_claims()
+        check_writable(self.db_path)
+        self.releaser.release_orphans()
         status_sock = statusd.bind(self.status_addr) if self.status_addr else None
         if status_sock is not None:
             self.extra_close_fds.append(status_sock.fileno())
@@ -137,24 +135,6 @@ class Supervisor:
         finally:
             self.halt()
         return self.exit_status
-
-    def check_database(self) -> None:
-        """The schema is there and the database takes a write lock (it is not read-only)."""
-        if is_postgres_url(self.db_path):
-            with closing(open_database(self.db_path)) as conn:
-                if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
-                    raise DatabaseError(f"{describe(self.db_path)} is a read-only standby: workers could not write back")
-            return
-        # SQLite opens a file it cannot write read-only without a word, and a read-only
-        # connection even accepts BEGIN IMMEDIATE: ask the file system first.
-        if not os.access(self.db_path, os.W_OK):
-            raise DatabaseError(f"database {self.db_path!r} is read-only: workers could not write back")
-        with closing(open_database(self.db_path)) as conn:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
-            except sqlite3.OperationalError as exc:
-                raise DatabaseError(f"database {self.db_path!r} is not writable: {exc}") from None
 
     def spawn_status_process(self) -> None:
         """The status endpoint, in a child of its own: no thread in this forking process."""
@@ -180,16 +160,6 @@ class Supervisor:
                       describe_exit(self.status_process.exitcode))
             self.spawn_status_process()
 
-    def release_orphaned_claims(self) -> None:
-        """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
-        with closing(connect_to(self.db_path)) as conn:
-            q = queue_for(conn)
-            for owner in q.owners_with_claims(f"{self.host}:"):
-                pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
-                if pid and not _pid_alive(pid):
-                    n = q.release_owner(owner)
-                    log.warning("released %d claim(s) of dead process %s left by an earlier run", n, owner)
-
     def install_signal_handlers(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -210,7 +180,7 @@ class Supervisor:
                     worker.kill_reason = worker.kill_reason or "supervisor stopping"
                     worker.signal(signal.SIGKILL)
                     worker.process.join(5)
-                self.release_claims_of(worker, charge=False)
+                self.releaser.release_gone_worker(worker.owner, worker.pid, False, "", self.settings.poison_after)
         if self.status_process is not None and self.status_process.is_alive():
             self.status_process.terminate()
             self.status_process.join(2)
@@ -256,6 +226,8 @@ class Supervisor:
             if handler:
                 handler()
         self.reap_workers()
+        self.releaser.retry_refused(self.settings.poison_after,
+                                    {w.pid for s in self.slots.values() for w in s.processes()})
         self.watch_workers()
         if self.state is SupervisorState.RUNNING:
             self.stats.ensure_running(self.on_manager_restart)
@@ -377,11 +349,12 @@ class Supervisor:
         code = worker.process.exitcode
         cause = worker.kill_reason or describe_exit(code)
         crashed = code != EXIT_OK and not (worker.stop_requested and worker.kill_reason == "drain timeout")
-        # A SIGBUS is a memory-mapped file that could not be written (SQLite's -shm made
-        # immutable, a failing disk), never a document: nothing is charged for it.
-        charged = crashed and code != -signal.SIGBUS
+        # Only a worker with a document in hand can have been killed by it. A SIGBUS is a
+        # memory-mapped file that could not be written (SQLite's -shm made immutable, a
+        # failing disk), never a document.
+        charged = crashed and code != -signal.SIGBUS and self.had_document_in_hand(slot, worker)
         # Release before respawn: the replacement must find the documents pending.
-        self.release_claims_of(worker, charge=charged, cause=cause)
+        self.releaser.release_gone_worker(worker.owner, worker.pid, charged, cause, self.settings.poison_after)
         slot.fold(worker)
         backoff = ""
         if worker is slot.current:
@@ -399,25 +372,10 @@ class Supervisor:
         hint = EXIT_HINTS.get(code, "") if not worker.kill_reason else ""
         log.log(level, "worker %d (pid %d) %s%s%s", slot.worker_id, worker.pid, cause, hint, backoff)
 
-    def release_claims_of(self, worker: WorkerProcess, charge: bool, cause: str = "") -> None:
-        """Give a gone worker's claims back; with `charge`, the row in flight is charged a crash."""
-        try:
-            with closing(connect_to(self.db_path)) as conn:
-                q = queue_for(conn)
-                if charge:
-                    result = q.release_crashed(worker.owner, cause, self.settings.poison_after, time.time())
-                    for cid in result.poisoned:
-                        log.error("content_id %d failed as a poison pill: it killed %d worker(s)",
-                                  cid, self.settings.poison_after)
-                    released = result.released
-                else:
-                    released = q.release_owner(worker.owner)
-        except Exception as exc:  # the lease expiry is the backstop; never die here
-            log.error("could not release claims of %s (%s); they return when their lease expires",
-                      worker.owner, exc)
-            return
-        if released:
-            log.info("released %d claim(s) of worker pid %d back to pending", released, worker.pid)
+    def had_document_in_hand(self, slot: WorkerSlot, worker: WorkerProcess) -> bool:
+        """Its last published state was busy, or is unknown: not paused, idle or stopping."""
+        published = self.stats.snapshot().get(slot.worker_id) or {}
+        return published.get("pid") != worker.pid or published.get("state") == WorkerState.BUSY.value
 
     def watch_workers(self) -> None:
         """psutil and heartbeat checks: kill hung workers, recycle ones over the memory limit."""
@@ -501,9 +459,3 @@ class Supervisor:
             log.debug("supervisor %s -> %s", self.state.value, state.value)
             self.state = state
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

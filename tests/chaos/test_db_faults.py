@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -106,6 +107,10 @@ def exits_and_errors(sup: Supervisor) -> str:
     """Every worker exit the supervisor logged and every error line: why a worker restarted."""
     return "\n".join(f"{e.get('level')}: {e.get('message')}" for e in log_lines(sup)
                      if e.get("level") in ("error", "raw") or re.match(r"worker \d+ \(pid \d+\)", e.get("message", "")))
+
+
+def owner_of(pid: int) -> str:
+    return f"{socket.gethostname()}:{pid}"
 
 
 def restarts(h: dict) -> list[int]:
@@ -288,7 +293,9 @@ def test_database_read_only_mid_run(immutable_dir, tmp_path, soak):
                 30, interval=0.1, message="a database error in the log")
             # A worker started now can open the file only read-only; once the file is writable
             # it must write again, not pause for ever on that connection.
-            victim = health(sup)["worker_details"][1]["pid"]
+            # Killed while paused on the fault, with no document in hand: charged nothing.
+            victim = wait_for(lambda: (lambda d: d["state"] == "paused" and d["pid"])(health(sup)["worker_details"][1]),
+                              20, interval=0.05, message="worker 1 paused on the read-only database")
             os.kill(victim, signal.SIGKILL)
             replacement = wait_for(lambda: (lambda d: d["pid"] if d.get("pid") not in (None, victim)
                                             and d["state"] == "paused" else None)(health(sup)["worker_details"][1]),
@@ -307,6 +314,10 @@ def test_database_read_only_mid_run(immutable_dir, tmp_path, soak):
         wait_drained(db_path, n, sup, 120)
         wait_for(lambda: log_has(sup, f"pid {replacement}]", "database works again"), 30,
                  message="the worker started while read-only to write again")
+        # The claims of the killed worker came back once the database took them, uncharged
+        # (it was paused, no document in hand), without waiting for their leases.
+        assert log_has(sup, f"could not release claims of {owner_of(victim)}", level="error")
+        assert log_has(sup, "database writable again: released", f"of gone worker pid {victim} back to pending")
         h = health(sup)
         code = stop(sup)
     finally:
