@@ -12,7 +12,6 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from . import logs
-from .answer import IngestResult
 from .config import Settings, require_db
 from .backend import connect_to, describe, open_database
 from .commitwatch import commit_watch
@@ -21,7 +20,8 @@ from .dbfault import DatabasePause, describe_database_fault, is_database_fault
 from .documents import build_payload
 from .heartbeat import SharedCounters
 from .errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
-from .endpoints import Endpoint, EndpointPool
+from .dispatch import Dispatcher
+from .endpoints import EndpointPool
 from .lease import LeaseKeeper
 from .queue import Claim, queue_for
 from .states import JobStatus, WorkerState
@@ -92,6 +92,7 @@ class KGWorker:
         self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
         s = self.settings
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
+        self.dispatch = Dispatcher(self.endpoints, self.stats.counters, self.log)
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
                                   parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
         self.keeper.start()
@@ -248,7 +249,7 @@ class KGWorker:
             self.set_state(WorkerState.DISABLED)
             return self.settings.poll_interval
         mono = time.monotonic()
-        self.probe_endpoints(mono)
+        self.dispatch.probe_endpoints(mono)
         if self.endpoints.all_down:
             self.set_state(WorkerState.PAUSED)
             return self.endpoints.seconds_to_probe(mono)
@@ -263,17 +264,6 @@ class KGWorker:
         self.process_batch(claims)
         # A full batch means there is probably more: claim again at once (the upstream slept).
         return 0.0 if len(claims) == self.settings.batch_size else self.settings.poll_interval
-
-    def probe_endpoints(self, mono: float) -> None:
-        """Ask /health of each endpoint whose breaker is open and whose probe is due."""
-        for endpoint in self.endpoints.probes_due(mono):
-            if endpoint.client.health():
-                endpoint.breaker.record_success()
-                self.log.info("KG service at %s is healthy again; resuming", endpoint.url)
-            else:
-                endpoint.breaker.record_failure(mono)
-                self.log.info("KG service at %s still down; next probe in %.1fs", endpoint.url,
-                              endpoint.breaker.seconds_to_probe(mono))
 
     def requeue_expired(self, now: float) -> None:
         if now - self._last_requeue < min(REQUEUE_EXPIRED_EVERY, self.settings.lease_seconds / 2):
@@ -354,7 +344,7 @@ class KGWorker:
         self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
         try:
             payload, notes = build_payload(self.conn, claim.content_id)
-            result, took = self.send(payload, {c["vector_rowid"] for c in payload["chunks"]})
+            result, took = self.dispatch.send(payload, {c["vector_rowid"] for c in payload["chunks"]})
         except DocumentRejected as exc:
             self.fail_document(claim, str(exc))
         except InvalidAnswer as exc:
@@ -373,55 +363,6 @@ class KGWorker:
         else:
             return Answered(claim, result, notes, at=time.monotonic(), took=took)
         return None
-
-    def send(self, payload: dict[str, Any], rowids: set[int]) -> tuple[IngestResult, float]:
-        """POST to the next healthy endpoint, and on that endpoint's outage to the next one.
-
-        Returns the result and the request's seconds. Raises ServiceUnavailable once every
-        healthy endpoint was down for this document (no attempt charged), or the item's own
-        failure (ItemFailure, InvalidAnswer, DocumentRejected).
-        """
-        tried: list[Endpoint] = []
-        outage = ServiceUnavailable("every KG service endpoint is down")
-        while (endpoint := self.endpoints.choose(exclude=tried)) is not None:
-            tried.append(endpoint)
-            sent = time.monotonic()
-            try:
-                # A blip is retried inline only where there is no other endpoint to go to.
-                result = endpoint.client.ingest(payload, rowids, retry_blips=not self.endpoints.has_another(tried))
-            except ItemFailure as exc:
-                self.observe(endpoint, sent, ok=False)
-                # A 500 or timeout while /health also fails is an outage, not this document.
-                if isinstance(exc, InvalidAnswer) or endpoint.client.health():
-                    raise
-                outage = ServiceUnavailable(str(exc))
-            except ServiceUnavailable as exc:
-                self.observe(endpoint, sent, ok=False)
-                outage = exc
-            except DocumentRejected:
-                self.observe(endpoint, sent, ok=True)
-                raise
-            else:
-                return result, self.observe(endpoint, sent, ok=True)
-            self.endpoint_down(endpoint, outage)
-        raise outage
-
-    def observe(self, endpoint: Endpoint, sent: float, ok: bool) -> float:
-        took = time.monotonic() - sent
-        self.stats.counters.observe_latency(took)
-        endpoint.record_request(took, ok)
-        return took
-
-    def endpoint_down(self, endpoint: Endpoint, exc: ServiceUnavailable) -> None:
-        """Feed the endpoint's breaker; say so when that leaves the others, or nothing."""
-        if not endpoint.record_outage(time.monotonic(), exc.retry_after):
-            return
-        left = self.endpoints.healthy_count()
-        if left:
-            self.log.error("KG service at %s unavailable, sending to the %d other healthy endpoint(s): %s",
-                           endpoint.url, left, exc)
-        else:
-            self.log.error("KG service unavailable, pausing claims (no document is charged): %s", exc)
 
     # -- outcomes ----------------------------------------------------------------------------
 
