@@ -183,20 +183,21 @@ class LeasedQueue:
         return cur.rowcount
 
     def retry_later(self, claim: Claim, error: str, now: float, max_attempts: int,
-                    backoff_base: float, backoff_cap: float) -> JobStatus:
-        """Charge one attempt: PENDING again after a backoff, or FAILED when attempts run out."""
+                    backoff_base: float, backoff_cap: float) -> JobStatus | None:
+        """Charge one attempt: PENDING again after a backoff, or FAILED when attempts run out;
+        None when the lease was lost meanwhile (nothing changed: the row is someone else's)."""
         attempts = claim.retry_count + 1
         if attempts >= max_attempts:
-            self.fail(claim, f"gave up after {attempts} attempts: {error}", now, attempts=attempts)
-            return JobStatus.FAILED
+            failed = self.fail(claim, f"gave up after {attempts} attempts: {error}", now, attempts=attempts)
+            return JobStatus.FAILED if failed else None
         not_before = now + backoff_delay(claim.retry_count, backoff_base, backoff_cap)
-        self.conn.execute(
+        cur = self.conn.execute(
             "UPDATE kg_processing_queue SET status = 'pending', retry_count = ?, error_message = ?, "
             "not_before = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
             "started_at = NULL, processing_started_at = NULL "
             "WHERE id = ? AND lease_token = ? AND status = 'processing'",
             (attempts, error, not_before, claim.id, claim.token))
-        return JobStatus.PENDING
+        return JobStatus.PENDING if cur.rowcount == 1 else None
 
     def fail(self, claim: Claim, error: str, now: float, attempts: int | None = None) -> bool:
         """PROCESSING -> FAILED with the reason in error_message."""

@@ -376,7 +376,11 @@ class KGWorker:
         s = self.settings
         status = self.lock_retry(lambda: self.queue.retry_later(
             claim, reason, time.time(), s.max_attempts, s.retry_backoff, s.retry_backoff_max))
-        if status is JobStatus.FAILED:
+        if status is None:
+            self.stats.lease_lost += 1
+            self.log.warning("lease lost before this failure was recorded (the document went back to the "
+                             "queue meanwhile); not charged: %s", reason)
+        elif status is JobStatus.FAILED:
             # PROCESSING -> FAILED
             self.stats.record_outcome(False)
             self.log.warning("failed after %d attempts: %s", claim.retry_count + 1, reason)

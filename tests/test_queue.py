@@ -2,6 +2,7 @@
 for both, including claims from several real processes."""
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 import uuid
@@ -100,6 +101,17 @@ def test_release_is_fenced_and_charges_no_attempt(conn):
     assert q.release(claims) == 2
     rows = conn.execute("SELECT status, retry_count, lease_owner, lease_token FROM kg_processing_queue").fetchall()
     assert rows == [("pending", 0, None, None)] * 2
+
+
+def test_retry_later_and_fail_are_fenced(conn):
+    conn.executemany("INSERT INTO kg_processing_queue (id, content_id) VALUES (?, ?)", [(1, 1), (2, 2)])
+    q = queue_for(conn)
+    mine, almost_spent = q.claim("me", "mine", 2, 60, time.time())
+    spent = dataclasses.replace(almost_spent, token="old", retry_count=2)
+    assert q.retry_later(dataclasses.replace(mine, token="old"), "500", time.time(), 3, 1.0, 5.0) is None
+    assert q.retry_later(spent, "500", time.time(), 3, 1.0, 5.0) is None, "a stale token fails nothing"
+    assert conn.execute("SELECT status, retry_count, lease_token FROM kg_processing_queue").fetchall() == [
+        ("processing", 0, "mine")] * 2
 
 
 def test_release_owner_frees_only_that_owner(conn):

@@ -194,6 +194,7 @@ class QueueMachine(RuleBasedStateMachine):
         held = self.holds(claim)
         status = self.queues[worker].retry_later(claim, "500", self.now, MAX_ATTEMPTS, BACKOFF_BASE, BACKOFF_CAP)
         if not held:
+            assert status is None
             return  # fenced: nothing may have changed (the invariants compare the whole row)
         attempts = claim.retry_count + 1
         if attempts >= MAX_ATTEMPTS:
