@@ -11,7 +11,7 @@ from .verdicts import findings, fmt, ms, rates, targets
 
 WORKERS_PER_SUPERVISOR = 2  # bench.postgres.WORKERS, without importing psycopg to write a report
 
-ANALYSIS = re.compile(r"<!-- analysis -->.*?<!-- end analysis -->\n?", re.S)
+ANALYSIS = re.compile(r"^<!-- analysis -->\n.*?^<!-- end analysis -->\n?", re.S | re.M)  # the markers alone on their lines: the header names them too
 
 
 def table(header: list[str], rows: list[list]) -> str:
