@@ -43,8 +43,8 @@ class ClaimReleaser:
         try:
             released = self._release(owner, charge, cause, poison_after)
         except Exception as exc:  # kept and retried; the lease expiry is the last backstop
-            log.error("could not release claims of %s (%s); retrying every %.0fs until the database "
-                      "takes them", owner, exc, RETRY_EVERY)
+            log.error("could not release claims of %s (%s); retrying every %.0fs while running (or "
+                      "they return when their lease expires)", owner, exc, RETRY_EVERY)
             self.refused[owner] = RefusedRelease(owner, pid, charge, cause)
             self.next_retry = time.monotonic() + RETRY_EVERY
             return
