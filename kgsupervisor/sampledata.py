@@ -23,6 +23,13 @@ SENTENCES = [
     "{t} may not be ready for production, say engineers in {l}.",
 ]
 
+# The real KG service takes chunks of at most 10,000 characters and markdown of at most
+# 1,000,000: documents are bounded by the longest sentence the templates can make.
+MAX_CHUNK_CHARS = 10_000
+MAX_MARKDOWN_CHARS = 1_000_000
+LONGEST_SENTENCE = max(len(template.format(p=max(PEOPLE, key=len), o=max(ORGS, key=len), l=max(PLACES, key=len),
+                                           t=max(TOPICS, key=len))) for template in SENTENCES)
+
 
 def _sentence(rng: random.Random) -> str:
     return rng.choice(SENTENCES).format(p=rng.choice(PEOPLE), o=rng.choice(ORGS),
@@ -33,9 +40,24 @@ def _chunk_texts(rng: random.Random, chunks: int, sentences: int) -> list[str]:
     return [" ".join(_sentence(rng) for _ in range(sentences)) for _ in range(chunks)]
 
 
+def _check_shape(chunks: int, sentences: int) -> None:
+    """Refuse a shape whose documents the real KG service could refuse."""
+    longest_chunk = sentences * (LONGEST_SENTENCE + 1)
+    if chunks < 1 or sentences < 1 or longest_chunk > MAX_CHUNK_CHARS \
+            or chunks * (longest_chunk + 2) > MAX_MARKDOWN_CHARS:
+        raise ValueError(f"sample documents of {chunks} chunk(s) of {sentences} sentence(s) could be refused "
+                         f"by the KG service (chunks of 10..{MAX_CHUNK_CHARS} characters, markdown of at most "
+                         f"{MAX_MARKDOWN_CHARS}); use 1 or more of each, fewer sentences or fewer chunks")
+
+
 def add_documents(conn: sqlite3.Connection, count: int, *, chunks: int = 3, sentences: int = 4,
                   seed: int = 0, start_id: int | None = None) -> list[int]:
-    """Insert `count` documents of `chunks` chunks each; returns their crawled_content ids."""
+    """Insert `count` documents of `chunks` chunks each; returns their crawled_content ids.
+
+    Every document is one the real KG service accepts (CONTRACT §3): each chunk holds whole
+    sample sentences (each over 50 characters) and stays within 10,000 characters.
+    """
+    _check_shape(chunks, sentences)
     rng = random.Random(seed)
     first = start_id or (conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM crawled_content").fetchone()[0])
     ids = list(range(first, first + count))

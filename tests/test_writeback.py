@@ -9,7 +9,7 @@ import pytest
 
 from kgsupervisor.answer import parse_answer
 from kgsupervisor.db import connect
-from kgsupervisor.devservice import extract
+from kgsupervisor.devextract import extract
 from kgsupervisor.documents import build_payload
 from kgsupervisor.errors import DocumentRejected, LeaseLost
 from kgsupervisor.queue import queue_for

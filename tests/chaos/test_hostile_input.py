@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from kgsupervisor.db import transaction
-from kgsupervisor.devservice import extract
+from kgsupervisor.devextract import extract
 from kgsupervisor.sampledata import _sentence
 
 from ..conftest import seed, wait_for

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from kgsupervisor.devservice import extract
+from kgsupervisor.devextract import extract
 
 from ..conftest import seed, wait_for
 from ..faultserver import RESET_MID_BODY, STALL_MID_BODY, Attempts, FaultServer
