@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 
+import psycopg
 import pytest
 
 from kgsupervisor.pgdb import PGConnection, redact
@@ -143,3 +146,180 @@ def test_copy_db_moves_everything_verifies_counts_and_resumes_after_an_interrupt
     again = kg("copy-db", "--from", source, "--to", url)
     assert again.returncode != 0 and "copy not verified: crawled_content has 40 row(s)" in again.stderr
     assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+
+
+UPSTREAM_COLUMNS_COPIED = {
+    "crawled_content": "id, url, title, content, markdown, content_hash, timestamp, added_by_session, "
+                       "retention_policy, tags, metadata, kg_processed, kg_entity_count, kg_relationship_count, "
+                       "kg_document_id, kg_processed_at",
+    "content_chunks": "rowid, content_id, chunk_index, chunk_text, char_start, char_end, word_count, "
+                      "kg_processed, created_at",
+    "chunk_entities": "id, chunk_rowid, content_id, entity_text, entity_normalized, entity_type_primary, "
+                      "entity_type_sub1, entity_type_sub2, entity_type_sub3, confidence, offset_start, offset_end, "
+                      "neo4j_node_id, spans_multiple_chunks, created_at",
+    "chunk_relationships": "id, content_id, subject_entity, predicate, object_entity, confidence, context, "
+                           "neo4j_relationship_id, spans_chunks, chunk_rowids, created_at",
+}
+
+
+def source_files(path: str) -> dict[str, str | None]:
+    """The digest of the database and of its -wal and -shm (None: no such file)."""
+    from .upstream import sha256_of
+    return {suffix: sha256_of(path + suffix) for suffix in ("", "-wal", "-shm")}
+
+
+def sqlite_script(path: str, script: str) -> None:
+    """Run `script` on the SQLite file `path` with a plain connection, as another program would."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.executescript(script)
+
+
+def same_rows(source: str, conn: PGConnection, table: str, columns: str) -> bool:
+    with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as src:
+        want = src.execute(f"SELECT {columns} FROM {table} ORDER BY 1").fetchall()
+    have = conn.execute(f"SELECT {columns} FROM {table} ORDER BY 1").fetchall()
+    return [tuple(r) for r in have] == want and len(want) > 0
+
+
+def test_copy_db_reads_an_untouched_upstream_database_and_leaves_it_byte_identical(pg_server, tmp_path):
+    from .upstream import make_upstream_database
+    source = str(tmp_path / "crawl.db")
+    make_upstream_database(source, pages=5)
+    before = source_files(source)
+    assert before["-wal"] is None and before["-shm"] is None
+    url = pg_server.create_database("untouched")
+    out = kg("copy-db", "--from", source, "--to", url)
+    assert out.returncode == 0, out.stderr
+    assert "1 claim(s) that were processing" in out.stdout and "not copied" not in out.stdout, out.stdout
+    assert source_files(source) == before, "the source is read, never written (no -wal or -shm either)"
+    conn = PGConnection(url)
+    try:
+        for table, columns in UPSTREAM_COLUMNS_COPIED.items():
+            assert same_rows(source, conn, table, columns), table
+        queue = conn.execute("SELECT content_id, status, lease_owner, lease_token, crash_count, not_before "
+                             "FROM kg_processing_queue ORDER BY id").fetchall()
+        assert [tuple(r) for r in queue] == [(1, "completed", None, None, None, None), (2, "failed", None, None, None, None),
+                                             (3, "pending", None, None, None, None), (4, "pending", None, None, None, None),
+                                             (5, "skipped", None, None, None, None)]
+        assert status_counts(conn) == {"completed": 1, "failed": 1, "pending": 2, "skipped": 1}
+    finally:
+        conn.close()
+
+
+def test_copy_db_of_a_crawler_database_without_the_kg_migration_gives_the_kg_columns_their_defaults(
+        pg_server, tmp_path):
+    from .upstream import make_upstream_database
+    source = str(tmp_path / "crawl.db")
+    make_upstream_database(source, kg_migration=False, pages=3)
+    # A newer crawler's column, unknown to CONTRACT §2.
+    sqlite_script(source, "ALTER TABLE crawled_content ADD COLUMN language TEXT DEFAULT 'en'")
+    before = source_files(source)
+    url = pg_server.create_database("bare")
+    out = kg("copy-db", "--from", source, "--to", url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "crawled_content              3 row(s): 3 copied, 0 already there" in lines, lines
+    assert "crawled_content      not copied (PostgreSQL has no such column): language" in lines, lines
+    assert "kg_processing_queue          0 row(s): 0 copied, 0 already there" in lines, lines
+    assert source_files(source) == before
+    conn = PGConnection(url)
+    try:
+        crawler_columns = "id, url, title, content, markdown, content_hash, timestamp, added_by_session, " \
+                          "retention_policy, tags, metadata"
+        assert same_rows(source, conn, "crawled_content", crawler_columns)
+        kg_columns = conn.execute("SELECT kg_processed, kg_entity_count, kg_relationship_count, kg_document_id, "
+                                  "kg_processed_at FROM crawled_content").fetchall()
+        assert [tuple(r) for r in kg_columns] == [(0, 0, 0, None, None)] * 3
+        assert conn.execute("SELECT COUNT(*) FROM content_chunks").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+def test_copy_db_reads_a_wal_database_whose_writer_is_still_open_without_writing_to_it(pg_server, tmp_path):
+    """Commits still in the -wal (the writer has not checkpointed them) are copied; the database
+    and its -wal stay byte for byte as they were."""
+    from .upstream import CRAWLER_INSERT, make_upstream_database, page
+    source = str(tmp_path / "crawl.db")
+    make_upstream_database(source, pages=2)
+    writer = sqlite3.connect(source, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode = WAL")
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute(CRAWLER_INSERT, page(3))
+        before = source_files(source)
+        assert before["-wal"] is not None
+        url = pg_server.create_database("wal")
+        out = kg("copy-db", "--from", source, "--to", url)
+        assert out.returncode == 0, out.stderr
+        after = source_files(source)
+        assert (after[""], after["-wal"]) == (before[""], before["-wal"])
+    finally:
+        writer.close()
+    conn = PGConnection(url)
+    try:
+        assert conn.execute("SELECT url FROM crawled_content ORDER BY id").fetchall()[-1][0] == page(3)[0]
+    finally:
+        conn.close()
+
+
+def test_copy_db_refusals_are_one_line(pg_server, tmp_path):
+    other = str(tmp_path / "other.db")
+    sqlite_script(other, "CREATE TABLE notes (x)")
+    url = pg_server.create_database("refusals")
+    out = kg("copy-db", "--from", other, "--to", url)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "has no crawled_content table: not a crawl database" in out.stderr
+    # A database an older kgsupervisor made: its url could be NULL, which the crawler's schema refuses.
+    old = str(tmp_path / "old.db")
+    sqlite_script(old, "CREATE TABLE crawled_content (id INTEGER PRIMARY KEY, url TEXT, title TEXT, markdown TEXT);"
+                       "INSERT INTO crawled_content VALUES (1, 'https://a.example/', 'A', 'a'), (2, NULL, 'B', 'b');")
+    out = kg("copy-db", "--from", old, "--to", url)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert 'PostgreSQL refused the rows of crawled_content with id > 0: null value in column "url"' in out.stderr
+
+
+def test_a_new_postgresql_schema_has_the_crawlers_constraints_and_every_upstream_column(pg_server):
+    from kgsupervisor.pgschema import PG_COLUMNS
+    from kgsupervisor.schema import UPSTREAM_COLUMNS
+    assert {t: list(c) for t, c in PG_COLUMNS.items()} == {t: list(c) for t, c in UPSTREAM_COLUMNS.items()}
+    url = pg_server.create_database("fresh")
+    conn = PGConnection(url)
+    try:
+        migrate_pg(conn)
+        conn.execute("INSERT INTO crawled_content (url, title) VALUES ('https://a.example/', 'A')")
+        row = conn.execute("SELECT retention_policy, timestamp IS NOT NULL, kg_processed, kg_entity_count "
+                           "FROM crawled_content").fetchone()
+        assert tuple(row) == ("permanent", True, 0, 0)
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            conn.execute("INSERT INTO crawled_content (title) VALUES ('no url')")
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO crawled_content (url) VALUES ('https://a.example/')")
+    finally:
+        conn.close()
+
+
+def test_init_db_on_a_postgresql_schema_an_older_version_made_adds_what_it_lacks(pg_server):
+    url = pg_server.create_database("older")
+    conn = PGConnection(url)
+    try:
+        migrate_pg(conn)
+        conn.execute("INSERT INTO crawled_content (id, url) VALUES (1, 'https://a.example/')")
+        for column in ("content", "timestamp", "tags"):
+            conn.execute(f"ALTER TABLE crawled_content DROP COLUMN {column}")
+    finally:
+        conn.close()
+    out = kg("queue", "--db", url)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "needs migrating: crawled_content lacks tags (run: kgsupervisor init-db --db URL)" in out.stderr
+    out = kg("init-db", "--db", url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:3] == ["added column crawled_content.content", "added column crawled_content.timestamp",
+                                           "added column crawled_content.tags"]
+    conn = PGConnection(url)
+    try:
+        # The old row's time is not known; new rows get one.
+        conn.execute("INSERT INTO crawled_content (id, url) VALUES (2, 'https://b.example/')")
+        stamps = conn.execute("SELECT id, timestamp IS NULL FROM crawled_content ORDER BY id").fetchall()
+        assert [tuple(r) for r in stamps] == [(1, True), (2, False)]
+    finally:
+        conn.close()
