@@ -17,6 +17,10 @@ DEFAULT_MAX_ITEMS = 200_000
 # Quoted values and the service's own error text are clipped so that one bad answer can
 # never turn into a megabyte-long log line or queue error column.
 _QUOTE_LIMIT = 60
+# The largest integer an SQLite INTEGER or a PostgreSQL BIGINT column holds, and the largest
+# offset PostgreSQL's INTEGER offset columns hold (offsets are within one chunk: far smaller).
+MAX_STORED_INT = 2**63 - 1
+MAX_OFFSET = 2**31 - 1
 _SERVICE_TEXT_LIMIT = 200
 
 
@@ -41,6 +45,7 @@ class Entity:
     type_sub3: str | None
     confidence: float | None
     appearances: tuple[Appearance, ...]
+    spans_multiple_chunks: bool | None = None  # as the service said; None: it did not say
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,9 @@ class Relationship:
     confidence: float | None
     context: str | None
     chunk_rowids: tuple[int, ...]
+    # The service's meaning: subject and object share no chunk. None: the service did not say.
+    spans_chunks: bool | None = None
+    neo4j_relationship_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,13 +166,12 @@ def _list(obj: dict, key: str) -> list:
 
 
 def _required_str(obj: dict, key: str) -> str:
+    # Empty strings are valid: the real service's model allows them and the upstream writes them.
     value = obj.get(key)
-    if type(value) is str and value:
+    if type(value) is str:
         return value if value.isascii() else _storable(value)
     if key not in obj:
         raise _Problem(f".{key}", "is missing")
-    if type(value) is str:
-        raise _Problem(f".{key}", "must not be empty")
     raise _Problem(f".{key}", f"must be a string, got {_kind(value)}")
 
 
@@ -188,7 +195,16 @@ def _optional_confidence(obj: dict, key: str) -> float | None:
     # Python's json accepts NaN/Infinity (and 1e999 overflows to inf); SQLite would store junk.
     if not math.isfinite(number):
         raise _Problem(f".{key}", f"is {_quote(value)}, must be finite")
+    if not 0.0 <= number <= 1.0:
+        raise _Problem(f".{key}", f"is {_quote(value)}, must be from 0 to 1")
     return number
+
+
+def _optional_bool(obj: dict, key: str) -> bool | None:
+    value = obj.get(key)
+    if value is None or type(value) is bool:
+        return value
+    raise _Problem(f".{key}", f"must be true, false or null, got {_kind(value)}")
 
 
 def _optional_offset(obj: dict, key: str) -> int | None:
@@ -197,8 +213,8 @@ def _optional_offset(obj: dict, key: str) -> int | None:
         return None
     if type(value) is not int:
         raise _Problem(f".{key}", f"must be an integer or null, got {_kind(value)}")
-    if value < 0:
-        raise _Problem(f".{key}", f"is {_quote(value)}, must be >= 0")
+    if not 0 <= value <= MAX_OFFSET:
+        raise _Problem(f".{key}", f"is {_quote(value)}, must be from 0 to 2**31-1")
     return value
 
 
@@ -210,8 +226,8 @@ def _count(obj: dict, key: str, default: int) -> int:
         return default
     if type(value) is not int:
         raise _Problem(f".{key}", f"must be an integer or null, got {_kind(value)}")
-    if value < 0:
-        raise _Problem(f".{key}", f"is {_quote(value)}, must be >= 0")
+    if not 0 <= value <= MAX_STORED_INT:
+        raise _Problem(f".{key}", f"is {_quote(value)}, must be from 0 to 2**63-1")
     return value
 
 
@@ -277,8 +293,8 @@ def _parse_appearances(
             if (
                 type(rowid) is int
                 and rowid in chunks
-                and (start is None or (type(start) is int and start >= 0))
-                and (end is None or (type(end) is int and end >= 0))
+                and (start is None or (type(start) is int and 0 <= start <= MAX_OFFSET))
+                and (end is None or (type(end) is int and 0 <= end <= MAX_OFFSET))
                 and (start is None or end is None or start <= end)
             ):
                 append(Appearance(rowid, start, end))
@@ -311,7 +327,8 @@ def _parse_entity(raw: Any, chunks: Collection[int], content_id: int) -> Entity:
     type_sub3 = get("type_sub3")
     confidence = get("confidence")
     appearances = get("chunk_appearances")
-    if not (type(text) is str and text and text.isascii()):
+    spans = get("spans_multiple_chunks")
+    if not (type(text) is str and text.isascii()):
         text = _required_str(obj, "text")
     if normalized is not None and not (type(normalized) is str and normalized.isascii()):
         normalized = _optional_str(obj, "normalized")
@@ -323,22 +340,25 @@ def _parse_entity(raw: Any, chunks: Collection[int], content_id: int) -> Entity:
         type_sub2 = _optional_str(obj, "type_sub2")
     if type_sub3 is not None and not (type(type_sub3) is str and type_sub3.isascii()):
         type_sub3 = _optional_str(obj, "type_sub3")
-    if confidence is not None and not (type(confidence) is float and math.isfinite(confidence)):
+    if confidence is not None and not (type(confidence) is float and 0.0 <= confidence <= 1.0):
         confidence = _optional_confidence(obj, "confidence")  # turns ints to float, or explains
+    if spans is not None and type(spans) is not bool:
+        spans = _optional_bool(obj, "spans_multiple_chunks")
     if type(appearances) is list:
         appearances = _parse_appearances(appearances, chunks, content_id)
     else:
         appearances = tuple(_list(obj, "chunk_appearances"))  # null/missing -> (); else raises
     return Entity(
         text,
-        # An empty normalized form would merge unrelated entities, so it falls back to text.
-        normalized or text.lower(),
+        # Only an absent normalized form is derived (older services); an empty one is written as given.
+        text.lower() if normalized is None else normalized,
         type_primary,
         type_sub1,
         type_sub2,
         type_sub3,
         confidence,
         appearances,
+        spans,
     )
 
 
@@ -351,21 +371,27 @@ def _parse_relationship(raw: Any, chunks: Collection[int], content_id: int) -> R
     confidence = get("confidence")
     context = get("context")
     rowids = get("chunk_rowids")
-    if not (type(subject) is str and subject and subject.isascii()):
+    spans = get("spans_chunks")
+    relationship_id = get("neo4j_relationship_id")
+    if not (type(subject) is str and subject.isascii()):
         subject = _required_str(obj, "subject_text")
-    if not (type(predicate) is str and predicate and predicate.isascii()):
+    if not (type(predicate) is str and predicate.isascii()):
         predicate = _required_str(obj, "predicate")
-    if not (type(object_text) is str and object_text and object_text.isascii()):
+    if not (type(object_text) is str and object_text.isascii()):
         object_text = _required_str(obj, "object_text")
-    if confidence is not None and not (type(confidence) is float and math.isfinite(confidence)):
+    if confidence is not None and not (type(confidence) is float and 0.0 <= confidence <= 1.0):
         confidence = _optional_confidence(obj, "confidence")  # turns ints to float, or explains
+    if spans is not None and type(spans) is not bool:
+        spans = _optional_bool(obj, "spans_chunks")
+    if relationship_id is not None and not (type(relationship_id) is str and relationship_id.isascii()):
+        relationship_id = _optional_str(obj, "neo4j_relationship_id")
     if context is not None and not (type(context) is str and context.isascii()):
         context = _optional_str(obj, "context")
     if type(rowids) is list:
         rowids = _parse_rowids(rowids, chunks, content_id)
     else:
         rowids = tuple(_list(obj, "chunk_rowids"))  # null/missing -> (); else raises
-    return Relationship(subject, predicate, object_text, confidence, context, rowids)
+    return Relationship(subject, predicate, object_text, confidence, context, rowids, spans, relationship_id)
 
 
 # --- top level -------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import random
 
 
 class BreakerState(str, enum.Enum):
-    CLOSED = "closed"  # send documents
-    OPEN = "open"      # the service is down: claim nothing, probe /health now and then
+    CLOSED = "closed"        # send documents
+    OPEN = "open"            # the service is down: claim nothing, probe /health now and then
+    HALF_OPEN = "half-open"  # up but not healthy ("degraded"): one document tries whether ingests work
 
 
 class CircuitBreaker:
@@ -29,6 +30,17 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self.state is BreakerState.OPEN
 
+    @property
+    def is_half_open(self) -> bool:
+        return self.state is BreakerState.HALF_OPEN
+
+    def allow_trial(self) -> None:
+        """A probe found the service answering but not healthy: let one document find out
+        whether it ingests (a /health that stays "degraded" must not keep claims paused)."""
+        if self.state is BreakerState.OPEN:
+            # OPEN -> HALF_OPEN
+            self.state = BreakerState.HALF_OPEN
+
     def record_success(self) -> None:
         """The service did its job: forget past failures."""
         self.consecutive_failures = 0
@@ -40,6 +52,11 @@ class CircuitBreaker:
         """Count one service failure; returns True when this one opened the breaker."""
         self.consecutive_failures += 1
         if self.state is BreakerState.OPEN:
+            self._schedule_probe(now, retry_after)
+            return False
+        if self.state is BreakerState.HALF_OPEN:
+            # HALF_OPEN -> OPEN: the trial failed; the probe backoff goes on growing.
+            self.state = BreakerState.OPEN
             self._schedule_probe(now, retry_after)
             return False
         if self.consecutive_failures >= self.threshold or retry_after:

@@ -35,6 +35,11 @@ def is_database_fault(exc: BaseException) -> bool:
             or type(exc) is sqlite3.DatabaseError)
 
 
+def is_corruption(exc: BaseException) -> bool:
+    """SQLite found a damaged page (SQLITE_CORRUPT): perhaps only one document's rows."""
+    return isinstance(exc, sqlite3.DatabaseError) and "CORRUPT" in (getattr(exc, "sqlite_errorname", "") or "")
+
+
 def describe_database_fault(exc: BaseException) -> str:
     """The SQLite error and what an operator should look at."""
     if type(exc).__module__.startswith("psycopg"):

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from .answer import IngestResult
 from .endpoints import Endpoint, EndpointPool
 from .errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
 from .heartbeat import SharedCounters
+from .kgclient import HealthVerdict
+
+# A document a not-yet-proven endpoint failed waits this long, so that others go first.
+UNPROVEN_FAILURE_HOLD_BACK = 2.0
 
 
 class Dispatcher:
@@ -20,7 +23,7 @@ class Dispatcher:
         self.counters = counters
         self.log = log
 
-    def send(self, payload: dict[str, Any], rowids: set[int]) -> tuple[IngestResult, float]:
+    def send(self, content_id: int, body: bytes, rowids: set[int]) -> tuple[IngestResult, float]:
         """POST to the next healthy endpoint, and on that endpoint's outage to the next one.
 
         Returns the result and the request's seconds. Raises ServiceUnavailable once every
@@ -34,13 +37,16 @@ class Dispatcher:
             sent = time.monotonic()
             try:
                 # A blip is retried inline only where there is no other endpoint to go to.
-                result = endpoint.client.ingest(payload, rowids, retry_blips=not self.endpoints.has_another(tried))
+                result = endpoint.client.ingest(content_id, body, rowids,
+                                                retry_blips=not self.endpoints.has_another(tried))
+            except InvalidAnswer:
+                self.observe(endpoint, sent, ok=False)
+                raise
             except ItemFailure as exc:
                 self.observe(endpoint, sent, ok=False)
-                # A 500 or timeout while /health also fails is an outage, not this document.
-                if isinstance(exc, InvalidAnswer) or endpoint.client.health():
+                outage = self.blame(endpoint, exc)
+                if outage is None:
                     raise
-                outage = ServiceUnavailable(str(exc))
             except ServiceUnavailable as exc:
                 self.observe(endpoint, sent, ok=False)
                 outage = exc
@@ -48,16 +54,45 @@ class Dispatcher:
                 self.observe(endpoint, sent, ok=True)
                 raise
             else:
+                endpoint.answered_since_failure = True
                 return result, self.observe(endpoint, sent, ok=True)
+            endpoint.answered_since_failure = False
             self.endpoint_down(endpoint, outage)
         raise outage
 
+    def blame(self, endpoint: Endpoint, exc: ItemFailure) -> ServiceUnavailable | None:
+        """Whose fault is a 500 or a timeout: None when the document's (charge it), else the outage.
+
+        The document's when the endpoint has answered another document since its last failure
+        (it ingests; this one broke it), or when /health says "healthy". Otherwise, a service
+        that is "degraded", "unhealthy" or gone has not shown it can ingest anything, and the
+        document goes back uncharged, held back a moment so that other documents go first and
+        can show whether the service works.
+        """
+        if endpoint.answered_since_failure:
+            endpoint.answered_since_failure = False
+            return None
+        verdict = endpoint.client.check_health()
+        if verdict is HealthVerdict.HEALTHY:
+            return None
+        return ServiceUnavailable(f"{exc} (not charged: {endpoint.url} has ingested no other document "
+                                  f"since its last failure and /health says {verdict.value})",
+                                  hold_back=UNPROVEN_FAILURE_HOLD_BACK)
+
     def probe_endpoints(self, mono: float) -> None:
-        """Ask /health of each endpoint whose breaker is open and whose probe is due."""
+        """Ask /health of each endpoint whose breaker is open and whose probe is due.
+
+        "healthy" closes the breaker. "degraded" or "unhealthy" lets one document try (the real
+        service may ingest while it says so, and may say so for ever); no answer keeps it open.
+        """
         for endpoint in self.endpoints.probes_due(mono):
-            if endpoint.client.health():
+            verdict = endpoint.client.check_health()
+            if verdict is HealthVerdict.HEALTHY:
                 endpoint.breaker.record_success()
                 self.log.info("KG service at %s is healthy again; resuming", endpoint.url)
+            elif verdict.answering:
+                endpoint.breaker.allow_trial()
+                self.log.info("KG service at %s says %s; trying one document", endpoint.url, verdict.value)
             else:
                 endpoint.breaker.record_failure(mono)
                 self.log.info("KG service at %s still down; next probe in %.1fs", endpoint.url,

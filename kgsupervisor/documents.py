@@ -37,7 +37,7 @@ def _metadata(raw: str | None, tags: str | None, notes: list[str]) -> dict[str, 
     meta: dict[str, Any] = {}
     if raw:
         try:
-            parsed = json.loads(raw)
+            parsed = json.loads(raw, parse_constant=_refuse_constant)
         except ValueError:
             parsed = None
             notes.append("metadata is not JSON; sent without it")
@@ -49,8 +49,24 @@ def _metadata(raw: str | None, tags: str | None, notes: list[str]) -> dict[str, 
                 meta = parsed
             else:
                 notes.append(f"metadata is JSON {type(parsed).__name__}, not an object; sent without it")
-    meta["tags"] = tags
+    # The upstream's rule: tags only when the column has some, never over the metadata's own.
+    if tags and "tags" not in meta:
+        meta["tags"] = tags
     return meta
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: Python reads them, but no request could carry them."""
+    raise ValueError(f"{name} is not JSON")
+
+
+def encode_payload(payload: dict[str, Any]) -> bytes:
+    """The request body; a document that cannot be put into JSON is rejected (its own fault,
+    never taken for an outage of the service)."""
+    try:
+        return json.dumps(payload, allow_nan=False).encode("ascii")
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise DocumentRejected(f"document cannot be sent as JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def build_payload(conn: sqlite3.Connection, content_id: int) -> tuple[dict[str, Any], list[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .breaker import CircuitBreaker
+from .breaker import BreakerState, CircuitBreaker
 from .config import Settings
 from .kgclient import KGClient
 
@@ -18,6 +18,9 @@ class Endpoint:
     requests: int = 0
     failures: int = 0  # outages and item failures seen here
     latency_seconds: float = 0.0  # summed over `requests`
+    # Has it answered a document with a result since its last failure? Then a 500 or a timeout
+    # is that document's own fault, whatever /health says (see Dispatcher.blame).
+    answered_since_failure: bool = False
 
     @property
     def url(self) -> str:
@@ -65,7 +68,8 @@ class EndpointPool:
         endpoints = []
         for url in settings.service_urls():
             client = KGClient(url, settings.service_timeout, token=token,
-                              max_answer_bytes=int(settings.max_answer_mb * 1024 * 1024))
+                              max_answer_bytes=int(settings.max_answer_mb * 1024 * 1024),
+                              max_retry_after=settings.retry_backoff_max)
             client.health_status.enabled = settings.service_enabled
             endpoints.append(Endpoint(client, CircuitBreaker(threshold=settings.breaker_threshold)))
         return cls(endpoints, first=worker_id)
@@ -77,6 +81,11 @@ class EndpointPool:
 
     def healthy_count(self) -> int:
         return sum(1 for e in self.endpoints if not e.breaker.is_open)
+
+    @property
+    def trial_only(self) -> bool:
+        """No breaker closed, one half-open: claim a single document to try the service with."""
+        return not any(e.breaker.state is BreakerState.CLOSED for e in self.endpoints)
 
     def choose(self, exclude: list[Endpoint] | tuple[Endpoint, ...] = ()) -> Endpoint | None:
         """The next endpoint with a closed breaker not in `exclude`, or None."""

@@ -30,9 +30,16 @@ class ServiceUnavailable(KGSupervisorError):
     The worker releases its claims without charging an attempt and feeds its circuit breaker.
     """
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: float | None = None,
+                 hold_back: float | None = None) -> None:
+        self.retry_after = retry_after  # the service asked for this many seconds (Retry-After)
+        self.hold_back = hold_back  # our own: how long the released document waits, if at all
         super().__init__(message)
+
+    @property
+    def requeue_delay(self) -> float | None:
+        """Seconds a document released for this outage waits before it may be claimed again."""
+        return self.retry_after or self.hold_back
 
 
 class ItemFailure(KGSupervisorError):

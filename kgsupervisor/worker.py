@@ -16,8 +16,8 @@ from .config import Settings, require_db
 from .backend import connect_to, describe, open_database
 from .commitwatch import commit_watch
 from .db import LockRetry
-from .dbfault import DatabasePause, describe_database_fault, is_database_fault
-from .documents import build_payload
+from .dbfault import DatabasePause, describe_database_fault, is_corruption, is_database_fault
+from .documents import build_payload, encode_payload
 from .heartbeat import SharedCounters
 from .errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
 from .dispatch import Dispatcher
@@ -107,9 +107,11 @@ class KGWorker:
         """Under a supervisor: TERM drains this worker; INT and HUP belong to the supervisor.
 
         A Ctrl-C reaches the whole process group: ignoring it here lets the supervisor drain
-        instead of every worker dying mid-write.
+        instead of every worker dying mid-write. A TERM to the whole group (GNU timeout,
+        `kill -- -PGID`) arrives twice, from the sender and from the draining supervisor: both
+        are the same drain. The supervisor stops a worker at once with SIGKILL, never a TERM.
         """
-        signal.signal(signal.SIGTERM, self.handle_stop_signal)
+        signal.signal(signal.SIGTERM, self.handle_drain_signal)
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
             signal.signal(sig, signal.SIG_IGN)
         signal.signal(signal.SIGUSR1, self.handle_usr1)
@@ -121,6 +123,11 @@ class KGWorker:
     def stop_claiming(self) -> None:
         """Called by the lease keeper when the supervisor is gone."""
         self.alive = False
+
+    def handle_drain_signal(self, signum: int, frame: Any) -> None:
+        """Under a supervisor: finish the document in hand, then exit; a repeat changes nothing."""
+        self.alive = False
+        self._wakeups.put_nowait(signum)
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
@@ -256,14 +263,16 @@ class KGWorker:
         self.requeue_expired(now)
         if not self.alive:  # stopped (or orphaned) since the loop last looked: claim nothing
             return 0.0
+        # While the service is only on trial (a half-open breaker), one document finds out.
+        limit = 1 if self.endpoints.trial_only else self.settings.batch_size
         claims = self.lock_retry(lambda: self.queue.claim(
-            self.owner, uuid.uuid4().hex, self.settings.batch_size, self.settings.lease_seconds, now))
+            self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
         if not claims:
             self.set_state(WorkerState.IDLE)
             return self.settings.poll_interval
         self.process_batch(claims)
         # A full batch means there is probably more: claim again at once (the upstream slept).
-        return 0.0 if len(claims) == self.settings.batch_size else self.settings.poll_interval
+        return 0.0 if len(claims) == limit else self.settings.poll_interval
 
     def requeue_expired(self, now: float) -> None:
         if now - self._last_requeue < min(REQUEUE_EXPIRED_EVERY, self.settings.lease_seconds / 2):
@@ -338,13 +347,17 @@ class KGWorker:
     def process_one(self, claim: Claim) -> Answered | None:
         """One document from claimed to an outcome (failed, retried later, released) or to an
         answer in hand, returned for the group write-back."""
+        if claim.problem:
+            self.fail_document(claim, claim.problem)  # this row alone: nothing else waits on it
+            return None
         self.log.extra["content_id"] = claim.content_id
         self.stats.set_current(claim.content_id)
         self.set_state(WorkerState.BUSY)
         self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
         try:
-            payload, notes = build_payload(self.conn, claim.content_id)
-            result, took = self.dispatch.send(payload, {c["vector_rowid"] for c in payload["chunks"]})
+            payload, notes = self.read_document(claim)
+            result, took = self.dispatch.send(claim.content_id, encode_payload(payload),
+                                              {c["vector_rowid"] for c in payload["chunks"]})
         except DocumentRejected as exc:
             self.fail_document(claim, str(exc))
         except InvalidAnswer as exc:
@@ -363,6 +376,23 @@ class KGWorker:
         else:
             return Answered(claim, result, notes, at=time.monotonic(), took=took)
         return None
+
+    def read_document(self, claim: Claim) -> tuple[dict[str, Any], list[str]]:
+        """The document's request; a damaged page in its own rows rejects it alone.
+
+        When reading the document hits SQLITE_CORRUPT but its queue row still reads, the damage
+        is in this document's rows (a chunk's overflow page, say): no retry can help it, and
+        the rest of the queue must not wait on it. A database that cannot be read at all fails
+        that probe too, and the fault pauses the worker as any other database fault.
+        """
+        try:
+            return build_payload(self.conn, claim.content_id)
+        except Exception as exc:
+            if not is_corruption(exc):
+                raise
+            self.conn.execute("SELECT status FROM kg_processing_queue WHERE id = ?", (claim.id,)).fetchone()
+            raise DocumentRejected(f"the document's rows cannot be read from the database: "
+                                   f"{describe_database_fault(exc)}") from None
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -393,7 +423,7 @@ class KGWorker:
     def release_for_outage(self, claim: Claim, exc: ServiceUnavailable) -> None:
         """PROCESSING -> PENDING with no attempt charged: no endpoint could take the document."""
         now = time.time()
-        not_before = now + exc.retry_after if exc.retry_after else None
+        not_before = now + exc.requeue_delay if exc.requeue_delay else None
         self.stats.record_released(self.lock_retry(lambda: self.queue.release([claim], not_before)))
         self.log.warning("KG service unavailable, document released: %s", exc)
 

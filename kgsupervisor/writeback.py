@@ -21,32 +21,67 @@ COMPLETE_SQL = """
 ENTITY_SQL = """
     INSERT INTO chunk_entities (chunk_rowid, content_id, entity_text, entity_normalized,
         entity_type_primary, entity_type_sub1, entity_type_sub2, entity_type_sub3, confidence,
-        offset_start, offset_end, spans_multiple_chunks, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+        offset_start, offset_end, neo4j_node_id, spans_multiple_chunks, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 RELATIONSHIP_SQL = """
     INSERT INTO chunk_relationships (content_id, subject_entity, predicate, object_entity,
-        confidence, context, spans_chunks, chunk_rowids, created_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+        confidence, context, neo4j_relationship_id, spans_chunks, chunk_rowids, created_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 DOCUMENT_SQL = """
     UPDATE crawled_content SET kg_processed = 1, kg_entity_count = ?, kg_relationship_count = ?,
            kg_document_id = ?, kg_processed_at = ? WHERE id = ?"""
 
 
 def _entity_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
+    """One row per chunk appearance, as the upstream writes them: neo4j_node_id is the
+    document's node, and spans_multiple_chunks the service's own flag (0/1: PostgreSQL's
+    column is an integer too), computed only when an older service leaves it out."""
     rows = []
+    node_id = result.neo4j_document_id
     for e in result.entities:
-        spans = int(len({a.vector_rowid for a in e.appearances}) > 1)  # 0/1: PostgreSQL's column is an integer too
+        spans = e.spans_multiple_chunks
+        if spans is None:
+            spans = len({a.vector_rowid for a in e.appearances}) > 1
         for a in e.appearances:
             rows.append((a.vector_rowid, content_id, e.text, e.normalized, e.type_primary,
                          e.type_sub1, e.type_sub2, e.type_sub3, e.confidence,
-                         a.offset_start, a.offset_end, spans, stamp))
+                         a.offset_start, a.offset_end, node_id, int(spans), stamp))
     return rows
 
 
 def _relationship_rows(content_id: int, result: IngestResult, stamp: str) -> list[tuple]:
-    return [(content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
-             int(len(set(r.chunk_rowids)) > 1), _json_int_list(r.chunk_rowids), stamp)
-            for r in result.relationships]
+    """One row per relationship; spans_chunks as the service gave it (see _spans_chunks)."""
+    chunks_of: dict[str, set[int]] | None = None
+    rows = []
+    for r in result.relationships:
+        spans = r.spans_chunks
+        if spans is None:
+            if chunks_of is None:
+                chunks_of = _chunks_by_entity_text(result)
+            spans = _spans_chunks(r.subject_text, r.object_text, r.chunk_rowids, chunks_of)
+        rows.append((content_id, r.subject_text, r.predicate, r.object_text, r.confidence, r.context,
+                     r.neo4j_relationship_id, int(spans), _json_int_list(r.chunk_rowids), stamp))
+    return rows
+
+
+def _chunks_by_entity_text(result: IngestResult) -> dict[str, set[int]]:
+    chunks_of: dict[str, set[int]] = {}
+    for e in result.entities:
+        chunks_of.setdefault(e.text, set()).update(a.vector_rowid for a in e.appearances)
+    return chunks_of
+
+
+def _spans_chunks(subject: str, obj: str, rowids: tuple[int, ...],
+                  chunks_of: dict[str, set[int]]) -> bool:
+    """The service's definition for an answer that omits it: subject and object share no chunk.
+
+    Where the answer does not place both entities, the best the relationship itself tells is
+    whether it was found in more than one chunk.
+    """
+    subject_chunks, object_chunks = chunks_of.get(subject), chunks_of.get(obj)
+    if subject_chunks and object_chunks:
+        return subject_chunks.isdisjoint(object_chunks)
+    return len(set(rowids)) > 1
 
 
 def _without_nul(rows: list[tuple]) -> list[tuple]:

@@ -83,8 +83,8 @@ def fault_server() -> Iterator[Callable[..., FaultServer]]:
     """Factory of scripted faulty KG services; all are closed at teardown."""
     servers: list[FaultServer] = []
 
-    def start(behaviour=None, healthy: bool = True) -> FaultServer:
-        servers.append(FaultServer(behaviour, healthy))
+    def start(behaviour=None, healthy: bool = True, health_status: str = "healthy") -> FaultServer:
+        servers.append(FaultServer(behaviour, healthy, health_status=health_status))
         return servers[-1]
 
     yield start

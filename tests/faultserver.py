@@ -10,7 +10,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kgsupervisor.devservice import extract
+from kgsupervisor.devextract import extract
 
 # A behaviour gets (payload, request number) and returns (status, body, headers), or None to
 # answer like the reference service. It may sleep, or return the string "reset" to drop the
@@ -25,11 +25,18 @@ STALL_MID_BODY = "stall-mid-body"
 
 
 class FaultServer:
-    """Runs in a thread; `behaviour` and `healthy` may be changed while it serves."""
+    """Runs in a thread; `behaviour`, `healthy` and `health_status` may be changed while it serves.
 
-    def __init__(self, behaviour: Behaviour | None = None, healthy: bool = True, port: int = 0) -> None:
+    Healthy, /health answers 200 with `health_status` as the real service does ("healthy",
+    "degraded" or "unhealthy"); not healthy, it answers 503.
+    """
+
+    def __init__(self, behaviour: Behaviour | None = None, healthy: bool = True, port: int = 0,
+                 health_status: str = "healthy") -> None:
         self.behaviour = behaviour
         self.healthy = healthy
+        self.health_status = health_status
+        self.health_checks = 0
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
@@ -113,8 +120,10 @@ class FaultServer:
                     self.close_connection = True
 
             def do_GET(self) -> None:
+                with server._lock:
+                    server.health_checks += 1
                 if server.healthy:
-                    self._send(200, b'{"status": "healthy"}')
+                    self._send(200, json.dumps({"status": server.health_status, "services": {}}).encode())
                 else:
                     self._send(503, b'{"status": "down"}')
 
@@ -142,6 +151,11 @@ class FaultServer:
                 self._send(status, body if isinstance(body, bytes) else json.dumps(body).encode(), headers)
 
         return Handler
+
+
+def service_error(error: str, error_type: str = "ProcessingError") -> dict:
+    """The real service's error body (CONTRACT §3)."""
+    return {"success": False, "error": error, "error_type": error_type, "timestamp": "2026-11-30T00:00:00"}
 
 
 def reference_answer(payload: dict) -> dict:

@@ -155,9 +155,58 @@ def test_null_lists_are_empty():
     assert result.entities == () and result.relationships == ()
 
 
-def test_empty_normalized_falls_back_to_text():
-    result = parse(answer(entities=[entity(text="ÄDA", normalized="")]))
-    assert result.entities[0].normalized == "äda"
+def test_missing_normalized_falls_back_to_text_but_an_empty_one_is_kept_as_the_upstream_writes_it():
+    ent = entity(text="ÄDA")
+    del ent["normalized"]
+    assert parse(answer(entities=[ent])).entities[0].normalized == "äda"
+    assert parse(answer(entities=[entity(text="ÄDA", normalized="")])).entities[0].normalized == ""
+
+
+@pytest.mark.parametrize(("kind", "key"), [
+    ("entity", "text"), ("entity", "normalized"), ("entity", "type_sub1"),
+    ("relationship", "subject_text"), ("relationship", "predicate"), ("relationship", "object_text"),
+    ("relationship", "context"),
+])
+def test_empty_strings_the_real_model_allows_are_valid(kind, key):
+    if kind == "entity":
+        result = parse(answer(entities=[entity(**{key: ""})]))
+        assert getattr(result.entities[0], key) == ""
+    else:
+        result = parse(answer(relationships=[relationship(**{key: ""})]))
+        assert getattr(result.relationships[0], key) == ""
+
+
+@pytest.mark.parametrize("value", [-0.01, 1.01, 2, -1])
+def test_confidence_outside_0_to_1_is_refused_as_the_real_model_does(value):
+    rejects(answer(entities=[entity(confidence=value)]),
+            f"answer.entities[0].confidence is {value!r}, must be from 0 to 1")
+    rejects(answer(relationships=[relationship(confidence=value)]),
+            f"answer.relationships[0].confidence is {value!r}, must be from 0 to 1")
+
+
+def test_the_services_span_flags_are_kept_and_must_be_booleans():
+    result = parse(answer(entities=[entity(spans_multiple_chunks=True)],
+                          relationships=[relationship(spans_chunks=False, neo4j_relationship_id="5:r")]))
+    assert result.entities[0].spans_multiple_chunks is True
+    assert result.relationships[0].spans_chunks is False
+    assert result.relationships[0].neo4j_relationship_id == "5:r"
+    omitted = parse(answer())
+    assert omitted.entities[0].spans_multiple_chunks is None and omitted.relationships[0].spans_chunks is None
+    rejects(answer(entities=[entity(spans_multiple_chunks="yes")]),
+            "answer.entities[0].spans_multiple_chunks must be true, false or null, got str")
+    rejects(answer(relationships=[relationship(spans_chunks=1)]),
+            "answer.relationships[0].spans_chunks must be true, false or null, got int")
+
+
+@pytest.mark.parametrize("value", [2**31, 2**63, 2**64 + 5])
+def test_an_offset_no_database_column_holds_is_an_invalid_answer(value):
+    rejects(entities_answer(entity(chunk_appearances=[{"vector_rowid": 101, "offset_start": 0,
+                                                       "offset_end": value}])),
+            f"answer.entities[0].chunk_appearances[0].offset_end is {value}, must be from 0 to 2**31-1")
+
+
+def test_a_count_beyond_64_bits_is_an_invalid_answer():
+    rejects(answer(entities_extracted=2**63), "answer.entities_extracted is 9223372036854775808, must be from 0")
 
 
 def test_extracted_counts_need_not_match():
@@ -371,7 +420,7 @@ def test_item_limit_inclusive():
 
 @pytest.mark.parametrize("key", ["entities_extracted", "relationships_extracted"])
 def test_extracted_counts_invalid(key):
-    rejects(answer(**{key: -1}), f"answer.{key} is -1, must be >= 0")
+    rejects(answer(**{key: -1}), f"answer.{key} is -1, must be from 0 to 2**63-1")
     rejects(answer(**{key: "3"}), f"answer.{key} must be an integer or null, got str")
     rejects(answer(**{key: 2.0}), f"answer.{key} must be an integer or null, got float")
     rejects(answer(**{key: False}), f"answer.{key} must be an integer or null, got bool")
@@ -396,11 +445,11 @@ def test_entity_text_wrong_type():
             "answer.entities[0].text must be a string, got null")
 
 
-def test_entity_text_missing_or_empty():
+def test_entity_text_missing_or_not_a_string():
     ent = entity()
     del ent["text"]
     rejects(entities_answer(entity(), ent), "answer.entities[1].text is missing")
-    rejects(entities_answer(entity(text="")), "answer.entities[0].text must not be empty")
+    rejects(entities_answer(entity(text=None)), "answer.entities[0].text must be a string, got null")
 
 
 @pytest.mark.parametrize("key", ["normalized", "type_primary", "type_sub1", "type_sub2",
@@ -464,7 +513,7 @@ def test_appearance_rowid_missing():
 def test_appearance_offsets_invalid(key):
     where = f"answer.entities[0].chunk_appearances[0].{key}"
     rejects(entities_answer(entity(chunk_appearances=[{"vector_rowid": 101, key: -1}])),
-            f"{where} is -1, must be >= 0")
+            f"{where} is -1, must be from 0 to 2**31-1")
     rejects(entities_answer(entity(chunk_appearances=[{"vector_rowid": 101, key: 1.5}])),
             f"{where} must be an integer or null, got float")
     rejects(entities_answer(entity(chunk_appearances=[{"vector_rowid": 101, key: "1"}])),
@@ -494,8 +543,6 @@ def test_relationship_not_object():
 def test_relationship_required_strings(key):
     rejects(relationships_answer(relationship(**{key: 1})),
             f"answer.relationships[0].{key} must be a string, got int")
-    rejects(relationships_answer(relationship(**{key: ""})),
-            f"answer.relationships[0].{key} must not be empty")
     rel = relationship()
     del rel[key]
     rejects(relationships_answer(rel), f"answer.relationships[0].{key} is missing")

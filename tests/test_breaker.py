@@ -31,3 +31,22 @@ def test_retry_after_opens_at_once_and_delays_the_probe():
     b = CircuitBreaker(threshold=5, probe_base=0.5)
     assert b.record_failure(10.0, retry_after=30.0)
     assert not b.probe_due(39.0) and b.probe_due(40.0)
+
+
+def test_a_trial_after_a_probe_closes_on_success_and_reopens_with_a_longer_wait_on_failure():
+    b = CircuitBreaker(threshold=1, probe_base=1.0, probe_cap=8.0)
+    b.record_failure(0.0)
+    first_wait = b.next_probe_at
+    b.allow_trial()
+    assert b.is_half_open and not b.is_open
+    assert not b.record_failure(first_wait), "a failed trial is no new opening"
+    assert b.is_open and b.next_probe_at - first_wait > 1.0 * 1.2, "the probe backoff kept growing"
+    b.allow_trial()
+    b.record_success()
+    assert b.state is BreakerState.CLOSED
+
+
+def test_allow_trial_does_nothing_to_a_closed_breaker():
+    b = CircuitBreaker()
+    b.allow_trial()
+    assert b.state is BreakerState.CLOSED

@@ -108,3 +108,37 @@ def test_endpoints_nobody_has_asked_yet_are_listed_as_unknown():
     status = kg_service_status([{"stats": {"kg_service": fresh}}], "http://b", True)
     [b] = status["endpoints"]
     assert b["url"] == "http://b" and b["is_healthy"] is None and b["requests"] == 0 and b["latency_ms_mean"] is None
+
+
+def test_a_500_before_the_endpoint_ingested_anything_is_not_charged_while_health_says_degraded(
+        conn, db_path, fault_server, worker_factory):
+    seed(conn, 3)
+    service = fault_server(lambda payload, n: (500, {"error": "Processing failed: LLM down"}) if n == 0 else None,
+                           health_status="degraded")
+    w = worker_factory(make_settings(db_path, service.url, max_attempts=3))
+    drive(w, lambda: status_counts(conn) == {"completed": 3})
+    assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
+    assert service.health_checks == 1, "/health asked once, for the unproven failure"
+    assert [p["content_id"] for p in service.requests][:3] == [1, 2, 3], "the failed document was held back"
+
+
+def test_a_500_after_the_endpoint_ingested_another_document_is_charged_whatever_health_says(
+        conn, db_path, fault_server, worker_factory):
+    seed(conn, 2)
+    service = fault_server(lambda payload, n: (500, {"error": "Processing failed: bad input"}) if n == 1 else None,
+                           health_status="unhealthy")
+    w = worker_factory(make_settings(db_path, service.url, max_attempts=3))
+    drive(w, lambda: status_counts(conn) == {"completed": 2})
+    assert [r[0] for r in conn.execute("SELECT retry_count FROM kg_processing_queue ORDER BY id")] == [0, 1]
+    assert service.health_checks == 0, "the endpoint had just ingested a document: no need to ask"
+
+
+def test_a_500_saying_the_processor_is_not_initialized_is_an_outage_even_when_health_says_healthy(
+        conn, db_path, fault_server, worker_factory):
+    seed(conn, 2)
+    not_ready = {"success": False, "error": "Processing failed: 503: KG processor not initialized",
+                 "error_type": "ProcessingError", "timestamp": "2026-11-30T00:00:00"}
+    service = fault_server(lambda payload, n: (500, not_ready) if n < 3 else None)
+    w = worker_factory(make_settings(db_path, service.url, max_attempts=2))
+    drive(w, lambda: status_counts(conn) == {"completed": 2})
+    assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0

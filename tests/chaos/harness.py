@@ -15,7 +15,7 @@ import requests
 
 from kgsupervisor.backend import connect_to
 from kgsupervisor.pgdb import PGConnection, is_postgres_url
-from kgsupervisor.devservice import extract
+from kgsupervisor.devextract import extract
 from kgsupervisor.documents import build_payload
 
 from ..conftest import KGSUPERVISOR, free_port, wait_for
@@ -182,6 +182,15 @@ def record(outcome: Outcome) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+
+
+def record_hostile(given: str, outcome: str, charged: str) -> None:
+    """One row of docs/reliability.md's hostile input table: what was given, what became of it,
+    and whether a document was charged an attempt. Call it after the case's assertions passed."""
+    path = os.environ.get("KG_RELIABILITY_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": "hostile", "input": given, "outcome": outcome, "charged": charged}) + "\n")
 
 
 def open_any(target: str) -> Any:
