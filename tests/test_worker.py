@@ -178,7 +178,8 @@ def test_500s_while_health_fails_are_an_outage_not_item_failures(conn, db_path, 
 def test_429_with_retry_after_postpones_without_charging(conn, db_path, fault_server, worker_factory):
     seed(conn, 1)
     server = fault_server(lambda payload, n: (429, {"error": "slow down"}, {"Retry-After": "30"}))
-    w = worker_factory(make_settings(db_path, server.url))
+    # Retry-After is capped at KG_RETRY_BACKOFF_MAX (make_settings': 0.2 s): raise it above 30 s.
+    w = worker_factory(make_settings(db_path, server.url, retry_backoff_max=60.0))
     drive(w, lambda: w.endpoints.all_down)
     status, retries, not_before = conn.execute(
         "SELECT status, retry_count, not_before FROM kg_processing_queue").fetchone()
