@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import DatabaseError
+from .masking import HIDDEN_PASSWORD, Mask, hide_credentials, password_span, secrets_in
 
 URL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -22,8 +23,26 @@ def is_postgres(conn: object) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL (or a message quoting URLs) without its password, wherever it is given: after
+    `user:` (up to the last @, so a careless password is hidden whole), in a password=
+    parameter, or in a key=value string. The one masking of database URLs: beyond the parse of
+    one URL, it is masking.hide_credentials, which the logs apply to every line."""
+    span = password_span(url)
+    if span is not None:
+        url = url[:span[0]] + HIDDEN_PASSWORD + url[span[1]:]
+    return hide_credentials(url)
+
+
+def unescaped_at(url: str) -> str | None:
+    """Why `url` cannot be right when its user:password part holds an unescaped @ or /, else None.
+
+    libpq ends the userinfo at the first @ (or takes it for the host at a /), makes a host or a
+    port of the rest of the password, then quotes that in its error: say what is wrong instead.
+    """
+    userinfo = re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0].rpartition("@")[0]
+    if "@" in userinfo or "/" in userinfo:
+        return "the user:password part holds an unescaped @ or / (write them as %40 and %2F)"
+    return None
 
 
 @functools.lru_cache(maxsize=256)
@@ -47,12 +66,17 @@ class PGConnection:
 
     def _connect(self) -> Any:
         import psycopg  # only a PostgreSQL database needs the driver
+        problem = unescaped_at(self.url)
+        if problem:
+            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(self.url)}: {problem}")
         try:
             raw = psycopg.connect(self.url, autocommit=True, application_name=self.application_name,
                                   connect_timeout=10)
         except psycopg.Error as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(self.url)}: {first}") from None
+            # libpq quotes what it could not parse: the whole URL, or a piece of the password.
+            shown = Mask(secrets_in(self.url))(first)
+            raise DatabaseError(f"cannot connect to PostgreSQL at {redact(self.url)}: {shown}") from None
         for channel in self.channels:
             raw.execute(f"LISTEN {channel}")
         return raw

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 
@@ -15,6 +16,43 @@ def set_process_name(name: str) -> None:
             f.write(name[:15])
     except OSError:
         pass
+
+
+def mask_command_line(mask: Callable[[str], str]) -> bool:
+    """Rewrite this process's command line, as ps and /proc/PID/cmdline show it to every user,
+    with `mask` applied to each argument (a password given in --db or --service-url); forked
+    children inherit it. Best effort, Linux only: True when something was masked.
+    """
+    try:
+        start, end = _argument_area()
+        with open("/proc/self/mem", "r+b", buffering=0) as memory:
+            memory.seek(start)
+            area = memory.read(end - start)
+            masked = _masked_arguments(area, mask)
+            if masked == area:
+                return False
+            memory.seek(start)
+            memory.write(masked)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _argument_area() -> tuple[int, int]:
+    """Where the kernel keeps our argv strings: arg_start and arg_end (fields 48 and 49 of
+    /proc/self/stat, counted after the parenthesised name, which may hold blanks)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return int(fields[45]), int(fields[46])
+
+
+def _masked_arguments(area: bytes, mask: Callable[[str], str]) -> bytes:
+    """The NUL-separated arguments masked one by one, in exactly the area's length: padded with
+    NULs (the kernel shows up to the last one), or cut short if masks made them longer."""
+    arguments = area.rstrip(b"\0").split(b"\0")
+    text = b"\0".join(os.fsencode(mask(os.fsdecode(a))) for a in arguments)
+    return text[:len(area) - 1].ljust(len(area), b"\0")
 
 
 def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> bool:

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .heartbeat import SharedCounters
+from .masking import hide_credentials, hide_in
 
 log = logging.getLogger("kgsupervisor.stats")
 
@@ -42,7 +43,10 @@ class WorkerStats:
     counters: SharedCounters = dataclasses.field(default_factory=SharedCounters, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counters"}
+        """What is published: the KG service URLs without their credentials (they reach /health)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "counters"}
+        values["kg_service"] = hide_in(self.kg_service)
+        return values
 
     def record_outcome(self, succeeded: bool) -> None:
         """A document reached its end: completed or failed for good."""
@@ -123,7 +127,7 @@ def kg_service_status(details: list[dict[str, Any]], url: str, enabled: bool) ->
     reports = [r for r in every if r.get("last_health_check")]
     latest = max(reports, key=lambda r: r["last_health_check"], default={})
     return {
-        "enabled": enabled, "url": url,
+        "enabled": enabled, "url": hide_credentials(url),
         "is_healthy": latest.get("is_healthy") if enabled else False,
         "last_health_check": latest.get("last_health_check"),
         "consecutive_failures": max((r.get("consecutive_failures") or 0 for r in reports), default=0),

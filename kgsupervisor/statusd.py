@@ -15,6 +15,7 @@ from typing import Any
 
 from . import metrics
 from .errors import KGSupervisorError
+from .logs import host_port
 from .procname import become_helper_child
 
 log = logging.getLogger("kgsupervisor.statusd")
@@ -39,11 +40,11 @@ def bind(addr: tuple[str, int]) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise KGSupervisorError(f"status address {host}:{port} cannot be used: {exc.strerror} "
+        raise KGSupervisorError(f"status address {host_port(host, port)} cannot be used: {exc.strerror} "
                                 f"(choose another with --status-addr, or --status-addr off)") from None
     sock.listen(64)
     if not is_loopback(host):
-        log.warning("status endpoint listens on %s:%d, beyond this host; it has no authentication", host, port)
+        log.warning("status endpoint listens on %s, beyond this host; it has no authentication", host_port(host, port))
     return sock
 
 
@@ -61,6 +62,7 @@ class StatusServer(ThreadingHTTPServer):
 
 class StatusHandler(BaseHTTPRequestHandler):
     server: StatusServer
+    server_version = "kgsupervisor-status"  # how `health` knows its 503 "not answering" is ours
 
     def log_message(self, *args: Any) -> None:  # scrapes every few seconds are not news
         pass
