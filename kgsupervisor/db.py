@@ -36,8 +36,13 @@ def check_is_sqlite_file(path: str) -> None:
     process holds on it, including those of its live connections, and a neighbour closing
     its connection would then delete the WAL under them.
     """
-    if not os.path.exists(path):
-        raise DatabaseError(f"database {path!r} does not exist (create it with: kgsupervisor init-db --db {path})")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise DatabaseError(f"database {path!r} does not exist (create it with: kgsupervisor init-db --db {path})") from None
+    except OSError as exc:  # not "does not exist": a directory on the way cannot be searched, or is a file
+        raise DatabaseError(f"database {path!r} cannot be reached: {exc.strerror} "
+                            f"(check the directories on its path)") from None
     if os.path.isdir(path):
         raise DatabaseError(f"database {path!r} is a directory, not an SQLite file")
     if not os.access(path, os.R_OK):

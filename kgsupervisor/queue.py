@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from .db import transaction
+from .errors import ConfigError, DatabaseError
+from .masking import hide_credentials
 from .pgdb import is_postgres
 from .schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from .states import ALL_JOB_STATUSES, JobStatus
@@ -47,6 +51,28 @@ class Claim:
     priority: int
     owner: str
     token: str
+    # Why this row cannot be processed (a content_id that is not a document id), or None.
+    problem: str | None = None
+
+
+def _whole(value: object) -> int | None:
+    """An integer column's value, or None when the row holds something else (text, a real)."""
+    return value if type(value) is int else None
+
+
+def claim_from_row(row: Sequence, owner: str, token: str) -> Claim:
+    """A Claim for a claimed row; a row whose values no worker could use carries its problem.
+
+    SQLite stores whatever the upstream wrote: one row with text in content_id must fail alone,
+    not crash every worker that claims it. A priority or retry count that is not an integer
+    only orders or counts the row, which goes on as 0.
+    """
+    qid, content_id, retry_count, priority = row[0], row[1], row[2], row[3]
+    problem = None
+    if _whole(content_id) is None:
+        problem = (f"queue row {qid} has content_id {str(content_id)[:60]!r} "
+                   f"({type(content_id).__name__}), not a crawled_content id")
+    return Claim(qid, content_id, _whole(retry_count) or 0, _whole(priority) or 0, owner, token, problem)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +91,44 @@ class CrashRelease:
     released: int
     in_flight: list[int]
     poisoned: list[int]
+
+
+# What an INTEGER column holds in SQLite, and a BIGINT in PostgreSQL.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# How rows whose status is NULL or empty are counted (the counts table keeps both as '').
+NO_STATUS = "(none)"
+
+
+def check_int64(name: str, values: Iterable[int]) -> None:
+    """Refuse, before any statement, a number the database cannot hold (the driver overflows)."""
+    for value in values:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ConfigError(name, value, f"an integer from {INT64_MIN} to {INT64_MAX} (the database's 64-bit range)")
+
+
+@contextmanager
+def insert_refusals() -> Iterator[None]:
+    """A NOT NULL column without a default that kgsupervisor does not fill refuses every insert
+    into the queue: say which column in one line, not a traceback per enqueue."""
+    try:
+        yield
+    except Exception as exc:
+        column = _not_null_column(exc)
+        if column is None:
+            raise
+        raise DatabaseError(f"cannot queue documents: column {column} is NOT NULL without a default and "
+                            f"kgsupervisor does not set it (give it a DEFAULT, or drop NOT NULL)") from None
+
+
+def _not_null_column(exc: BaseException) -> str | None:
+    """`table.column` of a NOT NULL violation (SQLite or PostgreSQL), else None."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        match = re.match(r"NOT NULL constraint failed: (\S+)", str(exc))
+        return match.group(1) if match else None
+    if getattr(exc, "sqlstate", None) == "23502":  # psycopg's NotNullViolation
+        diag = getattr(exc, "diag", None)
+        return f"{getattr(diag, 'table_name', '?')}.{getattr(diag, 'column_name', '?')}"
+    return None
 
 
 def backoff_delay(retry_count: int, base: float, cap: float) -> float:
@@ -94,9 +158,10 @@ class LeasedQueue:
             self.claim_sql,
             (db_timestamp(now), owner, token, now + lease_seconds, now, limit),
         ).fetchall()
+        claims = [claim_from_row(r, owner, token) for r in rows]
         # RETURNING does not promise the subquery's order.
-        rows.sort(key=lambda r: (-(r[3] or 0), r[0]))
-        return [Claim(r[0], r[1], r[2] or 0, r[3] or 0, owner, token) for r in rows]
+        claims.sort(key=lambda c: (-c.priority, c.id))
+        return claims
 
     def mark_started(self, claim: Claim, now: float) -> bool:
         """Record that this document is now in flight (a crash from here on counts against it).
@@ -196,16 +261,16 @@ class LeasedQueue:
             "not_before = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
             "started_at = NULL, processing_started_at = NULL "
             "WHERE id = ? AND lease_token = ? AND status = 'processing'",
-            (attempts, error, not_before, claim.id, claim.token))
+            (attempts, hide_credentials(error), not_before, claim.id, claim.token))
         return JobStatus.PENDING if cur.rowcount == 1 else None
 
     def fail(self, claim: Claim, error: str, now: float, attempts: int | None = None) -> bool:
-        """PROCESSING -> FAILED with the reason in error_message."""
+        """PROCESSING -> FAILED with the reason in error_message (credentials a reason quotes hidden)."""
         cur = self.conn.execute(
             "UPDATE kg_processing_queue SET status = 'failed', error_message = ?, processed_at = ?, "
             "retry_count = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
             "not_before = NULL WHERE id = ? AND lease_token = ? AND status = 'processing'",
-            (error, db_timestamp(now), claim.retry_count if attempts is None else attempts,
+            (hide_credentials(error), db_timestamp(now), claim.retry_count if attempts is None else attempts,
              claim.id, claim.token))
         return cur.rowcount == 1
 
@@ -219,13 +284,20 @@ class LeasedQueue:
             found = dict(self.conn.execute(
                 "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
         counts = {s: found.pop(s, 0) for s in ALL_JOB_STATUSES}
-        counts["total"] = sum(counts.values()) + sum(found.values())
+        # Statuses kgsupervisor does not know (written by hand or another tool) are shown too:
+        # such rows are never claimed, and hiding them hides why the queue does not drain.
+        for status, n in sorted(found.items(), key=lambda item: str(item[0])):
+            if n:
+                counts[str(status) if status not in (None, "") else NO_STATUS] = n
+        counts["total"] = sum(counts.values())
         return counts
 
     def enqueue(self, content_ids: Sequence[int], priority: int, now: float) -> EnqueueResult:
         """Queue documents by id; a document already pending or processing is not queued again."""
+        check_int64("content_id", content_ids)
+        check_int64("priority", [priority])
         added, already, unknown = [], [], []
-        with transaction(self.conn):
+        with insert_refusals(), transaction(self.conn):
             for cid in dict.fromkeys(content_ids):
                 if not self.conn.execute("SELECT 1 FROM crawled_content WHERE id = ?", (cid,)).fetchone():
                     unknown.append(cid)
@@ -241,7 +313,8 @@ class LeasedQueue:
 
     def enqueue_all_unprocessed(self, priority: int, now: float) -> int:
         """Queue every document with kg_processed = 0 that has no live queue row."""
-        with transaction(self.conn):
+        check_int64("priority", [priority])
+        with insert_refusals(), transaction(self.conn):
             cur = self.conn.execute(
                 f"""INSERT INTO kg_processing_queue (content_id, status, priority, queued_at)
                     SELECT c.id, 'pending', ?, ? FROM crawled_content c
@@ -254,6 +327,7 @@ class LeasedQueue:
 
     def retry(self, *, failed: bool = False, skipped: bool = False, ids: Sequence[int] = ()) -> int:
         """Put failed / skipped rows (or rows by queue id) back to pending with a fresh attempt budget."""
+        check_int64("queue id", ids)
         clauses, params = [], []
         if failed:
             clauses.append("status = 'failed'")
@@ -270,6 +344,21 @@ class LeasedQueue:
             "not_before = NULL, skipped_reason = NULL, processed_at = NULL "
             f"WHERE ({' OR '.join(clauses)}) AND NOT EXISTS (SELECT 1 FROM kg_processing_queue o "
             f"WHERE o.content_id = q.content_id AND o.id != q.id AND o.{LIVE})", params)
+        return cur.rowcount
+
+    def make_due(self, now: float, *, every_pending: bool = False, ids: Sequence[int] = ()) -> int:
+        """Pending rows (all, or these queue ids) told to wait past `now`: due now; returns how many.
+
+        Their attempt count stays: they have not failed, they were told to wait (a Retry-After,
+        a backoff), maybe far longer than anyone meant (a row left by an older version).
+        """
+        check_int64("queue id", ids)
+        if not (every_pending or ids):
+            return 0
+        which = "" if every_pending else f" AND id IN ({','.join('?' * len(ids))})"
+        cur = self.conn.execute(
+            f"UPDATE kg_processing_queue SET not_before = NULL "
+            f"WHERE status = 'pending' AND not_before > ?{which}", [now, *([] if every_pending else ids)])
         return cur.rowcount
 
 

@@ -101,6 +101,15 @@ def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
                  *(Text(e) for e in endpoint_lines(kg)), worker_table(health))
 
 
+KNOWN_STATUSES = ("pending", "processing", "completed", "failed", "skipped")
+
+
+def queue_statuses(q: dict[str, int]) -> list[tuple[str, int]]:
+    """The known statuses in order, then any other the queue holds (rows no worker will claim)."""
+    others = [(status, n) for status, n in q.items() if status not in KNOWN_STATUSES and status != "total"]
+    return [(status, q.get(status, 0)) for status in KNOWN_STATUSES] + others
+
+
 def status_text(snapshot: dict[str, Any]) -> str:
     """`kgsupervisor status` without --watch: a few plain lines."""
     stats, health = snapshot["stats"], snapshot["health"]
@@ -115,7 +124,7 @@ def status_text(snapshot: dict[str, Any]) -> str:
         f"this host's)",
         f"documents: {stats.get('total_processed', 0)} processed, {stats.get('total_success', 0)} "
         f"succeeded, {stats.get('total_failed', 0)} failed",
-        "queue: " + ", ".join(f"{q.get(k, 0)} {k}" for k in ("pending", "processing", "completed", "failed", "skipped")),
+        "queue: " + ", ".join(f"{n} {status}" for status, n in queue_statuses(q)),
         f"KG service {kg.get('url')}: enabled={kg.get('enabled')} healthy={kg.get('is_healthy')} "
         f"consecutive_failures={kg.get('consecutive_failures')} last_check={kg.get('last_health_check')}",
         *endpoint_lines(kg),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +13,7 @@ from click.testing import CliRunner
 
 from kgsupervisor.cli import main
 
-from .conftest import seed, status_counts
+from .conftest import seed, spawn, status_counts, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,3 +105,125 @@ def test_queue_plain_output_as_a_subprocess(conn, db_path):
     proc = run("queue", "--db", db_path)
     assert proc.returncode == 0
     assert [line.split() for line in proc.stdout.splitlines()][0] == ["pending", "2"]
+
+
+# -- hostile and careless settings: one line on stderr, exit 2, before anything forks ------------
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any KG_* variable of the caller, plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("KG_")}, **extra}
+
+
+def refused(proc: subprocess.CompletedProcess, *secrets: str) -> str:
+    """The one stderr line of a command refused for a bad setting (exit 2, no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    assert not any(secret in proc.stderr + proc.stdout for secret in secrets), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, env, files, message, secrets", [
+    ([], {"KG_SERVICE_TIMEOUT": "1e10"}, {},
+     "KG_SERVICE_TIMEOUT=10000000000.0: expected a number > 0 and <= 86400 (1 day)", ()),
+    (["--service-timeout", "nan"], {}, {}, "--service-timeout=nan: expected a number", ()),
+    (["--poll-interval", "inf"], {}, {}, "--poll-interval=inf: expected a number", ()),
+    (["--drain-timeout", "1e6"], {}, {}, "--drain-timeout=1000000.0: expected a number > 0 and <= 86400", ()),
+    (["--workers", "0"], {}, {}, "--workers=0: expected a whole number from 1 to 256", ()),
+    ([], {"KG_SERVICE_URL": "http://[::1"}, {}, "KG_SERVICE_URL='http://[::1': expected an http(s) URL whose host", ()),
+    ([], {"KG_SERVICE_URL": "http://kg:hunter2@gpu1:99999"}, {},
+     "KG_SERVICE_URL='http://***@gpu1:99999': expected an http(s) URL with a port from 1 to 65535", ("hunter2",)),
+    (["--service-url", "http://gpu1:8088/?x=1"], {}, {}, "--service-url='http://gpu1:8088/?x=1': expected", ()),
+    ([], {"KG_STATUS_ADDR": "127.0.0.1:\u00b2"}, {}, "KG_STATUS_ADDR='127.0.0.1:\u00b2': expected HOST:PORT", ()),
+    (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b"kgsupervisor = 5\n"},
+     "kg.toml: kgsupervisor=5: expected a [kgsupervisor] table of settings", ()),
+    (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b'kgsupervisor = "x"\n'},
+     "kg.toml: kgsupervisor='x': expected a [kgsupervisor] table of settings", ()),
+    (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b"batch_size = 2 # \xff\n"},
+     "kg.toml': expected a UTF-8 TOML file (byte 18 is not UTF-8)", ()),
+    ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": "t\u00f6ken-hunter2\n".encode()},
+     "token': expected a bearer token of printable ASCII characters "
+     "(it contains a non-ASCII character at position 2)", ("hunter2",)),
+    ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": b"\n"}, "token': expected a bearer token of printable "
+     "ASCII characters (it is empty)", ()),
+    ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": b"hunter2\xff"},
+     "(it is not UTF-8 text: byte 8 is invalid)", ("hunter2",)),
+    ([], {"KG_SERVICE_TOKEN": "hunter2\nX-Injected: 1"}, {},
+     "service_token='********': expected a bearer token of printable ASCII characters "
+     "(it contains a control character at position 8)", ("hunter2", "Injected")),
+], ids=["timeout-1e10", "timeout-nan", "poll-inf", "drain-too-long", "workers-0", "ipv6-open-bracket",
+        "url-password", "url-query", "status-addr-superscript", "toml-table-5", "toml-table-str",
+        "toml-not-utf8", "token-non-ascii", "token-empty", "token-not-utf8", "token-newline"])
+def test_run_refuses_a_hostile_setting_in_one_line_before_forking(tmp_path, db_path, args, env, files, message,
+                                                                  secrets):
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    fill = {k: v.format(tmp=tmp_path) for k, v in env.items()}
+    # --exit-when-empty on an empty queue: a setting let through would exit 0, not hang the test.
+    proc = run("run", "--db", db_path, "--exit-when-empty", *[a.format(tmp=tmp_path) for a in args],
+               env=clean_env(**{"KG_STATUS_ADDR": "off", **fill}))
+    line = refused(proc, *secrets)
+    assert message in line, line
+    assert "--num-workers" not in line and "started" not in proc.stderr
+
+
+def test_worker_refuses_a_bad_token_in_one_line(tmp_path, db_path):
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbfhunter2 \x01\n")
+    proc = run("worker", "--db", db_path, "--once", env=clean_env(KG_SERVICE_TOKEN_FILE=str(tmp_path / "token")))
+    assert "(it contains a control character at position 9)" in refused(proc, "hunter2")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stop", "--pidfile", "{tmp}/kg.pid", "--timeout", "nan"], "Invalid value for '--timeout': 'nan' is not a number."),
+    (["stop", "--pidfile", "{tmp}/kg.pid", "--timeout", "inf"], "Invalid value for '--timeout': inf is not in the range"),
+    (["status", "--watch", "--interval", "nan"], "Invalid value for '--interval': 'nan' is not a number."),
+    (["status", "--watch", "--interval", "0"], "Invalid value for '--interval': 0.0 is not in the range 0<x<=3600."),
+    (["dev-service", "--latency", "nan"], "Invalid value for '--latency': 'nan' is not a number."),
+    (["dev-service", "--fail-rate", "nan"], "Invalid value for '--fail-rate': 'nan' is not a number."),
+    (["health", "--status-addr", "127.0.0.1:\u00b2"], "Error: KG_STATUS_ADDR='127.0.0.1:\u00b2': expected HOST:PORT"),
+    (["status", "--status-addr", "127.0.0.1:\u00b9\u00b2"], "Error: KG_STATUS_ADDR='127.0.0.1:\u00b9\u00b2': expected"),
+])
+def test_nan_and_bad_ports_in_other_commands_are_usage_errors(tmp_path, args, message):
+    proc = run(*[a.format(tmp=tmp_path) for a in args], env=clean_env())
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1].startswith("Error: ") and message in lines[-1], proc.stderr
+
+
+def test_print_config_masks_url_credentials_and_database_passwords():
+    proc = run("run", "--print-config", "--db", "postgresql://kg:dbpass@db/crawl?sslmode=require&password=qpass",
+               env=clean_env(KG_SERVICE_URL="http://kg:hunter2@gpu1:8088,http://apikey@gpu2"))
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert "http://***@gpu1:8088,http://***@gpu2" in lines["service_url"]
+    assert "postgresql://kg:***@db/crawl?sslmode=require&password=***" in lines["db_path"]
+    assert not any(secret in proc.stdout for secret in ("hunter2", "apikey", "dbpass", "qpass"))
+
+
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_every_settings_flag_is_spelled_as_config_names_it_in_errors(command):
+    from kgsupervisor import config
+    options = [p for p in main.commands[command].params if p.name in config.FIELDS]
+    assert {p.name for p in options} >= {"db_path", "service_url", "service_timeout"}
+    for option in options:
+        assert config.flag_name(option.name) in option.opts, (option.name, option.opts)
+
+
+def test_a_reload_refuses_a_token_file_turned_unusable_without_logging_the_token(tmp_path, db_path, kg_service):
+    token, log = tmp_path / "token", tmp_path / "kg.log"
+    token.write_text("s3cret\n")
+    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1"],
+                 env={"KG_SERVICE_TOKEN_FILE": str(token), "KG_LOG_FILE": str(log)})
+    try:
+        wait_for(lambda: log.exists() and "worker 0 started" in log.read_text(), 20, message="a worker started")
+        token.write_bytes(b"s3cret\nX-Injected: hunter2\n")
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload refused" in log.read_text(), 20, message="the reload refused")
+        (line,) = [line for line in log.read_text().splitlines() if "reload refused" in line]
+        assert f"service_token_file='{token}'" in line and "control character at position 7" in line, line
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "hunter2" not in log.read_text() and "Injected" not in log.read_text()

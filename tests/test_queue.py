@@ -219,7 +219,8 @@ def test_counts_follow_every_status_change_including_the_upstreams_own(conn):
     conn.execute("INSERT INTO kg_processing_queue (content_id, status) VALUES (9, NULL)")
     scanned = dict(conn.execute("SELECT COALESCE(status, ''), COUNT(*) FROM kg_processing_queue GROUP BY 1").fetchall())
     counts = q.counts()
-    assert {k: v for k, v in counts.items() if v and k != "total"} == {k: v for k, v in scanned.items() if k}
+    # A NULL status is shown as "(none)", not hidden in the total: such rows are never claimed.
+    assert {k: v for k, v in counts.items() if v and k != "total"} == {k or "(none)": v for k, v in scanned.items()}
     assert counts["total"] == 6
 
 

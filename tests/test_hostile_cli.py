@@ -1,0 +1,441 @@
+"""Careless and hostile use of the commands (issue 13), as real processes, files and signals:
+nothing destroyed, one line instead of a traceback, no signal lost in start-up or sent twice."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from click.testing import CliRunner
+
+from kgsupervisor import logs, render
+from kgsupervisor.cli import main
+from kgsupervisor.db import connect
+from kgsupervisor.pidfile import Pidfile, parse_pid
+from kgsupervisor.sampledata import add_documents
+from kgsupervisor.schema import init_db
+from kgsupervisor.statusd import StatusServer
+
+from .chaos.test_db_faults import _chattr_works
+from .conftest import KGSUPERVISOR, seed, status_counts, wait_for
+from .test_supervisor import worker_pids
+
+pytestmark = [pytest.mark.timeout(120)]
+
+FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "KG_LEASE_SECONDS": "10",
+        "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess:
+    """A kgsupervisor command run to its end (as uid `user`, through setpriv, when given)."""
+    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
+    return subprocess.run(prefix + KGSUPERVISOR + list(args), capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **FAST})
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The command failed with exactly one line on stderr and no traceback; returns that line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def start(db_path: str, url: str, *args: str, log: pathlib.Path) -> subprocess.Popen:
+    """`kgsupervisor run` in its own session (a process group of its own), logging to `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            KGSUPERVISOR + ["run", "--db", db_path, "--service-url", url, "--poll-interval", "0.2", *args],
+            env={**os.environ, **FAST}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=out)
+
+
+@pytest.fixture
+def supervisors() -> Iterator[list[subprocess.Popen]]:
+    """Supervisors a test started; any still running at teardown is killed with its group."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen]:
+    """A running process that is not kgsupervisor."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def pid_in(path: pathlib.Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+# -- 1. a --pidfile that is not a pidfile is never touched ---------------------------------------
+
+
+@pytest.mark.parametrize("content", [
+    None,  # the database itself: `run --db v.db --pidfile v.db`
+    b"notes, not a pid\n",
+    b"123\n456\n",
+    b"4242\n" + b" " * 200 + b"data after a pid line\n",
+])
+def test_a_file_that_is_not_a_pidfile_is_refused_and_left_byte_identical(db_path, kg_service, tmp_path, content):
+    target = pathlib.Path(db_path) if content is None else tmp_path / "precious.txt"
+    if content is not None:
+        target.write_bytes(content)
+    before = target.read_bytes()
+    result = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
+                 "--pidfile", str(target))
+    assert "is not a pidfile" in one_line(result) and "left untouched" in result.stderr
+    assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("stale", ["unrelated live pid", "empty"])
+def test_a_stale_pidfile_is_replaced_and_removed_at_exit(db_path, kg_service, tmp_path, sleeper, supervisors, stale):
+    pidfile = tmp_path / "kgs.pid"
+    # An empty file holds nothing to lose: what a package pre-creates to give the pidfile its owner.
+    pidfile.write_text(f"{sleeper.pid}\n" if stale == "unrelated live pid" else "")
+    proc = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
+                 log=tmp_path / "run.log")
+    supervisors.append(proc)
+    wait_for(lambda: pid_in(pidfile) == str(proc.pid), 20, message="the stale pidfile taken over")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(30) == 0, (tmp_path / "run.log").read_text()
+    assert not pidfile.exists()
+    assert sleeper.poll() is None, "the process the stale pidfile named was left alone"
+
+
+def test_the_live_pidfile_of_a_running_supervisor_is_refused_and_left_as_it_is(
+        db_path, kg_service, tmp_path, supervisors):
+    pidfile = tmp_path / "kgs.pid"
+    first = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
+                  log=tmp_path / "first.log")
+    supervisors.append(first)
+    wait_for(lambda: pid_in(pidfile) == str(first.pid), 20, message="the first supervisor's pidfile")
+    second = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
+                 "--pidfile", str(pidfile))
+    assert f"another supervisor (pid {first.pid}) is running" in one_line(second)
+    assert pid_in(pidfile) == str(first.pid)
+    os.kill(first.pid, signal.SIGTERM)
+    assert first.wait(30) == 0
+    assert not pidfile.exists()
+
+
+def test_a_pidfile_naming_a_live_kgsupervisor_that_does_not_hold_it_is_refused(db_path, kg_service, tmp_path):
+    # A kgsupervisor process (here a dev-service) whose pid the file names, without the lock.
+    other = subprocess.Popen(KGSUPERVISOR + ["dev-service", "--port", "0"], stderr=subprocess.PIPE, text=True)
+    try:
+        other.stderr.readline()  # listening: its command line is in place
+        pidfile = tmp_path / "kgs.pid"
+        pidfile.write_text(f"{other.pid}\n")
+        result = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
+                     "--pidfile", str(pidfile))
+        assert f"names pid {other.pid}, a running kgsupervisor that does not hold it" in one_line(result)
+        assert pid_in(pidfile) == str(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_at_exit_the_pidfile_is_removed_only_while_it_is_still_ours(tmp_path):
+    path = tmp_path / "kgs.pid"
+    pidfile = Pidfile(str(path))
+    pidfile.acquire()
+    assert path.read_text() == f"{os.getpid()}\n"
+    replacement = tmp_path / "replacement"
+    replacement.write_text("someone else's file\n")
+    os.replace(replacement, path)  # replaced while we ran (by hand, or a restarted supervisor)
+    pidfile.release()
+    assert path.read_text() == "someone else's file\n"
+
+    pidfile = Pidfile(str(tmp_path / "second.pid"))
+    pidfile.acquire()
+    pidfile.release()
+    assert not (tmp_path / "second.pid").exists()
+
+
+@pytest.mark.parametrize("text, pid", [("123\n", 123), ("  77 \n", 77), ("", None), ("0\n", None),
+                                       ("12\n34\n", None), ("99999999999999999999\n", None), ("x1\n", None)])
+def test_only_a_single_pid_line_is_a_pid(text, pid):
+    assert parse_pid(text) == pid
+
+
+# -- 2. one line, not a traceback ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["enqueue", "--db", "{db}", "99999999999999999999"], "content_id=99999999999999999999: expected an integer from -9223372036854775808 to 9223372036854775807"),
+    (["enqueue", "--db", "{db}", "--priority", "-99999999999999999999", "1"], "priority=-99999999999999999999: expected an integer from"),
+    (["retry", "--db", "{db}", "--id", "99999999999999999999"], "queue id=99999999999999999999: expected an integer from"),
+    (["stop", "--pidfile", "{tmp}"], "is a directory, not a pidfile"),
+    (["reload", "--pidfile", "{tmp}"], "is a directory, not a pidfile"),
+    (["stop", "--pidfile", "{tmp}/garbage.pid"], "holds no pid: it is not a kgsupervisor pidfile"),
+    (["stop", "--pidfile", "{tmp}/huge.pid"], "holds no pid"),
+    (["run", "--db", "{db}", "--service-url", "http://127.0.0.1:1", "--pidfile", "{tmp}"], "is a directory"),
+    (["queue", "--db", "{tmp}/notes.txt/kg.db"], "cannot be reached: Not a directory"),
+])
+def test_careless_values_are_one_line_errors(db_path, tmp_path, args, message):
+    (tmp_path / "garbage.pid").write_text("SQLite format 3\n")
+    (tmp_path / "huge.pid").write_text("99999999999999999999\n")
+    (tmp_path / "notes.txt").write_text("a file where a directory is expected\n")
+    result = cli(*[a.format(db=db_path, tmp=tmp_path) for a in args])
+    assert message in one_line(result)
+
+
+@pytest.fixture
+def unsearchable_dir() -> Iterator[pathlib.Path]:
+    """A database in a directory only root may enter (the test runs as root; the command as nobody)."""
+    outer = pathlib.Path(tempfile.mkdtemp(prefix="kgs-unsearchable-"))
+    try:
+        outer.chmod(0o755)
+        inner = outer / "private"
+        inner.mkdir(mode=0o700)
+        init_db(str(inner / "kg.db"))
+        yield inner
+    finally:
+        shutil.rmtree(outer)
+
+
+def test_a_database_in_a_directory_the_user_cannot_enter_is_permission_denied_not_missing(unsearchable_dir):
+    nobody = 65534
+    result = cli("queue", "--db", str(unsearchable_dir / "kg.db"), user=nobody)
+    line = one_line(result)
+    assert "Permission denied" in line and "does not exist" not in line
+
+
+@pytest.fixture
+def immutable_db(tmp_path) -> Iterator[str]:
+    """A database with a failed and a pending-less document, whose file is then made immutable
+    (chattr +i: root ignores permission bits, not this flag), as a read-only file is to others."""
+    why_not = _chattr_works(str(tmp_path))
+    if why_not:
+        pytest.fail(f"this test needs chattr +i here: {why_not}")
+    path = str(tmp_path / "kg.db")
+    init_db(path)
+    conn = connect(path)
+    ids = seed(conn, 2)
+    conn.execute("UPDATE kg_processing_queue SET status = 'failed' WHERE content_id = ?", (ids[0],))
+    conn.execute("DELETE FROM kg_processing_queue WHERE content_id = ?", (ids[1],))
+    conn.close()
+    subprocess.run(["chattr", "+i", path], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["chattr", "-i", path], capture_output=True)
+
+
+@pytest.mark.parametrize("args", [["enqueue", "2"], ["enqueue", "--all-unprocessed"], ["retry", "--failed"]])
+def test_writes_to_a_read_only_database_are_one_line(immutable_db, args):
+    result = cli(args[0], "--db", immutable_db, *args[1:])
+    line = one_line(result)
+    assert "read-only" in line and immutable_db in line
+
+
+def test_an_extra_not_null_column_without_default_is_named_in_one_line(tmp_path):
+    path = str(tmp_path / "kg.db")
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE kg_processing_queue (id INTEGER PRIMARY KEY AUTOINCREMENT, content_id, "
+                "status TEXT DEFAULT 'pending', priority INTEGER DEFAULT 1, queued_at, processing_started_at, "
+                "processed_at, retry_count INTEGER DEFAULT 0, error_message, result_summary, skipped_reason, "
+                "tenant TEXT NOT NULL)")
+    raw.commit()
+    raw.close()
+    init_db(path)
+    conn = connect(path)
+    ids = add_documents(conn, 1, chunks=2, seed=1)
+    conn.close()
+    for args in ([str(ids[0])], ["--all-unprocessed"]):
+        result = cli("enqueue", "--db", path, *args)
+        assert "column kg_processing_queue.tenant is NOT NULL without a default" in one_line(result)
+
+
+# -- 3. health and status know a kgsupervisor status endpoint from any HTTP service ----------------
+
+
+def http_service(status: int, content_type: str, body: bytes) -> ThreadingHTTPServer:
+    """A real HTTP server on 127.0.0.1 answering every GET the same; shut down by the caller."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd
+
+
+@pytest.mark.parametrize("content_type, body", [
+    ("text/plain", b"OK\n"),
+    ("application/json", b'{"status": "healthy"}'),
+    ("application/json", b"[1, 2]"),
+    ("application/json", b'{"healthy_workers": 1}'),
+])
+@pytest.mark.parametrize("command", [["health"], ["health", "--json"], ["status"], ["status", "--json"]])
+def test_health_and_status_refuse_an_http_service_that_is_not_kgsupervisor(content_type, body, command):
+    httpd = http_service(200, content_type, body)
+    try:
+        addr = f"127.0.0.1:{httpd.server_address[1]}"
+        result = cli(*command, "--status-addr", addr)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"{addr} is not a kgsupervisor status endpoint" in one_line(result)
+
+
+def test_health_says_unhealthy_when_the_status_process_answers_but_the_supervisor_does_not():
+    server = StatusServer(_listening_socket(), fetch=lambda: None)  # the supervisor never answers
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        addr = f"127.0.0.1:{server.server_address[1]}"
+        health = cli("health", "--status-addr", addr)
+        status = cli("status", "--status-addr", addr)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert health.returncode == 1 and "does not answer its status process" in health.stderr
+    assert health.stderr.startswith("unhealthy: ") and "Traceback" not in health.stderr
+    assert status.returncode == 1 and "does not answer its status process" in one_line(status)
+
+
+def _listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock
+
+
+# -- 4. smaller ----------------------------------------------------------------------------------
+
+
+def test_stop_names_the_unrelated_process_a_stale_pidfile_points_at_and_leaves_it_alone(tmp_path, sleeper):
+    pidfile = tmp_path / "kgs.pid"
+    pidfile.write_text(f"{sleeper.pid}\n")
+    for command in ("stop", "reload"):
+        line = one_line(cli(command, "--pidfile", str(pidfile)))
+        assert f"pid {sleeper.pid} is a running 'sleep' process, not kgsupervisor; not signalled" in line
+    assert sleeper.poll() is None
+    assert pid_in(pidfile) == str(sleeper.pid)
+
+
+def test_queue_shows_statuses_it_does_not_know(db_path):
+    conn = connect(db_path)
+    ids = seed(conn, 4)
+    conn.execute("UPDATE kg_processing_queue SET status = 'weird' WHERE content_id = ?", (ids[0],))
+    conn.execute("UPDATE kg_processing_queue SET status = NULL WHERE content_id = ?", (ids[1],))
+    conn.close()
+    counts = json.loads(cli("queue", "--db", db_path, "--json").stdout)
+    assert counts == {"pending": 2, "processing": 0, "completed": 0, "failed": 0, "skipped": 0,
+                      "weird": 1, "(none)": 1, "total": 4}
+    plain = cli("queue", "--db", db_path)
+    assert plain.returncode == 0
+    lines = {line.split()[0]: line for line in plain.stdout.splitlines()}
+    assert lines["weird"].split()[1] == "1" and "never claimed" in lines["weird"]
+    assert lines["(none)"].split()[1] == "1" and "never claimed" not in lines["pending"]
+
+
+def test_sigterm_during_start_up_drains_exits_0_and_removes_the_pidfile(db_path, kg_service, tmp_path, supervisors):
+    pidfile = tmp_path / "kgs.pid"
+    log = tmp_path / "run.log"
+    # A writer holding the database keeps the supervisor in its start-up checks, after the
+    # pidfile and before its signal handlers: the SIGTERM lands exactly in that window.
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        proc = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
+                     log=log)
+        supervisors.append(proc)
+        wait_for(lambda: pid_in(pidfile) == str(proc.pid), 20, message="the pidfile written")
+        os.kill(proc.pid, signal.SIGTERM)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert proc.wait(30) == 0, log.read_text()
+    assert not pidfile.exists()
+    assert "draining (stop signal)" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight_completes(
+        db_path, fault_server, tmp_path, supervisors):
+    conn = connect(db_path)
+    seed(conn, 6)
+    server = fault_server(lambda payload, n: time.sleep(1.5))  # a slow service: documents in flight
+    log = tmp_path / "run.log"
+    proc = start(db_path, server.url, "--workers", "2", "--batch-size", "1", "--status-addr", "off", log=log)
+    supervisors.append(proc)
+    wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
+    workers = worker_pids(proc)
+    in_flight = sorted(p["content_id"] for p in server.requests)
+    os.killpg(proc.pid, signal.SIGTERM)  # what GNU timeout and `kill -- -PGID` do
+    assert proc.wait(30) == 0, log.read_text()
+    err = log.read_text()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "stopped at once" not in err, err
+    assert len(workers) == 2
+    for pid in workers:
+        assert f"(pid {pid}) exited with status 0" in err
+    completed = [r[0] for r in conn.execute(
+        "SELECT content_id FROM kg_processing_queue WHERE status = 'completed' ORDER BY content_id")]
+    assert completed == in_flight, err
+    assert status_counts(conn) == {"completed": 2, "pending": 4}
+    conn.close()
+
+
+@pytest.mark.parametrize("addr, shown", [("[::1]:0", "status endpoint on http://[::1]:"),
+                                         ("[::]:0", "status endpoint listens on [::]:")])
+def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, tmp_path, addr, shown):
+    log = tmp_path / "run.log"
+    proc = start(db_path, kg_service, "--workers", "1", "--status-addr", addr, "--exit-when-empty", log=log)
+    try:
+        assert proc.wait(30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert shown in log.read_text()
+
+
+def test_an_unreachable_ipv6_status_address_is_named_in_brackets():
+    result = cli("health", "--status-addr", "[::1]:1")
+    assert result.returncode == 2 and "no supervisor answering on [::1]:1 " in result.stderr
+
+
+@pytest.mark.parametrize("host, port, shown", [("127.0.0.1", 9188, "127.0.0.1:9188"), ("::1", 9188, "[::1]:9188"),
+                                               ("localhost", 80, "localhost:80")])
+def test_host_port_brackets_ipv6_only(host, port, shown):
+    assert logs.host_port(host, port) == shown
+
+
+def test_status_text_lists_statuses_outside_the_known_set():
+    queue = {"pending": 1, "processing": 0, "completed": 2, "failed": 0, "skipped": 0, "weird": 3, "total": 6}
+    text = render.status_text({"stats": {"queue_size": queue}, "health": {}})
+    assert "queue: 1 pending, 0 processing, 2 completed, 0 failed, 0 skipped, 3 weird" in text
+
+
+def test_run_gives_its_caller_the_signal_mask_back(db_path):
+    """`run` holds the stop signals while it starts; called in-process it must not leave them held."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    result = CliRunner().invoke(main, ["run", "--db", db_path, "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
