@@ -9,13 +9,16 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from . import config
+from . import config, logs
 from .config import Settings
-from .errors import KGSupervisorError
+from .errors import ConfigError, KGSupervisorError
+from .masking import Mask, secrets_of
+from .procname import mask_command_line
 from .stats import kg_service_status
-from .supervisor import Supervisor
+from .supervisor import Supervisor, check_startable, reloader
 
 log = logging.getLogger("kgsupervisor.api")
 
@@ -24,20 +27,25 @@ _manager: "KGWorkerManager | None" = None
 _manager_lock = threading.Lock()
 
 
-def _supervisor_main(settings: Settings, control: Any, host_pid: int) -> None:
-    """Entry point of the forked supervisor process."""
-    supervisor = Supervisor(settings, control=control, parent_pid=host_pid,
-                            reload_settings=lambda: config.load(
-                                {"db_path": settings.db_path, "num_workers": settings.num_workers,
-                                 "poll_interval": settings.poll_interval}, os.environ)[0])
+def _supervisor_main(settings: Settings, flags: Mapping[str, Any], control: Any, host_pid: int) -> None:
+    """Entry point of the forked supervisor process; a reload rebuilds settings as `run` does,
+    the API's keyword arguments standing for its flags."""
+    # The host's log handlers are this process's own copies now: mask our secrets in all they
+    # write from here and from the workers forked from here.
+    secrets = secrets_of(settings)
+    logs.mask_secrets(secrets)
+    mask_command_line(Mask(secrets))
+    supervisor = Supervisor(settings, control=control, parent_pid=host_pid, reload_settings=reloader(flags))
     raise SystemExit(supervisor.run())
 
 
 class KGWorkerManager:
     """A handle on a supervisor process forked from this one; every method is thread-safe."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, flags: Mapping[str, Any] | None = None) -> None:
         self.settings = settings
+        # The keyword arguments of start_kg_workers: they win over the environment on reload too.
+        self.flags = dict(flags or {})
         self.process: multiprocessing.process.BaseProcess | None = None
         self._control: Any = None
         self._lock = threading.Lock()
@@ -50,10 +58,11 @@ class KGWorkerManager:
         """Fork the supervisor (which forks the workers) and wait until it reports in."""
         if self.is_running:
             return self
+        check_startable(self.settings)  # a bad token or database is this caller's error, not a child's
         ctx = multiprocessing.get_context("fork")
         mine, theirs = ctx.Pipe()
         self.process = ctx.Process(target=_supervisor_main, name="kgsupervisor",
-                                   args=(self.settings, theirs, os.getpid()), daemon=False)
+                                   args=(self.settings, self.flags, theirs, os.getpid()), daemon=False)
         self.process.start()
         theirs.close()
         self._control = mine
@@ -96,7 +105,7 @@ class KGWorkerManager:
                 "queue_size": {}}
 
     def restart(self) -> None:
-        """Rolling restart of every worker (SIGHUP to the supervisor)."""
+        """Reload the configuration and restart every worker, new before old (SIGHUP to the supervisor)."""
         if self.is_running:
             os.kill(self.process.pid, signal.SIGHUP)
 
@@ -124,13 +133,18 @@ def get_kg_manager() -> KGWorkerManager:
 
 def start_kg_workers(db_path: str, num_workers: int = 2, poll_interval: float = 5.0,
                      **settings: Any) -> KGWorkerManager:
-    """Fork the supervisor and its workers; returns the manager. Other settings come from env."""
+    """Fork the supervisor and its workers; returns the manager. Keyword arguments win over the
+    environment (KG_*), at start and on every reload, as the flags of `run` do."""
     global _manager
+    unknown = sorted(set(settings) - set(config.FIELDS))
+    if unknown:
+        # The name only: a misspelt token= must not put the token in an error message.
+        raise ConfigError("start_kg_workers keyword", unknown[0], f"a setting name ({', '.join(config.FIELDS)})")
     values = {"db_path": db_path, "num_workers": num_workers, "poll_interval": poll_interval, **settings}
     with _manager_lock:
         if _manager is not None and _manager.is_running:
             return _manager
-        _manager = KGWorkerManager(config.load(values, os.environ)[0])
+        _manager = KGWorkerManager(config.load(values, os.environ)[0], values)
     return _manager.start()
 
 
@@ -141,6 +155,7 @@ def stop_kg_workers() -> None:
 
 
 def restart_kg_workers() -> None:
+    """Reload (keyword arguments kept, environment read again) and restart every worker."""
     get_kg_manager().restart()
 
 

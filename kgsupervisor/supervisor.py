@@ -10,16 +10,17 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from typing import Any
 
-from . import logs, statusd
+from . import config, logs, statusd
 from .backend import check_writable, connect_to, describe
 from .config import Settings, require_db
 from .errors import ConfigError, DatabaseError, KGSupervisorError
 from .heartbeat import SharedCounters
 from .manager import StatsManager
+from .masking import secrets_of
 from .procname import set_process_name
 from .queue import queue_for
 from .slots import WorkerProcess, WorkerSlot, describe_exit
@@ -36,6 +37,8 @@ HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN,
 TICK = 0.5
 BOOT_ERROR_BACKOFF = 1.0  # a worker that could not open the database will not a moment later either
 SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
+# Settings read once at start: a reload that changes them says they wait for a restart.
+START_ONLY = ("status_addr", "pidfile", "log_format", "log_file")
 EXIT_HINTS = {
     -signal.SIGKILL: " (perhaps out of memory?)",
     -signal.SIGBUS: " (the database's -shm file could not be written: immutable (chattr +i) or a "
@@ -48,6 +51,7 @@ def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: Sh
     """Entry point of a forked worker: shed the parent's handles, then run the worker loop."""
     signal.set_wakeup_fd(-1)
     set_process_name(f"kgs-worker-{worker_id}")
+    logs.mask_secrets(secrets_of(settings))  # a reload may have brought a new token
     for fd in close_fds:
         try:
             os.close(fd)
@@ -63,6 +67,22 @@ def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: Sh
         logging.getLogger("kgsupervisor.worker").error("worker %d cannot start: %s", worker_id, exc)
         raise SystemExit(EXIT_BOOT_ERROR)
     raise SystemExit(worker.run())
+
+
+def check_startable(settings: Settings) -> None:
+    """Everything a worker needs, checked before any fork, at start and on reload alike:
+    valid values, a database path, a readable token, a schema-checked writable database."""
+    config.validate(settings)
+    require_db(settings)
+    settings.token()  # a token file gone or unreadable would make every new worker exit 3
+    check_writable(settings.db_path)
+
+
+def reloader(flags: Mapping[str, Any], config_file: str | None = None) -> Callable[[], Settings]:
+    """Settings built again as at start: the same flags (or API keyword arguments) over the
+    environment, over the config file read anew, over the defaults."""
+    flags = dict(flags)
+    return lambda: config.load(flags, os.environ, config_file)[0]
 
 
 @contextmanager
@@ -114,7 +134,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until drained; returns the exit status."""
-        check_writable(self.db_path)
+        check_startable(self.settings)
         self.releaser.release_orphans()
         status_sock = statusd.bind(self.status_addr) if self.status_addr else None
         if status_sock is not None:
@@ -148,7 +168,7 @@ class Supervisor:
         theirs.close()
         self.reporter.controls.append(mine)
         host, port = self.status_sock.getsockname()[:2]
-        log.info("status endpoint on http://%s:%d (/health /stats /metrics)", host, port)
+        log.info("status endpoint on http://%s (/health /stats /metrics)", logs.host_port(host, port))
 
     def watch_status_process(self) -> None:
         """Restart a dead status process, while running only: a drain does not need one."""
@@ -167,6 +187,9 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self.queue_signal)
+        # `kgsupervisor run` holds them from its first instant: one sent during start-up is
+        # delivered now, queued, and handled by the first turn of the loop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def queue_signal(self, signum: int, frame: Any) -> None:
         """Signal handler - no logging, no killing: just queue the signal."""
@@ -258,22 +281,47 @@ class Supervisor:
     handle_int = handle_term
 
     def handle_hup(self) -> None:
-        """SIGHUP: reload config file and environment, then restart every worker, new before old."""
+        """SIGHUP: reload config file and environment, then restart every worker, new before old.
+        A configuration no worker could start with is refused: the running one and its workers stay."""
         if self.state is not SupervisorState.RUNNING:
             return
         self.reporter.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        if self.reload_settings:
-            try:
-                self.settings = self.reload_settings()
-                self.num_workers = self.settings.num_workers
-            except KGSupervisorError as exc:
-                log.error("reload refused, keeping the running configuration: %s", exc)
-        self.workers_restarted += 1
-        log.info("reloading: restarting %d worker(s) (restart #%d)", self.num_workers, self.workers_restarted)
-        for slot in list(self.slots.values()):
-            self.retire(slot)
-        self.manage_workers()
+        try:
+            self.apply_settings(self.reloaded_settings())
+        except KGSupervisorError as exc:
+            log.error("reload refused, keeping the running configuration and workers: %s", exc)
+        else:
+            self.workers_restarted += 1
+            log.info("reloading: restarting %d worker(s) (restart #%d)", self.num_workers, self.workers_restarted)
+            for slot in list(self.slots.values()):
+                self.retire(slot)
+            self.manage_workers()
         self.reporter.notify("READY=1")
+
+    def reloaded_settings(self) -> Settings:
+        """The configuration read anew, checked as a start checks it (ConfigError, DatabaseError)."""
+        if self.reload_settings is None:
+            return self.settings
+        settings = self.reload_settings()
+        check_startable(settings)
+        if settings.db_path != self.settings.db_path:
+            # The supervisor's releases and counts stay on the database it started with.
+            raise ConfigError("KG_DB_PATH", describe(settings.db_path),
+                              f"the running database {describe(self.db_path)} (another one needs a restart)")
+        return settings
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Take the reloaded settings; a worker count set by SIGTTIN/SIGTTOU stays unless the
+        configuration itself changed it."""
+        if settings.num_workers != self.settings.num_workers:
+            self.num_workers = settings.num_workers
+        elif self.num_workers != settings.num_workers:
+            log.info("keeping %d worker(s) set by SIGTTIN/SIGTTOU (configured: %d)",
+                     self.num_workers, settings.num_workers)
+        waiting = [name for name in START_ONLY if getattr(settings, name) != getattr(self.settings, name)]
+        if waiting:
+            log.warning("reload: %s changed; taking effect at the next start", ", ".join(waiting))
+        self.settings = settings
 
     def handle_ttin(self) -> None:
         """SIGTTIN: one worker more."""

@@ -8,11 +8,18 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import psutil
 import pytest
 
+import kgsupervisor
+from kgsupervisor.errors import ConfigError
+from kgsupervisor.sampledata import add_documents
+
 from .conftest import seed, status_counts, wait_for
+from .test_supervisor_lifecycle import children_named
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -65,6 +72,29 @@ from kgsupervisor import start_kg_workers
 manager = start_kg_workers(sys.argv[1], num_workers=2, poll_interval=0.2)
 print(manager.process.pid, flush=True)
 time.sleep(60)
+"""
+
+# Every setting not at its default, none from the environment: a reload that rebuilt the
+# settings from the environment alone would show in what the new workers do.
+RELOADING_HOST = """
+import json, sys
+import kgsupervisor
+from kgsupervisor import logs
+logs.setup("text")
+manager = kgsupervisor.start_kg_workers(
+    sys.argv[1], num_workers=1, poll_interval=0.1, service_url=sys.argv[2], batch_size=3, max_attempts=2,
+    lease_seconds=300, retry_backoff=0.05, retry_backoff_max=0.1)
+print(json.dumps({"supervisor_pid": manager.process.pid}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "restart":
+        kgsupervisor.restart_kg_workers()
+        answer = {}
+    elif line.strip() == "stats":
+        answer = kgsupervisor.get_worker_stats()
+    else:
+        kgsupervisor.stop_kg_workers()
+        answer = {"exitcode": manager.process.exitcode}
+    print(json.dumps(answer), flush=True)
 """
 
 HEALTH_KEYS = {"manager_running", "total_workers", "healthy_workers", "unhealthy_workers", "worker_details"}
@@ -121,3 +151,108 @@ def test_no_orphans_when_the_host_process_dies(db_path, kg_service):
     host.communicate(timeout=10)
     gone, alive = psutil.wait_procs(tree, timeout=15)
     assert alive == [], f"left behind: {alive}"
+
+
+class GatedService:
+    """A fault-server behaviour: ingests wait for the gate; with `failing` set they answer 500."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.failing = False
+
+    def __call__(self, payload: dict, n: int):
+        if self.failing:
+            return 500, {"error": "injected"}
+        assert self.gate.wait(30), "the gate never opened"
+        return None
+
+
+def show_the_settings_at_work(conn, service: GatedService, server, worker: int) -> None:
+    """The worker `worker` sends to the test server (service_url), claims 3 rows at a time
+    (batch_size; the default is 5) under 300 s leases (lease_seconds; the default is 60), and
+    gives a failing document up after 2 attempts (max_attempts; the default is 5)."""
+    owner = f"{socket.gethostname()}:{worker}"
+    service.gate.clear()
+    ids = queue_at_once(conn, 5)
+    wait_for(lambda: {r["content_id"] for r in server.requests} & set(ids), 20, message="a claim in flight")
+    held, expires = conn.execute("SELECT COUNT(*), MIN(lease_expires_at) FROM kg_processing_queue "
+                                 "WHERE status = 'processing' AND lease_owner = ?", (owner,)).fetchone()
+    assert held == 3, f"{held} row(s) claimed by {owner}"
+    assert 60 < expires - time.time() <= 300
+    service.gate.set()
+    wait_for(lambda: all(status_of(conn, i)[0] == "completed" for i in ids), 20, message="the five completed")
+    service.failing = True
+    (failing,) = seed(conn, 1)
+    wait_for(lambda: status_of(conn, failing)[0] == "failed", 20, message="the failing one failed")
+    service.failing = False
+    assert status_of(conn, failing)[1].startswith("gave up after 2 attempts"), status_of(conn, failing)
+
+
+def queue_at_once(conn, count: int) -> list[int]:
+    """Add `count` documents and queue them in one statement: a claim sees all or none of them."""
+    ids = add_documents(conn, count, seed=count)
+    conn.execute("INSERT INTO kg_processing_queue (content_id, priority) SELECT id, 1 FROM crawled_content "
+                 "WHERE id BETWEEN ? AND ?", (ids[0], ids[-1]))
+    return ids
+
+
+def status_of(conn, content_id: int) -> tuple[str, str | None]:
+    """The queue row's status and error message."""
+    return conn.execute("SELECT status, error_message FROM kg_processing_queue WHERE content_id = ?",
+                        (content_id,)).fetchone()
+
+
+def test_a_reload_keeps_every_setting_given_to_start_kg_workers(conn, db_path, fault_server, tmp_path):
+    service = GatedService()
+    server = fault_server(service)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KG_")}
+    log = tmp_path / "api-host.log"
+    with log.open("w") as out:
+        host = subprocess.Popen([sys.executable, "-c", textwrap.dedent(RELOADING_HOST), db_path, server.url],
+                                env=env, start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=out, text=True)
+
+    def ask(command: str) -> dict:
+        host.stdin.write(command + "\n")
+        host.stdin.flush()
+        line = host.stdout.readline()
+        assert line, log.read_text()
+        return json.loads(line)
+
+    def the_worker(other_than: set[int]) -> int:
+        def one_new() -> set[int] | None:
+            pids = children_named(supervisor, "kgs-worker-")
+            return pids if len(pids) == 1 and not pids & other_than else None
+        (pid,) = wait_for(one_new, 20, message="one new worker")
+        return pid
+
+    try:
+        line = host.stdout.readline()
+        assert line, log.read_text()
+        supervisor = json.loads(line)["supervisor_pid"]
+        first = the_worker(set())
+        show_the_settings_at_work(conn, service, server, first)
+        os.kill(supervisor, signal.SIGHUP)
+        after_hup = the_worker({first})
+        show_the_settings_at_work(conn, service, server, after_hup)
+        ask("restart")
+        after_restart = the_worker({first, after_hup})
+        show_the_settings_at_work(conn, service, server, after_restart)
+        assert ask("stats")["workers_restarted"] == 2
+        assert ask("stop")["exitcode"] == 0
+        host.communicate(timeout=10)
+    finally:
+        service.gate.set()
+        if host.poll() is None:
+            os.killpg(host.pid, signal.SIGKILL)
+            host.communicate()
+
+
+def test_start_kg_workers_refuses_an_unknown_keyword_or_a_missing_token_file_before_forking(db_path, tmp_path):
+    children = psutil.Process().children()
+    with pytest.raises(ConfigError, match="start_kg_workers keyword='batchsize': expected a setting name"):
+        kgsupervisor.start_kg_workers(db_path, batchsize=3)
+    missing = tmp_path / "token"
+    with pytest.raises(ConfigError, match=f"service_token_file='{missing}'"):
+        kgsupervisor.start_kg_workers(db_path, service_token_file=str(missing))
+    assert psutil.Process().children() == children, "nothing was forked"
