@@ -28,8 +28,14 @@ to a replacement worker running).
 """
 
 
+HOSTILE_TITLE = "Hostile input"
+HOSTILE_HEADER = ("Each row is one hostile or careless input, given to a real `kgsupervisor` process by a test\n"
+                  "marked `hostile` (or a fault-suite scenario), recorded only after that test's assertions\n"
+                  "passed: what was given, what became of it, and whether any document was charged an attempt.")
+
+
 def run_suite(soak: bool, results: str) -> int:
-    cmd = [sys.executable, "-m", "pytest", "tests/chaos", "-m", "chaos", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "chaos or hostile", "-q", "-p", "no:cacheprovider"]
     if soak:
         cmd += ["--soak", "--timeout", "3600"]
     env = {**os.environ, "KG_RELIABILITY_RESULTS": results}
@@ -45,6 +51,20 @@ def table(rows: list[dict]) -> str:
                      f"{r['stuck']} | {r['failed']} | {recover} | {r.get('wall_seconds', 0):.0f} s | "
                      f"{r.get('exit_code', '—')} |")
     return "\n".join(lines)
+
+
+def hostile_table(rows: list[dict]) -> str:
+    lines = ["| input | outcome | charged |", "|---|---|---|"]
+    for r in rows:
+        cells = (str(r[k]).replace("|", "\\|").replace("\n", " ") for k in ("input", "outcome", "charged"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hostile_section(rows: list[dict], status: int) -> str:
+    verdict = "all passed" if status == 0 else f"pytest exit status {status}: only the cases that passed are listed"
+    return (f"<!-- {HOSTILE_TITLE} -->\n## {HOSTILE_TITLE}\n\n{HOSTILE_HEADER}\nCommit {commit()}, "
+            f"{len(rows)} cases: {verdict}.\n\n{hostile_table(rows)}\n<!-- end {HOSTILE_TITLE} -->\n")
 
 
 def commit() -> str:
@@ -83,11 +103,15 @@ def main() -> int:
     started = time.monotonic()
     status = run_suite(args.soak, results)
     with open(results) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        records = [json.loads(line) for line in f if line.strip()]
     os.unlink(results)
+    rows = [r for r in records if r.get("kind") != "hostile"]
+    hostile = [r for r in records if r.get("kind") == "hostile"]
     title = "Soak run" if args.soak else "CI-sized run"
     write(title, section(title, rows, status, time.monotonic() - started))
-    print(f"wrote {len(rows)} scenario(s) to {DOC}")
+    if not args.soak:
+        write(HOSTILE_TITLE, hostile_section(hostile, status))
+    print(f"wrote {len(rows)} scenario(s) and {len(hostile)} hostile input case(s) to {DOC}")
     return status
 
 
