@@ -117,6 +117,20 @@ class Supervisor:
         self._log.close()
 
 
+def drain_until_empty(db_path: str, server: Any, *args: str, env: dict[str, str] | None = None,
+                      timeout: float = 150) -> tuple[int, str]:
+    """`run --exit-when-empty` against `server` until it exits by itself; its exit code and log.
+    The server is closed afterwards, and a supervisor still running at the timeout is killed."""
+    sup = Supervisor(db_path, server.url, *args, "--exit-when-empty", env=env)
+    try:
+        code = sup.proc.wait(timeout=timeout)
+    finally:
+        if sup.proc.poll() is None:
+            sup.kill_tree()
+        server.close()
+    return code, sup.stderr
+
+
 def expected_rows(conn: sqlite3.Connection, content_id: int) -> tuple[collections.Counter, collections.Counter]:
     """What exactly one application of the reference answer writes for this document."""
     payload, _ = build_payload(conn, content_id)

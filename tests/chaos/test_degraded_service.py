@@ -9,7 +9,8 @@ import pytest
 
 from ..conftest import seed, wait_for
 from ..faultserver import FaultServer, service_error
-from .harness import Outcome, Supervisor, check_invariants, completed, queue_done, record_hostile, scalar
+from .harness import (Outcome, Supervisor, check_invariants, completed, drain_until_empty, queue_done,
+                      record_hostile, scalar)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.chaos]
 
@@ -25,14 +26,7 @@ def test_degraded_and_answering_documents_flow_with_nothing_paused(conn, db_path
     n = 300
     ids = seed(conn, n)
     server = FaultServer(health_status="degraded")
-    sup = Supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty")
-    try:
-        code = sup.proc.wait(timeout=120)
-    finally:
-        if sup.proc.poll() is None:
-            sup.kill_tree()
-        server.close()
-    log = sup.stderr
+    code, log = drain_until_empty(db_path, server, "--workers", "2")
     outcome = check_invariants(db_path, ids, Outcome('KG service "degraded", ingests answered', n,
                                                      "/health says degraded throughout", exit_code=code),
                                queue_rows=n)
@@ -48,15 +42,7 @@ def test_degraded_one_document_fails_alone_and_is_charged_while_the_rest_flow(co
     bad = ids[0]  # first in line: it meets a worker before that worker has ingested anything
     server = FaultServer(lambda payload, i: (500, LLM_DOWN) if payload["content_id"] == bad else None,
                          health_status="degraded")
-    sup = Supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty",
-                     env={"KG_MAX_ATTEMPTS": "3"})
-    try:
-        code = sup.proc.wait(timeout=150)
-    finally:
-        if sup.proc.poll() is None:
-            sup.kill_tree()
-        server.close()
-    log = sup.stderr
+    code, log = drain_until_empty(db_path, server, "--workers", "2", env={"KG_MAX_ATTEMPTS": "3"})
     row = conn.execute("SELECT status, retry_count, error_message FROM kg_processing_queue WHERE content_id = ?",
                        (bad,)).fetchone()
     assert tuple(row[:2]) == ("failed", 3), row

@@ -19,7 +19,7 @@ from kgsupervisor.devextract import extract
 
 from ..conftest import seed
 from ..faultserver import FaultServer
-from .harness import Outcome, Supervisor, check_invariants, record_hostile, scalar
+from .harness import Outcome, check_invariants, drain_until_empty, record_hostile, scalar
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.chaos]
 
@@ -64,14 +64,7 @@ def test_bad_rows_and_values_fail_alone_and_stall_nothing(conn, db_path):
         return 200, reference
 
     server = FaultServer(answer)
-    sup = Supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty", env={"KG_MAX_ATTEMPTS": "2"})
-    try:
-        code = sup.proc.wait(timeout=150)
-    finally:
-        if sup.proc.poll() is None:
-            sup.kill_tree()
-        server.close()
-    log = sup.stderr
+    code, log = drain_until_empty(db_path, server, "--workers", "2", env={"KG_MAX_ATTEMPTS": "2"})
     assert code == 0, log[-3000:]
     # A fresh connection: the test's own one cached pages from before they were damaged.
     conn.close()
