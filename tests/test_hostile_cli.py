@@ -27,6 +27,7 @@ from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import init_db
 from kgsupervisor.statusd import StatusServer
 
+from .chaos.harness import record_hostile
 from .chaos.test_db_faults import _chattr_works
 from .conftest import KGSUPERVISOR, seed, status_counts, wait_for
 from .test_supervisor import worker_pids
@@ -90,13 +91,15 @@ def pid_in(path: pathlib.Path) -> str:
 # -- 1. a --pidfile that is not a pidfile is never touched ---------------------------------------
 
 
-@pytest.mark.parametrize("content", [
-    None,  # the database itself: `run --db v.db --pidfile v.db`
-    b"notes, not a pid\n",
-    b"123\n456\n",
-    b"4242\n" + b" " * 200 + b"data after a pid line\n",
+@pytest.mark.hostile
+@pytest.mark.parametrize("content, given", [
+    (None, "`run --db v.db --pidfile v.db`: the pidfile names the database"),
+    (b"notes, not a pid\n", "`--pidfile` naming a text file of notes"),
+    (b"123\n456\n", "`--pidfile` naming a file of two pid lines"),
+    (b"4242\n" + b" " * 200 + b"data after a pid line\n", "`--pidfile` naming a file with data after a pid line"),
 ])
-def test_a_file_that_is_not_a_pidfile_is_refused_and_left_byte_identical(db_path, kg_service, tmp_path, content):
+def test_a_file_that_is_not_a_pidfile_is_refused_and_left_byte_identical(db_path, kg_service, tmp_path, content,
+                                                                          given):
     target = pathlib.Path(db_path) if content is None else tmp_path / "precious.txt"
     if content is not None:
         target.write_bytes(content)
@@ -105,6 +108,8 @@ def test_a_file_that_is_not_a_pidfile_is_refused_and_left_byte_identical(db_path
                  "--pidfile", str(target))
     assert "is not a pidfile" in one_line(result) and "left untouched" in result.stderr
     assert target.read_bytes() == before
+    record_hostile(given, 'refused in one line ("… is not a pidfile … left untouched"); the file byte-identical',
+                   "— (refused at start)")
 
 
 @pytest.mark.parametrize("stale", ["unrelated live pid", "empty"])
@@ -138,6 +143,7 @@ def test_the_live_pidfile_of_a_running_supervisor_is_refused_and_left_as_it_is(
     assert not pidfile.exists()
 
 
+@pytest.mark.hostile
 def test_a_pidfile_naming_a_live_kgsupervisor_that_does_not_hold_it_is_refused(db_path, kg_service, tmp_path):
     # A kgsupervisor process (here a dev-service) whose pid the file names, without the lock.
     other = subprocess.Popen(KGSUPERVISOR + ["dev-service", "--port", "0"], stderr=subprocess.PIPE, text=True)
@@ -152,6 +158,8 @@ def test_a_pidfile_naming_a_live_kgsupervisor_that_does_not_hold_it_is_refused(d
     finally:
         other.kill()
         other.wait()
+    record_hostile("`--pidfile` naming a live kgsupervisor process that does not hold its lock",
+                   "refused in one line naming that pid; the file still holds it", "— (refused at start)")
 
 
 def test_at_exit_the_pidfile_is_removed_only_while_it_is_still_ours(tmp_path):
@@ -180,23 +188,33 @@ def test_only_a_single_pid_line_is_a_pid(text, pid):
 # -- 2. one line, not a traceback ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, message", [
-    (["enqueue", "--db", "{db}", "99999999999999999999"], "content_id=99999999999999999999: expected an integer from -9223372036854775808 to 9223372036854775807"),
-    (["enqueue", "--db", "{db}", "--priority", "-99999999999999999999", "1"], "priority=-99999999999999999999: expected an integer from"),
-    (["retry", "--db", "{db}", "--id", "99999999999999999999"], "queue id=99999999999999999999: expected an integer from"),
-    (["stop", "--pidfile", "{tmp}"], "is a directory, not a pidfile"),
-    (["reload", "--pidfile", "{tmp}"], "is a directory, not a pidfile"),
-    (["stop", "--pidfile", "{tmp}/garbage.pid"], "holds no pid: it is not a kgsupervisor pidfile"),
-    (["stop", "--pidfile", "{tmp}/huge.pid"], "holds no pid"),
-    (["run", "--db", "{db}", "--service-url", "http://127.0.0.1:1", "--pidfile", "{tmp}"], "is a directory"),
-    (["queue", "--db", "{tmp}/notes.txt/kg.db"], "cannot be reached: Not a directory"),
+# The reliability report's table lists the cases marked `hostile`; the others repeat one of them.
+@pytest.mark.parametrize("args, message, given", [
+    pytest.param(["enqueue", "--db", "{db}", "99999999999999999999"], "content_id=99999999999999999999: expected an integer from -9223372036854775808 to 9223372036854775807",
+                 "`enqueue 99999999999999999999`", marks=pytest.mark.hostile),
+    (["enqueue", "--db", "{db}", "--priority", "-99999999999999999999", "1"], "priority=-99999999999999999999: expected an integer from",
+     "`enqueue --priority -99999999999999999999`"),
+    pytest.param(["retry", "--db", "{db}", "--id", "99999999999999999999"], "queue id=99999999999999999999: expected an integer from",
+                 "`retry --id 99999999999999999999`", marks=pytest.mark.hostile),
+    pytest.param(["stop", "--pidfile", "{tmp}"], "is a directory, not a pidfile", "`stop --pidfile /tmp` (a directory)",
+                 marks=pytest.mark.hostile),
+    (["reload", "--pidfile", "{tmp}"], "is a directory, not a pidfile", "`reload --pidfile /tmp` (a directory)"),
+    pytest.param(["stop", "--pidfile", "{tmp}/garbage.pid"], "holds no pid: it is not a kgsupervisor pidfile",
+                 "`stop --pidfile` naming a file that holds no pid", marks=pytest.mark.hostile),
+    (["stop", "--pidfile", "{tmp}/huge.pid"], "holds no pid", "`stop --pidfile` naming a file holding a 20-digit pid"),
+    pytest.param(["run", "--db", "{db}", "--service-url", "http://127.0.0.1:1", "--pidfile", "{tmp}"], "is a directory",
+                 "`run --pidfile /tmp` (a directory)", marks=pytest.mark.hostile),
+    pytest.param(["queue", "--db", "{tmp}/notes.txt/kg.db"], "cannot be reached: Not a directory",
+                 "`queue --db notes.txt/kg.db` (a file where a directory is expected)", marks=pytest.mark.hostile),
 ])
-def test_careless_values_are_one_line_errors(db_path, tmp_path, args, message):
+def test_careless_values_are_one_line_errors(db_path, tmp_path, args, message, given):
     (tmp_path / "garbage.pid").write_text("SQLite format 3\n")
     (tmp_path / "huge.pid").write_text("99999999999999999999\n")
     (tmp_path / "notes.txt").write_text("a file where a directory is expected\n")
     result = cli(*[a.format(db=db_path, tmp=tmp_path) for a in args])
     assert message in one_line(result)
+    record_hostile(given, f'one line, no traceback: "…{message}…"',
+                   "— (refused at start)" if args[0] == "run" else "— (refused)")
 
 
 @pytest.fixture
@@ -213,11 +231,14 @@ def unsearchable_dir() -> Iterator[pathlib.Path]:
         shutil.rmtree(outer)
 
 
+@pytest.mark.hostile
 def test_a_database_in_a_directory_the_user_cannot_enter_is_permission_denied_not_missing(unsearchable_dir):
     nobody = 65534
     result = cli("queue", "--db", str(unsearchable_dir / "kg.db"), user=nobody)
     line = one_line(result)
     assert "Permission denied" in line and "does not exist" not in line
+    record_hostile("`queue --db` under a directory the user cannot enter",
+                   'one line saying "Permission denied", not "does not exist"', "— (refused)")
 
 
 @pytest.fixture
@@ -241,13 +262,18 @@ def immutable_db(tmp_path) -> Iterator[str]:
         subprocess.run(["chattr", "-i", path], capture_output=True)
 
 
-@pytest.mark.parametrize("args", [["enqueue", "2"], ["enqueue", "--all-unprocessed"], ["retry", "--failed"]])
+@pytest.mark.parametrize("args", [pytest.param(["enqueue", "2"], marks=pytest.mark.hostile),
+                                  ["enqueue", "--all-unprocessed"],
+                                  pytest.param(["retry", "--failed"], marks=pytest.mark.hostile)])
 def test_writes_to_a_read_only_database_are_one_line(immutable_db, args):
     result = cli(args[0], "--db", immutable_db, *args[1:])
     line = one_line(result)
     assert "read-only" in line and immutable_db in line
+    record_hostile(f"`{' '.join(args)}` on a read-only database file",
+                   "one line naming the file as read-only", "— (refused)")
 
 
+@pytest.mark.hostile
 def test_an_extra_not_null_column_without_default_is_named_in_one_line(tmp_path):
     path = str(tmp_path / "kg.db")
     raw = sqlite3.connect(path)
@@ -264,6 +290,8 @@ def test_an_extra_not_null_column_without_default_is_named_in_one_line(tmp_path)
     for args in ([str(ids[0])], ["--all-unprocessed"]):
         result = cli("enqueue", "--db", path, *args)
         assert "column kg_processing_queue.tenant is NOT NULL without a default" in one_line(result)
+    record_hostile("`enqueue` when the queue table has an extra NOT NULL column without a default",
+                   "one line naming the column kg_processing_queue.tenant", "— (refused)")
 
 
 # -- 3. health and status know a kgsupervisor status endpoint from any HTTP service ----------------
@@ -292,7 +320,9 @@ def http_service(status: int, content_type: str, body: bytes) -> ThreadingHTTPSe
     ("application/json", b"[1, 2]"),
     ("application/json", b'{"healthy_workers": 1}'),
 ])
-@pytest.mark.parametrize("command", [["health"], ["health", "--json"], ["status"], ["status", "--json"]])
+# The reliability report's table lists `health` (marked `hostile`); the other commands answer alike.
+@pytest.mark.parametrize("command", [pytest.param(["health"], marks=pytest.mark.hostile), ["health", "--json"],
+                                     ["status"], ["status", "--json"]])
 def test_health_and_status_refuse_an_http_service_that_is_not_kgsupervisor(content_type, body, command):
     httpd = http_service(200, content_type, body)
     try:
@@ -303,6 +333,8 @@ def test_health_and_status_refuse_an_http_service_that_is_not_kgsupervisor(conte
         httpd.server_close()
     assert result.returncode == 2 and result.stdout == ""
     assert f"{addr} is not a kgsupervisor status endpoint" in one_line(result)
+    record_hostile(f"`{' '.join(command)}` pointed at an HTTP service answering 200 {content_type} "
+                   f"{body.decode().strip()}", '"… is not a kgsupervisor status endpoint", exit 2', "— (no supervisor)")
 
 
 def test_health_says_unhealthy_when_the_status_process_answers_but_the_supervisor_does_not():
@@ -330,6 +362,7 @@ def _listening_socket() -> socket.socket:
 # -- 4. smaller ----------------------------------------------------------------------------------
 
 
+@pytest.mark.hostile
 def test_stop_names_the_unrelated_process_a_stale_pidfile_points_at_and_leaves_it_alone(tmp_path, sleeper):
     pidfile = tmp_path / "kgs.pid"
     pidfile.write_text(f"{sleeper.pid}\n")
@@ -338,8 +371,12 @@ def test_stop_names_the_unrelated_process_a_stale_pidfile_points_at_and_leaves_i
         assert f"pid {sleeper.pid} is a running 'sleep' process, not kgsupervisor; not signalled" in line
     assert sleeper.poll() is None
     assert pid_in(pidfile) == str(sleeper.pid)
+    record_hostile("`stop` / `reload` with a pidfile naming a live `sleep` process",
+                   "one line: \"pid N is a running 'sleep' process, not kgsupervisor; not signalled\"; "
+                   "it lives on", "— (refused)")
 
 
+@pytest.mark.hostile
 def test_queue_shows_statuses_it_does_not_know(db_path):
     conn = connect(db_path)
     ids = seed(conn, 4)
@@ -354,8 +391,11 @@ def test_queue_shows_statuses_it_does_not_know(db_path):
     lines = {line.split()[0]: line for line in plain.stdout.splitlines()}
     assert lines["weird"].split()[1] == "1" and "never claimed" in lines["weird"]
     assert lines["(none)"].split()[1] == "1" and "never claimed" not in lines["pending"]
+    record_hostile("queue rows with status 'weird' and NULL",
+                   "`queue` shows both: weird (noted as never claimed) and (none)", "no")
 
 
+@pytest.mark.hostile
 def test_sigterm_during_start_up_drains_exits_0_and_removes_the_pidfile(db_path, kg_service, tmp_path, supervisors):
     pidfile = tmp_path / "kgs.pid"
     log = tmp_path / "run.log"
@@ -375,8 +415,11 @@ def test_sigterm_during_start_up_drains_exits_0_and_removes_the_pidfile(db_path,
     assert proc.wait(30) == 0, log.read_text()
     assert not pidfile.exists()
     assert "draining (stop signal)" in log.read_text() and "Traceback" not in log.read_text()
+    record_hostile("SIGTERM during start-up (the database write-locked by another process)",
+                   "drains, exits 0, pidfile removed, no traceback", "no")
 
 
+@pytest.mark.hostile
 def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight_completes(
         db_path, fault_server, tmp_path, supervisors):
     conn = connect(db_path)
@@ -400,9 +443,12 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
     assert completed == in_flight, err
     assert status_counts(conn) == {"completed": 2, "pending": 4}
     conn.close()
+    record_hostile("SIGTERM to the whole process group (GNU timeout, `kill -- -PGID`), 2 documents in flight",
+                   "one drain: both in-flight documents completed, workers exit 0, no KeyboardInterrupt", "no")
 
 
-@pytest.mark.parametrize("addr, shown", [("[::1]:0", "status endpoint on http://[::1]:"),
+@pytest.mark.parametrize("addr, shown", [pytest.param("[::1]:0", "status endpoint on http://[::1]:",
+                                                      marks=pytest.mark.hostile),
                                          ("[::]:0", "status endpoint listens on [::]:")])
 def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, tmp_path, addr, shown):
     log = tmp_path / "run.log"
@@ -414,6 +460,7 @@ def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, tmp_p
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert shown in log.read_text()
+    record_hostile(f"`run --status-addr {addr}` (IPv6)", f'logged in brackets: "{shown}…"', "no")
 
 
 def test_an_unreachable_ipv6_status_address_is_named_in_brackets():

@@ -21,6 +21,7 @@ from kgsupervisor.kgclient import HEALTH_MAX_BYTES, INGEST_PATH, HealthVerdict, 
 from kgsupervisor.queue import queue_for
 from kgsupervisor.sampledata import add_documents
 
+from .chaos.harness import record_hostile
 from .conftest import seed, status_counts, wait_for
 from .faultserver import FaultServer
 
@@ -135,6 +136,7 @@ def deadline_threads() -> list[threading.Thread]:
 
 # -- 11: one deadline for the whole request ----------------------------------------------------
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("phase, message", [
     ("headers", "KG service did not answer within 1s"),
     ("body", "KG service did not finish its answer within 1s"),
@@ -152,6 +154,9 @@ def test_a_trickled_answer_is_cut_at_the_deadline_as_an_item_failure(trickle_ser
     assert type(caught.value) is ItemFailure  # a timeout, charged like today's read timeout
     assert server.closed_early.wait(10), "the server never saw the client close the connection"
     assert server.bytes_left[0] > 0
+    record_hostile(f"an answer trickled one byte every 0.2 s from its {'status line' if phase == 'headers' else 'body'}"
+                   " on (timeout 1 s)",
+                   f'cut at the 1 s deadline of the whole request: "{message}"', "yes (as a timeout)")
 
 
 def test_a_trickled_answer_over_tls_is_cut_too(trickle_server, tmp_path, monkeypatch):
@@ -256,6 +261,7 @@ def not_before(conn, content_id: int) -> float | None:
     return conn.execute("SELECT not_before FROM kg_processing_queue WHERE content_id = ?", (content_id,)).fetchone()[0]
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("value", ["1e300", "inf", "nan", "Fri, 31 Dec 9999 23:59:59 GMT"])
 def test_a_worker_told_to_wait_for_ever_parks_the_document_at_most_the_backoff_max(
         conn, db_path, fault_server, value):
@@ -269,8 +275,11 @@ def test_a_worker_told_to_wait_for_ever_parks_the_document_at_most_the_backoff_m
     assert status_counts(conn) == {"pending": 1}
     assert conn.execute("SELECT retry_count FROM kg_processing_queue").fetchone()[0] == 0
     assert started < not_before(conn, cid) <= finished + 600
+    record_hostile(f"Retry-After: {value} on a 429",
+                   "document waits at most KG_RETRY_BACKOFF_MAX (600 s); the worker exits 0, no traceback", "no")
 
 
+@pytest.mark.hostile
 def test_retry_makes_rows_waiting_for_a_retry_after_due_now(conn, db_path, fault_server):
     """`retry --id N` and `retry --pending` clear the wait of pending rows (their attempt counts
     stay); `retry --failed` leaves them waiting. A row made due is claimed at once."""
@@ -301,6 +310,8 @@ def test_retry_makes_rows_waiting_for_a_retry_after_due_now(conn, db_path, fault
     assert not_before(conn, second) is None
     assert conn.execute("SELECT retry_count FROM kg_processing_queue WHERE content_id = ?",
                         (second,)).fetchone()[0] == 2
+    record_hostile("`retry --id N` / `retry --pending` on rows parked by Retry-After: 1e300 on a 503",
+                   "made due now and claimed at once, attempt counts kept (`retry --failed` leaves them)", "no")
 
 
 def test_make_due_clears_the_waits_of_pending_rows_only(backend):
@@ -369,6 +380,7 @@ def test_the_witness_sees_a_client_that_follows_the_redirect(witness):
     assert witness.connections() == 1
 
 
+@pytest.mark.hostile
 @pytest.mark.parametrize("status", [302, 307, 308])
 def test_a_redirect_on_ingest_is_an_uncharged_outage_never_followed(conn, db_path, witness, status):
     """The document goes nowhere else and is not charged; the log names where it was sent."""
@@ -387,6 +399,9 @@ def test_a_redirect_on_ingest_is_an_uncharged_outage_never_followed(conn, db_pat
     named = f"KG service redirects {INGEST_PATH} ({status}) to http://***@{witness.url[7:]}{INGEST_PATH}"
     assert named in proc.stderr, proc.stderr
     assert "s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+    record_hostile(f"a {status} redirect on ingest to another host",
+                   "not followed (the other host never reached): an outage, the document left pending; "
+                   "the log names the Location, credentials masked", "no")
 
 
 def test_a_redirecting_health_check_is_not_healthy(witness):

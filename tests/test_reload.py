@@ -15,6 +15,7 @@ import requests
 from kgsupervisor.devservice import make_server
 from kgsupervisor.schema import init_db
 
+from .chaos.harness import record_hostile
 from .conftest import KGSUPERVISOR, free_port, seed, status_counts, wait_for
 from .test_supervisor import completed_once
 from .test_supervisor_lifecycle import children_named
@@ -102,6 +103,7 @@ def completed(conn, n: int) -> None:
     wait_for(lambda: status_counts(conn) == {"completed": n}, 30, message=f"{n} completed")
 
 
+@pytest.mark.hostile
 def test_a_reload_after_the_token_file_vanished_is_refused_and_the_workers_keep_going(
         tmp_path, conn, db_path, token_service, supervisor):
     token = tmp_path / "token"
@@ -130,6 +132,9 @@ def test_a_reload_after_the_token_file_vanished_is_refused_and_the_workers_keep_
     completed(conn, 10)
     log = sup.stop()
     assert log.count(REFUSED) == 1 and "exited with status 3" not in log and "cannot start" not in log, log
+    record_hostile("SIGHUP after the token file vanished",
+                   "reload refused in one line naming the file; the old workers keep completing documents; "
+                   "a later SIGHUP with the file back reloads", "no")
 
 
 def test_a_reload_to_a_bad_toml_file_or_another_database_is_refused_and_the_old_config_kept(
@@ -162,6 +167,7 @@ def test_a_reload_to_a_bad_toml_file_or_another_database_is_refused_and_the_old_
     sup.stop()
 
 
+@pytest.mark.hostile
 def test_a_worker_count_set_by_sigttin_survives_a_reload_unless_the_config_changes_it(
         tmp_path, db_path, kg_service, supervisor):
     cfg = tmp_path / "kgsupervisor.toml"
@@ -181,6 +187,8 @@ def test_a_worker_count_set_by_sigttin_survives_a_reload_unless_the_config_chang
     sup.wait_restarts(2)
     sup.wait_workers(1, other_than=three_again)
     sup.stop()
+    record_hostile("SIGHUP after SIGTTIN raised the worker count from 2 to 3",
+                   "3 workers kept, logged as set by SIGTTIN/SIGTTOU; a count changed in the file wins", "no")
 
 
 def test_on_reload_new_workers_start_before_the_old_ones_leave(conn, db_path, fault_server, supervisor):

@@ -19,6 +19,7 @@ from kgsupervisor.sampledata import add_documents
 from kgsupervisor.schema import (QUEUE_COLUMNS, UPSTREAM_COLUMNS, USED_COLUMNS, column_declaration,
                                  init_db)
 
+from .chaos.harness import record_hostile
 from .conftest import status_counts
 from .upstream import (CRAWLER_INSERT, UPSTREAM_TABLES, index_names, make_upstream_database,
                        page, rows, run_kg_migration, table_info)
@@ -208,14 +209,19 @@ def one_error_line(out: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.hostile
 def test_run_and_worker_refuse_a_database_that_lacks_a_column_the_workers_use(tmp_path):
     path, _ = older_database(tmp_path, {"crawled_content": "tags", "content_chunks": "chunk_index"})
     expected = (f"Error: {path!r} needs migrating: crawled_content lacks tags; content_chunks lacks "
                 f"chunk_index (run: kgsupervisor init-db --db {path})")
     assert one_error_line(kg("run", "--db", path, "--workers", "1", "--status-addr", "off")) == expected
     assert one_error_line(kg("worker", "--db", path, "--once")) == expected
+    record_hostile("`run` / `worker` on an older schema (crawled_content without tags, content_chunks without "
+                   "chunk_index)", "refused in one line naming each missing column and `init-db`",
+                   "— (refused at start)")
 
 
+@pytest.mark.hostile
 def test_init_db_adds_the_missing_columns_says_so_and_the_workers_then_run(tmp_path, kg_service):
     path, ids = older_database(tmp_path, {"crawled_content": "tags", "content_chunks": "word_count"})
     first = kg("init-db", "--db", path)
@@ -228,4 +234,6 @@ def test_init_db_adds_the_missing_columns_says_so_and_the_workers_then_run(tmp_p
     with sqlite3.connect(path) as conn:
         assert status_counts(conn) == {"completed": len(ids)}
         assert "word_count" not in {r[1] for r in conn.execute("PRAGMA table_info(content_chunks)")}
+    record_hostile("`init-db` on an older schema (crawled_content without tags)",
+                   "adds the column and says so; the queued documents then complete", "no")
 
