@@ -109,9 +109,21 @@ class StatsPublisher:
                 self._warned = True
 
 
+# A worker's heartbeat comes every second from its lease keeper thread, busy or idle; one this
+# old belongs to a process that is stopped (SIGSTOP) or stuck in C code holding the GIL.
+STALE_HEARTBEAT = 10.0
+
+
+def is_beating(detail: dict[str, Any]) -> bool:
+    """A worker_details entry of a process that runs and still heartbeats."""
+    age = detail.get("heartbeat_age")
+    return bool(detail["running"]) and (age is None or age < STALE_HEARTBEAT)
+
+
 def worker_health(details: list[dict[str, Any]], manager_running: bool) -> dict[str, Any]:
-    """check_worker_health() (CONTRACT §7): liveness of the workers only, not of the KG service."""
-    healthy = sum(1 for d in details if d["running"])
+    """check_worker_health() (CONTRACT §7): liveness of the workers only, not of the KG service.
+    A worker is healthy while its process runs and heartbeats."""
+    healthy = sum(1 for d in details if is_beating(d))
     return {
         "manager_running": manager_running,
         "total_workers": len(details),
