@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import socket
 import threading
@@ -24,16 +25,58 @@ RESET_MID_BODY = "reset-mid-body"
 STALL_MID_BODY = "stall-mid-body"
 
 
+@dataclasses.dataclass
+class Exchange:
+    """One ingest as the fault server saw it: the request as received, the answer as sent."""
+
+    seq: int                   # arrival order, across every server sharing the journal
+    payload: Any               # the request body, decoded
+    status: int | None = None  # None: the connection was cut before any answer
+    body: bytes = b""          # the body bytes written (only the first half of a cut answer)
+    whole: bool = False        # the whole body went out at once, as its headers promised
+
+    @property
+    def content_id(self) -> Any:
+        return self.payload.get("content_id") if isinstance(self.payload, dict) else None
+
+
+class Journal:
+    """Every ingest of one or more fault servers, in arrival order: an oracle's record of what
+    the service was asked and what it answered. A server restarted on the same port shares its
+    predecessor's journal. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._exchanges: list[Exchange] = []
+        self._lock = threading.Lock()
+
+    def arrived(self, payload: Any) -> Exchange:
+        """Note a request; the server fills in its answer on the returned Exchange as it sends it."""
+        with self._lock:
+            self._exchanges.append(Exchange(len(self._exchanges), payload))
+            return self._exchanges[-1]
+
+    def by_document(self) -> dict[Any, list[Exchange]]:
+        """content_id -> that document's exchanges in arrival order."""
+        with self._lock:
+            exchanges = list(self._exchanges)
+        grouped: dict[Any, list[Exchange]] = {}
+        for exchange in exchanges:
+            grouped.setdefault(exchange.content_id, []).append(exchange)
+        return grouped
+
+
 class FaultServer:
     """Runs in a thread; `behaviour`, `healthy` and `health_status` may be changed while it serves.
 
     Healthy, /health answers 200 with `health_status` as the real service does ("healthy",
-    "degraded" or "unhealthy"); not healthy, it answers 503.
+    "degraded" or "unhealthy"); not healthy, it answers 503. Every ingest and its answer go to
+    `journal` (a new one unless given).
     """
 
     def __init__(self, behaviour: Behaviour | None = None, healthy: bool = True, port: int = 0,
-                 health_status: str = "healthy") -> None:
+                 health_status: str = "healthy", journal: Journal | None = None) -> None:
         self.behaviour = behaviour
+        self.journal = journal or Journal()
         self.healthy = healthy
         self.health_status = health_status
         self.health_checks = 0
@@ -92,8 +135,20 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _send_half_then_cut(self, body: bytes, status: int = 200) -> None:
+            def _answer(self, exchange: Exchange, status: int, body: bytes, headers: dict | None = None) -> None:
+                """Send a whole answer. The journal has it before the client can (no reader of the
+                journal may miss an answer a client already acted on), and drops `whole` if the
+                write fails."""
+                exchange.status, exchange.body, exchange.whole = status, body, True
+                try:
+                    self._send(status, body, headers)
+                except OSError:
+                    exchange.whole = False
+                    raise
+
+            def _send_half_then_cut(self, exchange: Exchange, body: bytes, status: int = 200) -> None:
                 """Headers promising the whole body (and more), half of it, then a cut connection."""
+                exchange.status, exchange.body = status, body[: len(body) // 2]
                 self.close_connection = True
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -103,9 +158,10 @@ class FaultServer:
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
 
-            def _send_half_then_stall(self, body: bytes, seconds: float) -> None:
+            def _send_half_then_stall(self, exchange: Exchange, body: bytes, seconds: float) -> None:
                 """Headers and half the body at once, the other half after `seconds` (if the client
-                is still there)."""
+                is still there). Never whole in the journal: the stall is there to be a read timeout."""
+                exchange.status, exchange.body = 200, body[: len(body) // 2]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -116,6 +172,7 @@ class FaultServer:
                 try:
                     self.wfile.write(body[len(body) // 2:])
                     self.wfile.flush()
+                    exchange.body = body
                 except OSError:
                     self.close_connection = True
 
@@ -129,6 +186,7 @@ class FaultServer:
 
             def do_POST(self) -> None:
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                exchange = server.journal.arrived(payload)
                 n = server._record(payload)
                 outcome = server.behaviour(payload, n) if server.behaviour else None
                 if outcome == "reset":
@@ -136,19 +194,19 @@ class FaultServer:
                     self.connection.shutdown(2)
                     return
                 if outcome == RESET_MID_BODY:
-                    self._send_half_then_cut(json.dumps(extract(payload)).encode())
+                    self._send_half_then_cut(exchange, json.dumps(extract(payload)).encode())
                     return
                 if isinstance(outcome, tuple) and outcome[:1] == (RESET_MID_BODY,):
-                    self._send_half_then_cut(b'{"error": "upstream connect error or disconnect/reset '
-                                             b'before headers (injected)"}', status=outcome[1])
+                    self._send_half_then_cut(exchange, b'{"error": "upstream connect error or disconnect/reset '
+                                                       b'before headers (injected)"}', status=outcome[1])
                     return
                 if isinstance(outcome, tuple) and outcome[:1] == (STALL_MID_BODY,):
-                    self._send_half_then_stall(json.dumps(extract(payload)).encode(), outcome[1])
+                    self._send_half_then_stall(exchange, json.dumps(extract(payload)).encode(), outcome[1])
                     return
                 if outcome is None:
                     outcome = (200, json.dumps(extract(payload)).encode(), None)
                 status, body, headers = (tuple(outcome) + (None,))[:3]
-                self._send(status, body if isinstance(body, bytes) else json.dumps(body).encode(), headers)
+                self._answer(exchange, status, body if isinstance(body, bytes) else json.dumps(body).encode(), headers)
 
         return Handler
 

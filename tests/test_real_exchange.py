@@ -1,8 +1,9 @@
 """The real KG service's exchange (shared/fixtures): the request we build and the rows we write,
 checked column by column against the upstream coordinator's rules, on SQLite and PostgreSQL.
 
-The expected rows are spelled out here from the fixture and CONTRACT §3 ("what the upstream
-coordinator writes"), not computed by the code under test.
+The expected rows follow from the fixture by the upstream coordinator's rules (CONTRACT §3, "what
+the upstream coordinator writes"), as tests/oracle.py spells them out for the fault suite too,
+not computed by the code under test.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from kgsupervisor.answer import parse_answer
 from kgsupervisor.documents import build_payload, encode_payload
 from kgsupervisor.queue import queue_for
 from kgsupervisor.writeback import write_back
+
+from .oracle import entity_rows, relationship_rows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,19 +76,12 @@ def test_tags_are_sent_only_when_present_and_never_over_the_metadatas_own(conn):
 
 def expected_entity_rows() -> list[tuple]:
     """One row per chunk appearance; neo4j_node_id is the document's id; the span flag as given."""
-    rows = []
-    for e in ANSWER["entities"]:
-        for a in e["chunk_appearances"]:
-            rows.append((a["vector_rowid"], ANSWER["content_id"], e["text"], e["normalized"], e["type_primary"],
-                         e["type_sub1"], e["type_sub2"], e["type_sub3"], e["confidence"], a["offset_start"],
-                         a["offset_end"], ANSWER["neo4j_document_id"], 1 if e["spans_multiple_chunks"] else 0))
-    return rows
+    return entity_rows(ANSWER, ANSWER["content_id"])
 
 
 def expected_relationship_rows() -> list[tuple]:
-    return [(ANSWER["content_id"], r["subject_text"], r["predicate"], r["object_text"], r["confidence"],
-             r["context"], r["neo4j_relationship_id"], 1 if r["spans_chunks"] else 0, r["chunk_rowids"])
-            for r in ANSWER["relationships"]]
+    """One row per relationship; spans_chunks as given; chunk_rowids (a tuple here) as given."""
+    return relationship_rows(ANSWER, ANSWER["content_id"])
 
 
 def test_the_real_answer_is_written_as_the_upstream_writes_it(conn):
@@ -103,7 +99,7 @@ def test_the_real_answer_is_written_as_the_upstream_writes_it(conn):
     assert len(entities) == 5, "the six entities without chunk appearances leave no row"
     assert all(row[0] is not None for row in conn.execute("SELECT created_at FROM chunk_entities"))
 
-    relationships = [tuple(r[:-1]) + (json.loads(r[-1]),) for r in conn.execute(
+    relationships = [tuple(r[:-1]) + (tuple(json.loads(r[-1])),) for r in conn.execute(
         "SELECT content_id, subject_entity, predicate, object_entity, confidence, context, neo4j_relationship_id, "
         "spans_chunks, chunk_rowids FROM chunk_relationships")]
     assert sorted(relationships, key=repr) == sorted(expected_relationship_rows(), key=repr)

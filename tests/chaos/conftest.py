@@ -1,18 +1,42 @@
-"""Fault-suite fixtures: each scenario's wall time starts when its test does."""
+"""Fault-suite fixtures: each scenario's wall time starts when its test does, and its rows of
+docs/reliability.md are written only if the whole test passed."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from .harness import TEST_CLOCK
+from ..faultserver import FaultServer
+from .harness import RECORDED, TEST_CLOCK, write_recorded
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep the call phase's report on the item, for the teardown of `scenario` below."""
+    report = (yield).get_result()
+    if report.when == "call":
+        item.rep_call = report
 
 
 @pytest.fixture(autouse=True)
-def scenario_clock():
+def scenario(request) -> Iterator[None]:
+    """Time the scenario from here; write the rows it recorded only if its test passed."""
     TEST_CLOCK["started"] = time.monotonic()
+    RECORDED.clear()
     yield
     TEST_CLOCK["started"] = 0.0
+    call = getattr(request.node, "rep_call", None)
+    write_recorded(passed=call is not None and call.passed)
+
+
+@pytest.fixture
+def reference_service() -> Iterator[FaultServer]:
+    """A fault server that answers every ingest like the reference service, its journal kept
+    for check_invariants()."""
+    server = FaultServer()
+    yield server
+    server.close()
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -1,7 +1,6 @@
 """The fault suite's harness: drain a queue through a real `kgsupervisor run`, then prove the invariants."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -13,12 +12,11 @@ from typing import Any
 
 import requests
 
-from kgsupervisor.backend import connect_to
 from kgsupervisor.pgdb import PGConnection, is_postgres_url
-from kgsupervisor.devextract import extract
-from kgsupervisor.documents import build_payload
 
+from .. import oracle
 from ..conftest import KGSUPERVISOR, free_port, wait_for
+from ..faultserver import Exchange, Journal
 
 FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.5", "KG_LEASE_SECONDS": "10",
         "KG_POLL_INTERVAL": "0.2", "KG_SERVICE_TIMEOUT": "10"}
@@ -26,6 +24,9 @@ FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.5", "KG_LEASE_SEC
 
 # Set by the autouse fixture in tests/chaos/conftest.py: when the running scenario began.
 TEST_CLOCK: dict[str, float] = {"started": 0.0}
+# The running scenario's rows of docs/reliability.md: the chaos conftest writes them only once
+# the whole test passed, every assertion after check_invariants() included.
+RECORDED: list[Outcome] = []
 
 
 @dataclasses.dataclass
@@ -131,36 +132,19 @@ def drain_until_empty(db_path: str, server: Any, *args: str, env: dict[str, str]
     return code, sup.stderr
 
 
-def expected_rows(conn: sqlite3.Connection, content_id: int) -> tuple[collections.Counter, collections.Counter]:
-    """What exactly one application of the reference answer writes for this document."""
-    payload, _ = build_payload(conn, content_id)
-    answer = extract(payload)
-    entities = collections.Counter(
-        (a["vector_rowid"], e["text"], a["offset_start"], a["offset_end"])
-        for e in answer["entities"] for a in e["chunk_appearances"])
-    relationships = collections.Counter(
-        (r["subject_text"], r["predicate"], r["object_text"]) for r in answer["relationships"])
-    return entities, relationships
-
-
-def written_rows(conn: sqlite3.Connection, content_id: int) -> tuple[collections.Counter, collections.Counter]:
-    entities = collections.Counter(conn.execute(
-        "SELECT chunk_rowid, entity_text, offset_start, offset_end FROM chunk_entities WHERE content_id = ?",
-        (content_id,)).fetchall())
-    relationships = collections.Counter(conn.execute(
-        "SELECT subject_entity, predicate, object_entity FROM chunk_relationships WHERE content_id = ?",
-        (content_id,)).fetchall())
-    return entities, relationships
-
-
-def check_invariants(db_path: str, ids: list[int], outcome: Outcome, *, queue_rows: int | None = None,
-                     poison: dict[int, str] | None = None) -> Outcome:
-    """Every document completed exactly once in effect (or failed as poison, saying why), nothing
-    stuck, the queue row count unchanged. Fills the counts of `outcome` and asserts they are zero."""
+def check_invariants(target: str, ids: list[int], outcome: Outcome, journal: Journal, *,
+                     queue_rows: int | None = None, poison: dict[int, str] | None = None) -> Outcome:
+    """Every document completed exactly once in effect (or failed as poison, saying why, with no
+    KG rows), nothing stuck, the queue row count unchanged; every request the service got (its
+    `journal`) is the one the document's rows make, and every completed document holds exactly
+    the rows of the last answer it was sent (tests/oracle.py, not the code under test).
+    Fills the counts of `outcome`, asserts, and only then records it."""
     poison = poison or {}
     if not outcome.wall_seconds and TEST_CLOCK["started"]:
         outcome.wall_seconds = round(time.monotonic() - TEST_CLOCK["started"], 1)
-    conn = open_any(db_path)
+    sent = journal.by_document()
+    postgres = is_postgres_url(target)
+    conn = oracle.connect(target)
     try:
         rows = conn.execute("SELECT content_id, status, error_message FROM kg_processing_queue").fetchall()
         by_doc = {cid: (status, error) for cid, status, error in rows}
@@ -168,34 +152,81 @@ def check_invariants(db_path: str, ids: list[int], outcome: Outcome, *, queue_ro
             assert len(rows) == queue_rows, f"queue row count changed: {len(rows)} != {queue_rows}"
         outcome.stuck = sum(1 for _, status, _ in rows if status == "processing")
         outcome.failed = sum(1 for _, status, _ in rows if status == "failed")
+        problems = wrong_requests(conn, sent)
         for cid in ids:
             status, error = by_doc.get(cid, (None, None))
             if cid in poison:
                 assert status == "failed" and poison[cid] in (error or ""), (cid, status, error)
+                if oracle.written_entity_rows(conn, cid) or oracle.written_relationship_rows(conn, cid):
+                    problems.append(f"content_id {cid}: failed, yet it has KG rows")
                 continue
             if status != "completed":
                 outcome.lost += 1
                 continue
-            want_e, want_r = expected_rows(conn, cid)
-            got_e, got_r = written_rows(conn, cid)
-            if got_e != want_e or got_r != want_r:
+            wrong = wrong_rows(conn, cid, sent.get(cid, []), postgres)
+            if wrong:
                 outcome.duplicated += 1
-            doc = conn.execute("SELECT kg_processed, kg_entity_count, kg_relationship_count FROM crawled_content "
-                               "WHERE id = ?", (cid,)).fetchone()
-            assert doc[0] == 1 and doc[2] == sum(got_r.values()), (cid, doc)
+                problems.append(f"content_id {cid}: {wrong}")
     finally:
         conn.close()
+    assert (outcome.lost, outcome.duplicated, outcome.stuck) == (0, 0, 0) and not problems, \
+        f"{outcome}\n{len(problems)} problem(s):\n" + "\n".join(problems[:10])
     record(outcome)
-    assert (outcome.lost, outcome.duplicated, outcome.stuck) == (0, 0, 0), outcome
     return outcome
 
 
+def wrong_requests(conn: Any, sent: dict[Any, list[Exchange]]) -> list[str]:
+    """Every request that is not the one its document's rows make, one line a document."""
+    problems = []
+    for cid, exchanges in sent.items():
+        want = oracle.expected_request(conn, cid) if type(cid) is int else None
+        for exchange in exchanges:
+            if want is None:
+                problems.append(f"request {exchange.seq} for content_id {cid!r}: nothing to send for it, yet sent")
+                break
+            wrong = oracle.first_difference(want, exchange.payload)
+            if wrong:
+                problems.append(f"content_id {cid}: request {exchange.seq}: {wrong}")
+                break
+    return problems
+
+
+def wrong_rows(conn: Any, cid: int, exchanges: list[Exchange], postgres: bool) -> str | None:
+    """How a completed document's KG rows differ from those of the answer it was sent last, if they do."""
+    answer = oracle.written_answer(exchanges)
+    if answer is None:
+        return f"completed without a whole 200 answer ({len(exchanges)} request(s))"
+    entities = oracle.written_entity_rows(conn, cid)
+    chunks = dict(conn.execute(oracle.WRITTEN_CHUNKS_SQL, (cid,)).fetchall())
+    document = [tuple(r) for r in conn.execute(oracle.WRITTEN_DOCUMENT_SQL, (cid,))]
+    foreign = sorted({row[0] for row in entities} - set(chunks))
+    differences = {
+        "chunk_entities": oracle.rows_difference(oracle.entity_rows(answer, cid, postgres), entities),
+        "chunk_relationships": oracle.rows_difference(oracle.relationship_rows(answer, cid, postgres),
+                                                      oracle.written_relationship_rows(conn, cid)),
+        "crawled_content": oracle.rows_difference([oracle.document_columns(answer)], document),
+        "content_chunks.kg_processed": oracle.rows_difference([(rowid, 1) for rowid in chunks], list(chunks.items())),
+        "created_at": "rows without it" if conn.execute(oracle.UNSTAMPED_ROWS_SQL, (cid, cid)).fetchone()[0] else None,
+        "chunk_rowid": f"{foreign[:5]} are not chunks of the document" if foreign else None,
+    }
+    return " | ".join(f"{what}: {wrong}" for what, wrong in differences.items() if wrong) or None
+
+
 def record(outcome: Outcome) -> None:
-    """Append the outcome to $KG_RELIABILITY_RESULTS (JSON lines) when the report is being made."""
+    """Keep `outcome` as a row of docs/reliability.md; tests/chaos/conftest.py writes it once
+    the whole test has passed (write_recorded)."""
+    RECORDED.append(outcome)
+
+
+def write_recorded(passed: bool) -> None:
+    """Append the rows the test recorded to $KG_RELIABILITY_RESULTS (JSON lines) when the report
+    is being made and the test passed; forget them either way."""
     path = os.environ.get("KG_RELIABILITY_RESULTS")
-    if path:
+    if path and passed and RECORDED:
         with open(path, "a") as f:
-            f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+            for outcome in RECORDED:
+                f.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+    RECORDED.clear()
 
 
 def record_hostile(given: str, outcome: str, charged: str) -> None:
@@ -205,11 +236,6 @@ def record_hostile(given: str, outcome: str, charged: str) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"kind": "hostile", "input": given, "outcome": outcome, "charged": charged}) + "\n")
-
-
-def open_any(target: str) -> Any:
-    """A connection to the scenario's database, an SQLite file or a PostgreSQL URL."""
-    return connect_to(target)
 
 
 def queue_done(db_path: str, total: int) -> bool:

@@ -43,8 +43,8 @@ conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
 conn.execute("BEGIN IMMEDIATE")
 print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
-print("releasing", flush=True)
-time.sleep(0.3)  # the test reads the queue while the lock is still held
+print("held", flush=True)
+sys.stdin.readline()  # the test has read the queue while the lock was still held
 conn.execute("ROLLBACK")
 """
 
@@ -237,13 +237,15 @@ def test_write_lock_held_3s_by_another_process(conn, db_path, soak):
         sup.wait_ready()
         wait_for(lambda: completed(conn) >= n // 4, 60, message="a quarter done")
         holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, db_path, "3"],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert holder.stdout.readline().strip() == "locked"
         locked_at = completed(conn)
-        assert holder.stdout.readline().strip() == "releasing"
+        assert holder.stdout.readline().strip() == "held"
         # While it held the lock nobody could commit anything (WAL readers still read).
         assert completed(conn) == locked_at
-        assert holder.wait(10) == 0
+        holder.stdin.write("release\n")
+        holder.stdin.close()
+        assert holder.wait(30) == 0
         back = time.monotonic()
         after = completed(conn)
         wait_for(lambda: completed(conn) > after, 30, message="progress after the lock is released")
@@ -263,7 +265,8 @@ def test_write_lock_held_3s_by_another_process(conn, db_path, soak):
     outcome = check_invariants(db_path, ids, Outcome(
         "write lock held 3 s by another process", n, "BEGIN IMMEDIATE in a separate process for 3 s",
         recover_seconds=round(recovered, 2), exit_code=code,
-        notes=f"db_lock_retries={lock_retries(h)} (busy_timeout 5 s absorbs a 3 s lock)"), queue_rows=n)
+        notes=f"db_lock_retries={lock_retries(h)} (busy_timeout 5 s absorbs a 3 s lock)"), queue_rows=n,
+        journal=server.journal)
     assert code == 0 and outcome.failed == 0
     assert charged(conn) == 0
     assert restarts(h) == [0, 0, 0], exits_and_errors(sup)
@@ -330,7 +333,7 @@ def test_database_read_only_mid_run(immutable_dir, tmp_path, soak):
         "database read-only 5 s mid-run", n, "chattr +i on the database, -wal, -shm and directory for "
         "5 s; a worker SIGKILLed meanwhile", recover_seconds=round(recovered, 2), exit_code=code,
         notes=f"worker restarts {sum(restarts(h))}; log: {first_error(sup)}"),
-        queue_rows=n)
+        queue_rows=n, journal=server.journal)
     assert code == 0 and outcome.failed == 0
     assert charged(conn) == 0, conn.execute("SELECT content_id, status, retry_count, crash_count, error_message "
                                             "FROM kg_processing_queue WHERE status = 'failed' OR retry_count > 0 "
@@ -387,7 +390,7 @@ def test_disk_full_mid_run(small_fs, tmp_path, soak):
         "disk full 5 s mid-run", n, "tmpfs holding the database filled by a filler file for 5 s",
         recover_seconds=round(recovered, 2), exit_code=code,
         notes=f"worker restarts {sum(restarts(h))}; log: {first_error(sup)}"),
-        queue_rows=n)
+        queue_rows=n, journal=server.journal)
     assert code == 0 and outcome.failed == 0
     assert charged(conn) == 0, conn.execute("SELECT content_id, status, retry_count, crash_count, error_message "
                                             "FROM kg_processing_queue WHERE status = 'failed' OR retry_count > 0 "
@@ -422,7 +425,7 @@ def test_not_sqlite_file_as_db(tmp_path, kind):
     record(Outcome(f"--db is not SQLite ({kind})", 0, "run --db on a non-SQLite file",
                    exit_code=code, wall_seconds=round(time.monotonic() - started, 1),
                    notes=out[0].replace(str(tmp_path) + "/", "")[:160] if out else ""))
-    assert code != 0
+    assert code == 1, out
     assert len(out) == 1, out
     assert "Traceback" not in out[0]
     assert str(path) in out[0] and ("not an SQLite database" in out[0] or "malformed" in out[0]), out
@@ -439,7 +442,7 @@ def test_not_sqlite_file_other_commands(tmp_path, command):
     r = subprocess.run(KGSUPERVISOR + command + ["--db", str(path)], capture_output=True, text=True, timeout=30,
                        env={**os.environ, "KG_SERVICE_URL": "http://127.0.0.1:9"})
     out = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
-    assert r.returncode != 0
+    assert r.returncode == 1, out
     assert out == [f"Error: {str(path)!r} is not an SQLite database"], out
     assert path.read_bytes() == NOT_SQLITE["text"]
     assert os.listdir(tmp_path) == ["not-a.db"]
@@ -466,5 +469,5 @@ def test_read_only_database_at_start(immutable_dir, tmp_path, what):
         sup._log.close()
         set_readonly(False)
     out = [line for line in sup.stderr.splitlines() if line.strip()]
-    assert code not in (None, 0), out[-10:]
+    assert code == 1, out[-10:]
     assert len(out) == 1 and "read-only" in out[0] and "Traceback" not in out[0], out

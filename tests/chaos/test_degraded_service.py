@@ -29,7 +29,7 @@ def test_degraded_and_answering_documents_flow_with_nothing_paused(conn, db_path
     code, log = drain_until_empty(db_path, server, "--workers", "2")
     outcome = check_invariants(db_path, ids, Outcome('KG service "degraded", ingests answered', n,
                                                      "/health says degraded throughout", exit_code=code),
-                               queue_rows=n)
+                               queue_rows=n, journal=server.journal)
     assert code == 0 and outcome.failed == 0 and charged(conn) == 0
     assert "pausing claims" not in log and "unavailable" not in log, log[-2000:]
     assert server.health_checks == 0, "documents that succeed never make a worker doubt the service"
@@ -53,7 +53,7 @@ def test_degraded_one_document_fails_alone_and_is_charged_while_the_rest_flow(co
     assert "pausing claims" not in log, "one failing document never paused the queue"
     outcome = check_invariants(db_path, ids, Outcome('KG service "degraded", one document answers 500', n,
                                                      "one document 500s on every attempt", exit_code=code),
-                               queue_rows=n, poison={bad: "LLM server unreachable"})
+                               queue_rows=n, poison={bad: "LLM server unreachable"}, journal=server.journal)
     assert code == 0 and outcome.failed == 1
     record_hostile('KG "degraded", one document answers 500, the others 200',
                    "that document failed after KG_MAX_ATTEMPTS, every other completed, no pause", "that document only")
@@ -85,7 +85,7 @@ def test_every_document_500_charges_nothing_pauses_and_resumes_by_itself(conn, d
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(f'KG service "{health}", every ingest 500 then back', n,
                                                      f"every document 500 ({error['error']}) until recovery",
-                                                     exit_code=code), queue_rows=n)
+                                                     exit_code=code), queue_rows=n, journal=server.journal)
     assert code == 0 and outcome.failed == 0 and charged(conn) == 0
     assert stats["total_success"] == n and stats["total_failed"] == 0
     record_hostile(f'KG "{health}", every ingest 500 ({error["error"]})',

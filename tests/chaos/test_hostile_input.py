@@ -192,13 +192,15 @@ def test_hostile_documents_and_answers(conn, db_path):
         foreign_rowid: f"vector_rowid {other_rowid} is not a chunk of document {foreign_rowid}",
         content_id_str: "answer.content_id must be an integer, got str",
     }
-    # Checked against the reference answer, like any ordinary document.
-    reference = normal + [BIG, ODD_DOC, BAD_UTF8, OFFSETS, META_TEXT, META_LIST]
+    # Checked like any ordinary document: its request against its rows, its rows against the
+    # answer the server sent it (hostile or not).
+    reference = normal + [BIG, ODD_DOC, BAD_UTF8, OFFSETS, META_TEXT, META_LIST, huge, odd_answer, past_chunk]
     outcome = check_invariants(db_path, reference + list(poison), Outcome(
         "hostile documents and answers", total,
         "10 MB document, NUL/odd/invalid UTF-8 text, no chunks, bad offsets, non-JSON metadata; answers with "
         "100,000 entities, 200,000-deep nesting, wrong types, foreign vector_rowids",
-        exit_code=code, notes=f"{len(poison)} documents failed on purpose"), queue_rows=total, poison=poison)
+        exit_code=code, notes=f"{len(poison)} documents failed on purpose"), queue_rows=total, poison=poison,
+        journal=server.journal)
     assert code == 0
     assert outcome.failed == len(poison)
 
@@ -287,7 +289,7 @@ def test_deeply_nested_metadata_kills_no_worker(conn, db_path):
     check_invariants(db_path, normal, Outcome(
         "metadata nested 100,000 deep", total, "crawled_content.metadata = [[[...]]] 100,000 levels",
         exit_code=code, notes=f"status {status}, worker restarts {sum(restarts)}: {(error or '')[:120]}"),
-        queue_rows=total)
+        queue_rows=total, journal=server.journal)
     assert code == 0
     assert restarts == [0, 0], (status, error, sup.stderr[-3000:])
     assert "killed by" not in sup.stderr

@@ -21,7 +21,7 @@ from ..conftest import seed
 from ..faultserver import FaultServer
 from .harness import Outcome, check_invariants, drain_until_empty, record_hostile, scalar
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.chaos]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow, pytest.mark.chaos, pytest.mark.hostile]
 
 
 def queue_row(conn: sqlite3.Connection, content_id: object) -> tuple:
@@ -92,10 +92,11 @@ def test_bad_rows_and_values_fail_alone_and_stall_nothing(conn, db_path):
     assert (status, attempts) == ("failed", 0), "no retry can mend a damaged page: failed at once"
     assert "cannot be read from the database" in error and "CORRUPT" in error, error
 
-    outcome = check_invariants(db_path, normal, Outcome(
+    outcome = check_invariants(db_path, normal + [text_priority, nan_metadata, huge_offset], Outcome(
         "hostile rows and values", total,
         "text content_id and priority in the queue, NaN metadata, an answer offset of 2**63, a damaged chunk page",
-        exit_code=code, notes="3 failed on purpose, alone"), queue_rows=total)
+        exit_code=code, notes="3 failed on purpose, alone"), queue_rows=total,
+        poison={huge_offset: "offset_end is 9223372036854775808"}, journal=server.journal)
     assert outcome.failed == 3
     assert scalar(conn, "SELECT COUNT(*) FROM kg_processing_queue WHERE retry_count > 0 AND content_id != ?",
                   huge_offset) == 0

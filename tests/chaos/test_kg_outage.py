@@ -27,7 +27,7 @@ def test_service_down_for_10s_mid_run(conn, db_path, soak):
         assert conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'failed' "
                             "OR retry_count > 0").fetchone()[0] == 0, "an outage charged a document"
         back = time.monotonic()
-        server = FaultServer(lambda payload, i: time.sleep(0.002), port=port)
+        server = FaultServer(lambda payload, i: time.sleep(0.002), port=port, journal=server.journal)
         done_before = conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'completed'").fetchone()[0]
         while conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'completed'").fetchone()[0] == done_before:
             time.sleep(0.05)
@@ -45,7 +45,7 @@ def test_service_down_for_10s_mid_run(conn, db_path, soak):
     outcome = check_invariants(db_path, ids, Outcome("KG service down for 10 s mid-run", n,
                                                      "service stopped 10 s (connections refused)",
                                                      recover_seconds=round(recovered, 2), exit_code=code),
-                               queue_rows=n)
+                               queue_rows=n, journal=server.journal)
     assert code == 0 and outcome.failed == 0
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
     assert stats["total_success"] == n and stats["total_failed"] == 0

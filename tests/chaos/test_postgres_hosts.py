@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import psutil
@@ -20,6 +21,7 @@ from kgsupervisor.pgschema import migrate_pg
 from kgsupervisor.sampledata import add_documents
 
 from ..conftest import wait_for
+from ..faultserver import FaultServer
 from ..pgserver import PostgresServer
 from .harness import Outcome, Supervisor, check_invariants, queue_done
 
@@ -44,13 +46,13 @@ def count(url: str, where: str) -> int:
         conn.close()
 
 
-def test_a_supervisor_drains_a_postgresql_queue_and_is_woken_by_notify(pg_backend, soak, tmp_path, kg_service):
+def test_a_supervisor_drains_a_postgresql_queue_and_is_woken_by_notify(pg_backend, soak, tmp_path, reference_service):
     """Drain 400 documents; then, idle with a 30 s poll interval, a newly enqueued document is
     taken at once: only the NOTIFY trigger can have woken the workers."""
     url = pg_backend.target
     n = 3000 if soak else 400
     ids = seed_pg(url, n)
-    sup = Supervisor(url, kg_service, "--workers", "2", env={"KG_POLL_INTERVAL": "30"},
+    sup = Supervisor(url, reference_service.url, "--workers", "2", env={"KG_POLL_INTERVAL": "30"},
                      log_path=str(tmp_path / "run.log"))
     try:
         sup.wait_ready()
@@ -75,25 +77,41 @@ def test_a_supervisor_drains_a_postgresql_queue_and_is_woken_by_notify(pg_backen
     outcome = check_invariants(url, ids, Outcome("PostgreSQL: one supervisor drains the queue", n + 1,
                                                  "none; then one document enqueued into the idle supervisor "
                                                  "(KG_POLL_INTERVAL=30): taken on NOTIFY", exit_code=code),
-                               queue_rows=n + 1)
+                               queue_rows=n + 1, journal=reference_service.journal)
     assert outcome.failed == 0
 
 
-def test_two_hosts_one_killed_whole_the_other_completes_everything(pg_backend, soak, tmp_path, kg_service):
+def test_two_hosts_one_killed_whole_the_other_completes_everything(pg_backend, soak, tmp_path, reference_service):
     """Two supervisors drain one PostgreSQL queue against the reference service; one process
-    tree is SIGKILLed mid-run (no clean stop, nothing released): the other recovers its claims
-    once their leases expire."""
+    tree is SIGKILLed mid-run, each of its workers waiting for an answer (no clean stop, nothing
+    released): the other recovers its claims once their leases expire."""
     url = pg_backend.target
     n = 6000 if soak else 3000
     ids = seed_pg(url, n)
     lease = {"KG_LEASE_SECONDS": "3"}
-    a = Supervisor(url, kg_service, "--workers", "2", env=lease, log_path=str(tmp_path / "host-a.log"))
-    b = Supervisor(url, kg_service, "--workers", "2", env=lease, log_path=str(tmp_path / "host-b.log"))
+    hold, release = threading.Event(), threading.Event()
+    held_requests: list[int] = []
+
+    def answers_until_held(payload: dict, i: int) -> str | None:
+        """Host A's service: the reference answer, until `hold`; then no answer until host A is dead."""
+        if not hold.is_set():
+            return None
+        held_requests.append(i)
+        release.wait(120)
+        return "reset"  # nobody is left to read an answer
+
+    a_service = FaultServer(answers_until_held, journal=reference_service.journal)
+    a = Supervisor(url, a_service.url, "--workers", "2", env=lease, log_path=str(tmp_path / "host-a.log"))
+    b = Supervisor(url, reference_service.url, "--workers", "2", env=lease, log_path=str(tmp_path / "host-b.log"))
     recovered: list[float] = []
     try:
         a.wait_ready()
         b.wait_ready()
         wait_for(lambda: count(url, "status = 'completed'") >= n // 4, 120, interval=0.1, message="a quarter done")
+        # Each of A's workers sends one document at a time: two held requests are both of them
+        # waiting, each with its document (and the rest of its batch) claimed.
+        hold.set()
+        wait_for(lambda: len(held_requests) == 2, 30, message="both of host A's workers waiting for an answer")
         tree = [a.pid] + [p.pid for p in psutil.Process(a.pid).children(recursive=True)]
         of_a = "status = 'processing' AND lease_owner IN (%s)" % ",".join(
             f"'{socket.gethostname()}:{pid}'" for pid in tree)
@@ -109,18 +127,21 @@ def test_two_hosts_one_killed_whole_the_other_completes_everything(pg_backend, s
         for sup in (a, b):
             if sup.proc.poll() is None:
                 sup.kill_tree()
+        release.set()
+        a_service.close()
     assert code == 0, b.stderr[-3000:]
-    assert held == 0 or "with expired leases back to pending" in b.stderr, "B's lease upkeep did the recovery"
+    assert held >= 2, f"host A held {held} claim(s) when it was killed"
+    assert "with expired leases back to pending" in b.stderr, "B's lease upkeep did the recovery"
     outcome = check_invariants(
         url, ids, Outcome("PostgreSQL: two hosts, one SIGKILLed whole", n,
                           f"host A's whole process tree SIGKILLed after {n // 4} documents (KG_LEASE_SECONDS=3)",
                           recover_seconds=round(recovered[0], 2), exit_code=code,
                           notes=f"{held} claim(s) of host A recovered by lease expiry"),
-        queue_rows=n)
+        queue_rows=n, journal=reference_service.journal)
     assert outcome.failed == 0
 
 
-def test_postgresql_server_down_mid_run_pauses_workers_and_loses_nothing(soak, tmp_path, kg_service):
+def test_postgresql_server_down_mid_run_pauses_workers_and_loses_nothing(soak, tmp_path, reference_service):
     """The server stops (fast shutdown: every connection cut) for 3 s mid-run (10 s with --soak),
     then starts again: workers pause, reconnect, give back what they held; nothing is failed or
     charged, nothing lost or written twice. A server of its own, not the session's."""
@@ -135,7 +156,7 @@ def test_postgresql_server_down_mid_run_pauses_workers_and_loses_nothing(soak, t
         n = 3000 if soak else 600
         outage = 10.0 if soak else 3.0
         ids = seed_pg(url, n)
-        sup = Supervisor(url, kg_service, "--workers", "2", log_path=str(tmp_path / "run.log"))
+        sup = Supervisor(url, reference_service.url, "--workers", "2", log_path=str(tmp_path / "run.log"))
         try:
             sup.wait_ready()
             wait_for(lambda: count(url, "status = 'completed'") >= n // 4, 60, interval=0.05, message="a quarter done")
@@ -164,6 +185,6 @@ def test_postgresql_server_down_mid_run_pauses_workers_and_loses_nothing(soak, t
                                            f"server stopped (fast) for {outage:g} s after {n // 4} documents",
                                            recover_seconds=round(back, 2), exit_code=code,
                                            notes="workers paused and reconnected; none restarted"),
-                         queue_rows=n)
+                         queue_rows=n, journal=reference_service.journal)
     finally:
         server.stop()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -24,7 +26,7 @@ import requests
 
 from kgsupervisor.sampledata import add_documents
 
-from ..conftest import seed, wait_for
+from ..conftest import held_until, seed, wait_for, wait_for_log
 from ..faultserver import FaultServer
 from .harness import Outcome, Supervisor, check_invariants, completed, queue_done, scalar
 
@@ -189,7 +191,7 @@ def test_random_worker_sigkill_storm(conn, db_path, soak):
         f"document); replacement running p50 {p50:.2f} s / p95 {p95:.2f} s / max {max(recover):.2f} s",
         recover_seconds=round(p50, 2), exit_code=code,
         notes=f"recover p95 {p95:.2f} s over {len(recover)} replacements (includes crash-loop backoff)"),
-        queue_rows=n)
+        queue_rows=n, journal=server.journal)
     print(outcome)
     assert kills >= 5, f"only {kills} kills landed: the run was too short to mean anything"
     assert code == 0, sup.stderr[-3000:]
@@ -230,10 +232,10 @@ def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
         slot = workers(sup)[stopped_pid]
         stuck_docs = [cid for cid, _ in held]
         flying = [cid for cid, started in held if started]
-        wait_for(lambda: not psutil.pid_exists(stopped_pid) or stopped_pid not in workers(sup), 15,
+        wait_for(lambda: not psutil.pid_exists(stopped_pid) or stopped_pid not in workers(sup), 60,
                  message="the hung worker killed")
         killed = time.monotonic() - stopped_at
-        wait_for(lambda: any(name == slot and pid != stopped_pid for pid, name in workers(sup).items()), 15,
+        wait_for(lambda: any(name == slot and pid != stopped_pid for pid, name in workers(sup).items()), 60,
                  interval=0.01, message="a replacement worker")
         recovered = time.monotonic() - stopped_at
         wait_drained(db_path, n, sup, 90)
@@ -250,13 +252,14 @@ def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
     outcome = check_invariants(db_path, ids, Outcome(
         "hung worker (SIGSTOP), KG_HANG_TIMEOUT=3", n,
         f"1 worker SIGSTOPped holding {len(stuck_docs)} claim(s), 1 in flight; killed after {killed:.1f} s",
-        recover_seconds=round(recovered, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(recovered, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome, f"killed after {killed:.2f}s")
     log = sup.stderr
     assert "hung: no heartbeat" in log, log[-3000:]
     assert code == 0 and outcome.failed == 0
-    # Its last beat came up to a second before the SIGSTOP; the supervisor looks every 0.5 s.
-    assert 1.9 <= killed < 3 + 3, f"hang timeout 3 s, killed after {killed:.1f}s"
+    # Killed for a silence of the hang timeout at least, by the supervisor's own account.
+    silences = [int(s) for s in re.findall(rf"\(pid {stopped_pid}\) hung: no heartbeat for (\d+)s", log)]
+    assert silences and min(silences) >= 3, silences
     rows = dict(conn.execute(f"SELECT content_id, status FROM kg_processing_queue WHERE content_id IN "
                              f"({','.join('?' * len(stuck_docs))})", stuck_docs).fetchall())
     assert set(rows.values()) == {"completed"}, rows
@@ -274,9 +277,11 @@ def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
     poison = ids[n // 4]
     fast = jitter(3)
 
+    sender_killed = threading.Semaphore(0)
+
     def behaviour(payload: dict, i: int) -> None:
         if payload["content_id"] == poison:
-            time.sleep(0.3)  # long enough for the test to see it in flight and kill its sender
+            sender_killed.acquire(timeout=60)  # in flight until the test has killed its sender
         else:
             fast(payload, i)
 
@@ -300,6 +305,7 @@ def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
                 assert pid in workers(sup), (pid, workers(sup))
                 os.kill(pid, signal.SIGKILL)
                 killed_owners.append(owner)
+                sender_killed.release()
             time.sleep(0.005)
         wait_drained(db_path, n, sup, 90)
         code = stop(sup)
@@ -310,7 +316,7 @@ def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
     outcome = check_invariants(db_path, ids, Outcome(
         "poison pill (kills its worker every time), KG_POISON_AFTER=3", n,
         f"{len(killed_owners)} SIGKILLs of the worker sending content_id {poison}", exit_code=code),
-        queue_rows=n, poison={poison: "poison pill"})
+        queue_rows=n, poison={poison: "poison pill"}, journal=server.journal)
     print(outcome)
     assert code == 0
     assert len(killed_owners) == 3, killed_owners
@@ -365,7 +371,7 @@ def test_stats_manager_killed_mid_run(conn, db_path, soak):
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(
         "stats Manager (kgs-stats) SIGKILLed mid-run", n, "1 SIGKILL of kgs-stats",
-        recover_seconds=round(recovered, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(recovered, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert code == 0 and outcome.failed == 0
     assert stats["total_success"] == n and stats["total_failed"] == 0
@@ -391,13 +397,12 @@ def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, 
         killed_at = time.monotonic()
         assert sup.proc.wait(10) == -signal.SIGKILL
         sup._log.close()
-        while len(gone_at) < len(kids) and time.monotonic() - killed_at < 5:
+        def all_gone() -> bool:
             for p in kids:
                 if p.pid not in gone_at and not alive(p):
                     gone_at[p.pid] = time.monotonic()
-            time.sleep(0.01)
-        assert len(gone_at) == len(kids), \
-            f"children still running 5 s after the supervisor died: {[names[p.pid] for p in kids if alive(p)]}"
+            return len(gone_at) == len(kids)
+        wait_for(all_gone, 60, interval=0.01, message="every child of the killed supervisor gone by itself")
         workers_gone = max(gone_at[p] for p in worker_pids) - killed_at
         left = ", ".join(f"{names[p]} {gone_at[p] - killed_at:.2f} s" for p in sorted(gone_at, key=gone_at.get))
         left_processing = processing(conn)
@@ -410,7 +415,7 @@ def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, 
         "supervisor SIGKILLed mid-run, then a fresh run", n,
         f"1 SIGKILL of the supervisor; its children left by themselves ({left}), "
         f"{left_processing} row(s) still processing",
-        recover_seconds=round(workers_gone, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(workers_gone, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert code == 0 and outcome.failed == 0
     # Orphaned workers give their claims back before leaving (README: Signals).
@@ -439,6 +444,7 @@ def test_sighup_every_2s_under_load(conn, db_path, soak):
                 with_work += 1
             os.kill(sup.pid, signal.SIGHUP)
             hups += 1
+            wait_for_log(sup.log_path, f"(restart #{hups})")  # handled: the next one is not merged into it
         # ~50 ms a document on 2 workers: 4,000 take >= 100 s of service time alone.
         wait_drained(db_path, n, sup, 600 if soak else 120)
         last: dict = {}
@@ -457,7 +463,7 @@ def test_sighup_every_2s_under_load(conn, db_path, soak):
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(
         "SIGHUP every 2 s under load", n, f"{hups} SIGHUPs ({with_work} with work pending), 2 workers",
-        exit_code=code), queue_rows=n)
+        exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert with_work >= min(3, hups_wanted), f"only {with_work} HUPs landed under load: make the queue longer"
     assert code == 0 and outcome.failed == 0
@@ -506,7 +512,7 @@ def test_sigterm_while_claiming_a_just_filled_queue(conn, db_path, soak):
         "SIGTERM while workers claim a just-filled queue", n,
         f"1 SIGTERM at the first claim ({claimed_at_stop} row(s) claimed, {started_at_stop} in flight); "
         f"{done_first} completed before the exit",
-        recover_seconds=round(took, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(took, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert final == 0 and outcome.failed == 0
     assert charged(conn) == 0
@@ -515,13 +521,9 @@ def test_sigterm_while_claiming_a_just_filled_queue(conn, db_path, soak):
 def test_sigterm_while_documents_in_flight(conn, db_path, soak):
     n = 100
     ids = seed(conn, n)
-    slow = {"on": True}
+    answers = threading.Event()  # the answers come once the drain is under way
 
-    def behaviour(payload: dict, i: int) -> None:
-        if slow["on"]:
-            time.sleep(1.0)
-
-    server = FaultServer(behaviour)
+    server = FaultServer(held_until(answers))
     sup = Supervisor(db_path, server.url, "--workers", "2")
     try:
         sup.wait_ready()
@@ -529,26 +531,32 @@ def test_sigterm_while_documents_in_flight(conn, db_path, soak):
                            message="both workers with a document in flight")
         flying = [cid for _, cid, _ in flights]
         t0 = time.monotonic()
-        code = stop(sup)
+        os.kill(sup.pid, signal.SIGTERM)
+        wait_for_log(sup.log_path, "draining (stop signal)")
+        answers.set()
+        code = sup.proc.wait(60)
         took = time.monotonic() - t0
+        sup._log.close()
         assert_clean_stop(conn, sup, code, "in flight")
         # The document in flight finishes; the rest of its batch goes back untouched.
         states = dict(conn.execute(f"SELECT content_id, status FROM kg_processing_queue WHERE content_id IN "
                                    f"({','.join('?' * len(flying))})", flying).fetchall())
         assert set(states.values()) == {"completed"}, states
         done_first = completed(conn)
-        slow["on"] = False
+        sent_before_the_end = len(server.requests)
         final = finish(db_path, server.url)
     finally:
         if sup.proc.poll() is None:
             sup.kill_tree()
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(
-        "SIGTERM while documents are in flight (1 s requests)", n,
+        "SIGTERM while documents are in flight (answers held until the drain began)", n,
         f"1 SIGTERM with {len(flying)} documents in flight; drained in {took:.2f} s, {done_first} completed",
-        recover_seconds=round(took, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(took, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
-    assert took < 1.0 + 3.0, f"drain took {took:.1f}s for 1 s requests"
+    # The drain let the two in flight finish and sent nothing more; it ended by itself.
+    assert (done_first, sent_before_the_end) == (2, 2), (done_first, sent_before_the_end)
+    assert "drained: all workers stopped" in sup.stderr and "drain timeout" not in sup.stderr
     assert final == 0 and outcome.failed == 0
 
 
@@ -580,7 +588,7 @@ def test_sigterm_at_random_moments_of_fast_documents(conn, db_path, soak):
     outcome = check_invariants(db_path, ids, Outcome(
         "SIGTERM at random moments of fast documents (write-back)", n,
         f"{rounds} SIGTERMs on fresh supervisors, after {moments} documents", exit_code=code),
-        queue_rows=n)
+        queue_rows=n, journal=server.journal)
     print(outcome)
     assert final == 0 and outcome.failed == 0
     assert charged(conn) == 0
@@ -591,14 +599,10 @@ def test_sigterm_at_random_moments_of_fast_documents(conn, db_path, soak):
 def test_drain_timeout_shorter_than_requests(conn, db_path, soak):
     n = 40
     ids = seed(conn, n)
-    slow = {"on": True}
-
-    def behaviour(payload: dict, i: int) -> None:
-        if slow["on"]:
-            time.sleep(5.0)
+    answers = threading.Event()  # held until the supervisor has exited: longer than any drain
 
     drain = 1.0
-    server = FaultServer(behaviour)
+    server = FaultServer(held_until(answers, timeout=120))
     sup = Supervisor(db_path, server.url, "--workers", "2", "--drain-timeout", f"{drain:g}")
     try:
         sup.wait_ready()
@@ -607,26 +611,27 @@ def test_drain_timeout_shorter_than_requests(conn, db_path, soak):
         flying = [cid for _, cid, _ in flights]
         t0 = time.monotonic()
         os.kill(sup.pid, signal.SIGTERM)
-        code = sup.proc.wait(drain + 10)
+        code = sup.proc.wait(60)
         took = time.monotonic() - t0
         sup._log.close()
         rows = conn.execute(f"SELECT content_id, status, retry_count, COALESCE(crash_count, 0) FROM "
                             f"kg_processing_queue WHERE content_id IN ({','.join('?' * len(flying))})",
                             flying).fetchall()
         left_processing = processing(conn)
-        slow["on"] = False
+        answers.set()
         final = finish(db_path, server.url)
     finally:
+        answers.set()
         if sup.proc.poll() is None:
             sup.kill_tree()
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(
-        "SIGTERM, --drain-timeout 1 with 5 s requests in flight", n,
+        "SIGTERM, --drain-timeout 1 with requests in flight that outlast it", n,
         f"1 SIGTERM with {len(flying)} documents in flight; exit after {took:.2f} s",
-        recover_seconds=round(took, 2), exit_code=code), queue_rows=n)
+        recover_seconds=round(took, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert code == 0, sup.stderr[-3000:]
-    assert took < drain + 1.5, f"exit {took:.2f}s after SIGTERM with --drain-timeout {drain:g}"
+    assert "drain timeout: killing 2 worker(s)" in sup.stderr, sup.stderr[-3000:]
     assert left_processing == 0
     assert sorted(rows) == sorted((cid, "pending", 0, 0) for cid in flying), rows
     assert final == 0 and outcome.failed == 0
