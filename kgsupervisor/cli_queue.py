@@ -5,7 +5,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,8 +16,9 @@ from .cli_options import db_option
 from .errors import ConfigError, KGSupervisorError
 from .states import ALL_JOB_STATUSES
 
-# `queue` and `enqueue` are called from scripts and cron: rich and the copy are imported by
-# `copy-db` alone, and the database fault descriptions only when a database refuses.
+# `queue` and `enqueue` are called from scripts and cron: rich is imported only when a bulk
+# command shows a progress bar on a terminal, the copy by `copy-db` alone, and the database
+# fault descriptions only when a database refuses.
 
 
 @contextmanager
@@ -37,6 +38,26 @@ def _database_error(db_path: str, exc: BaseException) -> str:
     """One line: which database refused, and why."""
     from .dbfault import describe_database_fault
     return f"database {backend.describe(db_path)}: {describe_database_fault(exc)}"
+
+
+@contextmanager
+def progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar (done, total) on a terminal's stderr, as copy-db shows; None when stderr
+    is a pipe or a file, so that scripts and cron get only the summary line."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True)) as bar:
+        tasks: list[Any] = []  # made at the first batch: a command with nothing to do shows no bar
+
+        def show(done: int, total: int) -> None:
+            if not tasks:
+                tasks.append(bar.add_task(label, total=total))
+            bar.update(tasks[0], completed=done, total=total)
+
+        yield show
 
 
 def _id_list(ids: list[int]) -> str:
@@ -66,7 +87,10 @@ def enqueue(db_path: str, ids: tuple[int, ...], all_unprocessed: bool, priority:
         raise click.UsageError("give document ids or --all-unprocessed")
     with database_errors(db_path):
         queue = backend.open_queue(db_path)
-        unprocessed = queue.enqueue_all_unprocessed(priority, time.time()) if all_unprocessed else None
+        unprocessed = None
+        if all_unprocessed:
+            with progress_bar("documents looked at") as progress:
+                unprocessed = queue.enqueue_all_unprocessed(priority, time.time(), progress=progress)
         result = queue.enqueue(ids, priority, time.time()) if ids else None
     if unprocessed is not None:
         click.echo(f"queued {unprocessed} unprocessed document(s)")
@@ -107,8 +131,10 @@ def retry(db_path: str, failed: bool, skipped: bool, pending: bool, ids: tuple[i
         raise click.UsageError("give --failed, --skipped, --pending or --id N")
     with database_errors(db_path):
         queue = backend.open_queue(db_path)
-        n = queue.retry(failed=failed, skipped=skipped, ids=ids)
-        due = queue.make_due(time.time(), every_pending=pending, ids=ids)
+        with progress_bar("back to pending") as progress:
+            n = queue.retry(failed=failed, skipped=skipped, ids=ids, progress=progress)
+        with progress_bar("due now") as progress:
+            due = queue.make_due(time.time(), every_pending=pending, ids=ids, progress=progress)
     click.echo(f"{n} row(s) back to pending")
     if pending or due:
         click.echo(f"{due} pending row(s) due now instead of later")

@@ -61,44 +61,71 @@ PG_TYPES = {str: "TEXT", float: "DOUBLE PRECISION", int: "INTEGER"}
 # The counts are striped by backend pid: a row lock on one shared counter would make every
 # claimer on every host wait for the others' commits, undoing SKIP LOCKED. A live connection
 # only ever touches its own rows; PostgresQueue folds the rows of closed ones into slot 0.
-STATUS_COUNTS_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION kgq_count_status() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n) VALUES (COALESCE(OLD.status, ''), pg_backend_pid(), -1)
-            ON CONFLICT (status, slot) DO UPDATE SET n = {STATUS_COUNTS_TABLE}.n - 1;
-    END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n) VALUES (COALESCE(NEW.status, ''), pg_backend_pid(), 1)
-            ON CONFLICT (status, slot) DO UPDATE SET n = {STATUS_COUNTS_TABLE}.n + 1;
-    END IF;
-    RETURN NULL;
-END $$"""
-
-STATUS_COUNT_TRIGGERS = {
-    "kgq_count_insert": "CREATE TRIGGER kgq_count_insert AFTER INSERT ON kg_processing_queue "
-                        "FOR EACH ROW EXECUTE FUNCTION kgq_count_status()",
-    "kgq_count_delete": "CREATE TRIGGER kgq_count_delete AFTER DELETE ON kg_processing_queue "
-                        "FOR EACH ROW EXECUTE FUNCTION kgq_count_status()",
-    "kgq_count_update": "CREATE TRIGGER kgq_count_update AFTER UPDATE OF status ON kg_processing_queue "
-                        "FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION kgq_count_status()",
+#
+# Statement-level triggers over transition tables add ONE delta per status per statement. A
+# row-level upsert updates the same counter row once per row, and PostgreSQL cannot prune that
+# row's versions before the statement ends, so every update walks a longer chain: a bulk
+# statement was quadratic (40,000 rows took 11 s, a million never finished). No join between
+# the old and new rows either: plpgsql caches the plan made for the first, small statement.
+COUNTS_UPSERT = (f"INSERT INTO {STATUS_COUNTS_TABLE} AS c (status, slot, n) {{}} "
+                 "ON CONFLICT (status, slot) DO UPDATE SET n = c.n + EXCLUDED.n;")
+COUNT_FUNCTIONS = {
+    "kgq_counts_inserted": COUNTS_UPSERT.format(
+        "SELECT COALESCE(status, ''), pg_backend_pid(), COUNT(*) FROM kgq_new GROUP BY 1"),
+    "kgq_counts_deleted": COUNTS_UPSERT.format(
+        "SELECT COALESCE(status, ''), pg_backend_pid(), -COUNT(*) FROM kgq_old GROUP BY 1"),
+    # Rows whose status stayed (a lease renewal, a write-back's other columns) cancel out.
+    "kgq_counts_updated": COUNTS_UPSERT.format(
+        "SELECT status, pg_backend_pid(), SUM(n) FROM ("
+        "SELECT COALESCE(status, '') AS status, COUNT(*) AS n FROM kgq_new GROUP BY 1 UNION ALL "
+        "SELECT COALESCE(status, ''), -COUNT(*) FROM kgq_old GROUP BY 1) AS moved "
+        "GROUP BY status HAVING SUM(n) <> 0"),
+    # The lock waits out a fold of closed connections' rows, which would leave its new row.
+    "kgq_counts_truncated": f"LOCK TABLE {STATUS_COUNTS_TABLE} IN EXCLUSIVE MODE; DELETE FROM {STATUS_COUNTS_TABLE};",
 }
+# Transition tables take one event per trigger, and no column list (UPDATE OF status).
+COUNT_TRIGGERS = {
+    "kgq_counts_insert": "AFTER INSERT ON kg_processing_queue REFERENCING NEW TABLE AS kgq_new "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION kgq_counts_inserted()",
+    "kgq_counts_update": "AFTER UPDATE ON kg_processing_queue REFERENCING OLD TABLE AS kgq_old "
+                         "NEW TABLE AS kgq_new FOR EACH STATEMENT EXECUTE FUNCTION kgq_counts_updated()",
+    "kgq_counts_delete": "AFTER DELETE ON kg_processing_queue REFERENCING OLD TABLE AS kgq_old "
+                         "FOR EACH STATEMENT EXECUTE FUNCTION kgq_counts_deleted()",
+    "kgq_counts_truncate": "AFTER TRUNCATE ON kg_processing_queue FOR EACH STATEMENT "
+                           "EXECUTE FUNCTION kgq_counts_truncated()",
+}
+# What kgsupervisor before statement-level counting installed: init-db replaces it.
+OLD_COUNT_TRIGGERS = ("kgq_count_insert", "kgq_count_delete", "kgq_count_update")
+OLD_COUNT_FUNCTION = "kgq_count_status"
 
 # A row that becomes claimable (enqueued, released, retried) wakes idle workers on every host at
-# once; pg_notify folds the NOTIFYs of one transaction into one.
-NOTIFY_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION kgq_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{QUEUE_CHANNEL}', '');
-    RETURN NULL;
-END $$"""
-NOTIFY_TRIGGERS = {
-    "kgq_notify_insert": "CREATE TRIGGER kgq_notify_insert AFTER INSERT ON kg_processing_queue "
-                         "FOR EACH STATEMENT EXECUTE FUNCTION kgq_notify()",
-    "kgq_notify_pending": "CREATE TRIGGER kgq_notify_pending AFTER UPDATE OF status ON kg_processing_queue "
-                          "FOR EACH ROW WHEN (NEW.status = 'pending' AND OLD.status IS DISTINCT FROM 'pending') "
-                          "EXECUTE FUNCTION kgq_notify()",
+# once; pg_notify folds the NOTIFYs of one transaction into one, and the triggers send at most
+# one per statement. An UPDATE notifies when it leaves a row pending and had a row that was not
+# (a superset of "a row became pending" that needs no join of old and new rows).
+NOTIFY_FUNCTIONS = {
+    "kgq_notify": f"PERFORM pg_notify('{QUEUE_CHANNEL}', '');",
+    "kgq_notify_claimable": (
+        "IF EXISTS (SELECT 1 FROM kgq_new WHERE status = 'pending') "
+        "AND EXISTS (SELECT 1 FROM kgq_old WHERE status IS DISTINCT FROM 'pending') THEN "
+        f"PERFORM pg_notify('{QUEUE_CHANNEL}', ''); END IF;"),
 }
+NOTIFY_TRIGGERS = {
+    "kgq_notify_insert": "AFTER INSERT ON kg_processing_queue FOR EACH STATEMENT EXECUTE FUNCTION kgq_notify()",
+    "kgq_notify_claimable": "AFTER UPDATE ON kg_processing_queue REFERENCING OLD TABLE AS kgq_old "
+                            "NEW TABLE AS kgq_new FOR EACH STATEMENT EXECUTE FUNCTION kgq_notify_claimable()",
+}
+OLD_NOTIFY_TRIGGERS = ("kgq_notify_pending",)  # row-level: one NOTIFY call per row
+
+
+def function_ddl(name: str, body: str) -> str:
+    """CREATE OR REPLACE of a plpgsql trigger function whose source is exactly `body`'s block."""
+    return f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $${function_source(body)}$$"
+
+
+def function_source(body: str) -> str:
+    """The text PostgreSQL keeps as the function's source (pg_proc.prosrc), to compare with."""
+    return f" BEGIN {body} RETURN NULL; END "
+
 
 # Serialises two `init-db` runs against one database (two hosts starting at once).
 MIGRATION_LOCK = 0x6B67_7375  # "kgsu"
@@ -151,10 +178,7 @@ def migrate_pg(conn: PGConnection) -> list[str]:
             if name not in indexes:
                 conn.execute(ddl)
                 changes.append(f"created index {name}")
-        if _install_status_counts(conn):
-            changes.append(f"created {STATUS_COUNTS_TABLE} and its triggers")
-        if _install_notify(conn):
-            changes.append(f"created the NOTIFY {QUEUE_CHANNEL} triggers")
+        changes += [change for change in (_install_status_counts(conn), _install_notify(conn)) if change]
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -196,38 +220,78 @@ def _add_column(conn: PGConnection, table: str, name: str, declaration: str) -> 
         conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
 
-def _install_status_counts(conn: PGConnection) -> bool:
-    """The counts table and its triggers when any is missing, seeded from one scan under a lock
-    that keeps every writer out until the triggers exist."""
-    if set(STATUS_COUNT_TRIGGERS) <= _queue_triggers(conn):
-        return False
-    conn.execute("LOCK TABLE kg_processing_queue IN SHARE ROW EXCLUSIVE MODE")
-    for name in STATUS_COUNT_TRIGGERS:
+def _install_status_counts(conn: PGConnection) -> str | None:
+    """The counts table and its statement-level triggers when anything is missing, outdated or
+    left by an older version (row-level triggers), recounted from one scan under a lock that
+    keeps every writer out until the new triggers exist; what was done, or None."""
+    have = _queue_triggers(conn)
+    old = have & {*OLD_COUNT_TRIGGERS}
+    if (not old and set(COUNT_TRIGGERS) <= have and table_columns(conn, STATUS_COUNTS_TABLE)
+            and _functions_current(conn, COUNT_FUNCTIONS)):
+        return None
+    # DROP TRIGGER takes this lock anyway: taking it first means no upgrade half-way.
+    conn.execute("LOCK TABLE kg_processing_queue IN ACCESS EXCLUSIVE MODE")
+    for name in (*OLD_COUNT_TRIGGERS, *COUNT_TRIGGERS):
         conn.execute(f"DROP TRIGGER IF EXISTS {name} ON kg_processing_queue")
+    conn.execute(f"DROP FUNCTION IF EXISTS {OLD_COUNT_FUNCTION}()")
+    _empty_counts_table(conn)
+    conn.execute(f"INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n) "
+                 "SELECT COALESCE(status, ''), 0, COUNT(*) FROM kg_processing_queue GROUP BY 1")
+    _create_triggers(conn, COUNT_FUNCTIONS, COUNT_TRIGGERS)
+    if old:
+        return f"replaced the row-level count triggers with statement-level ones and recounted {STATUS_COUNTS_TABLE}"
+    return f"created {STATUS_COUNTS_TABLE} and its triggers"
+
+
+def _empty_counts_table(conn: PGConnection) -> None:
+    """The counts table, empty: emptied in place when it has the right columns, so that a
+    supervisor of an older version still running (its upkeep folds count rows) keeps writing to
+    the same table; made afresh otherwise."""
+    if table_columns(conn, STATUS_COUNTS_TABLE) == {"status", "slot", "n"}:
+        conn.execute(f"LOCK TABLE {STATUS_COUNTS_TABLE} IN EXCLUSIVE MODE")
+        conn.execute(f"DELETE FROM {STATUS_COUNTS_TABLE}")
+        return
     conn.execute(f"DROP TABLE IF EXISTS {STATUS_COUNTS_TABLE}")
     conn.execute(f"CREATE TABLE {STATUS_COUNTS_TABLE} (status TEXT NOT NULL, slot INTEGER NOT NULL, "
                  "n BIGINT NOT NULL, PRIMARY KEY (status, slot))")
-    conn.execute(f"INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n) "
-                 "SELECT COALESCE(status, ''), 0, COUNT(*) FROM kg_processing_queue GROUP BY 1")
-    conn.execute(STATUS_COUNTS_FUNCTION)
-    for ddl in STATUS_COUNT_TRIGGERS.values():
-        conn.execute(ddl)
-    return True
+
+
+def _create_triggers(conn: PGConnection, functions: dict[str, str], triggers: dict[str, str]) -> None:
+    """The functions (replaced) and the triggers (dropped first when there) as declared."""
+    for name, body in functions.items():
+        conn.execute(function_ddl(name, body))
+    for name, definition in triggers.items():
+        conn.execute(f"DROP TRIGGER IF EXISTS {name} ON kg_processing_queue")
+        conn.execute(f"CREATE TRIGGER {name} {definition}")
+
+
+def _functions_current(conn: PGConnection, functions: dict[str, str]) -> bool:
+    """Every one of `functions` exists in this schema with the source declared here."""
+    found = dict(conn.execute(
+        "SELECT p.proname, p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = current_schema() AND p.proname = ANY(?)", (list(functions),)).fetchall())
+    return all(found.get(name) == function_source(body) for name, body in functions.items())
 
 
 def _queue_triggers(conn: PGConnection) -> set[str]:
     return _names(conn, "SELECT tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = current_schema() "
                         "WHERE c.relname = 'kg_processing_queue' AND NOT t.tgisinternal")
 
 
-def _install_notify(conn: PGConnection) -> bool:
-    missing = set(NOTIFY_TRIGGERS) - _queue_triggers(conn)
-    if not missing:
-        return False
-    conn.execute(NOTIFY_FUNCTION)
-    for name in sorted(missing):
-        conn.execute(NOTIFY_TRIGGERS[name])
-    return True
+def _install_notify(conn: PGConnection) -> str | None:
+    """The NOTIFY triggers when any is missing, outdated, or row-level from an older version."""
+    have = _queue_triggers(conn)
+    old = have & {*OLD_NOTIFY_TRIGGERS}
+    if not old and set(NOTIFY_TRIGGERS) <= have and _functions_current(conn, NOTIFY_FUNCTIONS):
+        return None
+    conn.execute("LOCK TABLE kg_processing_queue IN ACCESS EXCLUSIVE MODE")
+    for name in OLD_NOTIFY_TRIGGERS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {name} ON kg_processing_queue")
+    _create_triggers(conn, NOTIFY_FUNCTIONS, NOTIFY_TRIGGERS)
+    if old:
+        return f"replaced the row-level NOTIFY {QUEUE_CHANNEL} trigger with a statement-level one"
+    return f"created the NOTIFY {QUEUE_CHANNEL} triggers"
 
 
 def check_schema_pg(conn: PGConnection, label: str) -> None:

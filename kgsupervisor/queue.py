@@ -5,7 +5,7 @@ import dataclasses
 import random
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -16,7 +16,21 @@ from .pgdb import is_postgres
 from .schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from .states import ALL_JOB_STATUSES, JobStatus
 
-LIVE = "status IN ('pending', 'processing')"
+
+def marks(values: Sequence[object]) -> str:
+    """One `?` per value, comma-separated: the inside of an IN (...) list."""
+    return ",".join("?" * len(values))
+
+
+def live(alias: str) -> str:
+    """`alias`'s row is live (pending or processing), spelled so that no index on status can
+    serve it: a look for one document's live rows must go through the content_id index. After
+    a bulk change PostgreSQL's estimate of live rows is stale (a queue just filled: "none"), and
+    with an index on status it scans every live row once per document, which makes a batched
+    bulk command quadratic."""
+    return f"COALESCE({alias}.status, '') IN ('pending', 'processing')"
+
+
 CLAIM_SQL = f"""
             UPDATE kg_processing_queue
                SET status = 'processing', processing_started_at = ?, lease_owner = ?,
@@ -95,6 +109,12 @@ class CrashRelease:
 
 # What an INTEGER column holds in SQLite, and a BIGINT in PostgreSQL.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Rows per transaction of a bulk change (enqueue --all-unprocessed, retry, expired leases):
+# a worker waits for one batch's locks at most, a progress bar moves, and an interrupted
+# command keeps what it did. Also within every SQLite build's limit of bound parameters.
+BULK_BATCH_ROWS = 1000
+# rows done so far, rows in all: how a bulk change reports its progress
+Progress = Callable[[int, int], None]
 # How rows whose status is NULL or empty are counted (the counts table keeps both as '').
 NO_STATUS = "(none)"
 
@@ -238,14 +258,14 @@ class LeasedQueue:
             f"SELECT EXISTS (SELECT 1 FROM kg_processing_queue WHERE {CLAIMABLE}) "
             "OR EXISTS (SELECT 1 FROM kg_processing_queue WHERE status = 'processing')").fetchone()[0] == 1
 
-    def requeue_expired(self, now: float) -> int:
-        """The backstop for owners that vanished with their host: expired leases to pending."""
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
-            "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
-            "processing_started_at = NULL WHERE status = 'processing' "
-            "AND lease_expires_at IS NOT NULL AND lease_expires_at < ?", (now,))
-        return cur.rowcount
+    def requeue_expired(self, now: float, batch_rows: int = BULK_BATCH_ROWS) -> int:
+        """The backstop for owners that vanished with their host: expired leases to pending,
+        `batch_rows` at a time (a host that held a million claims does not lock them all at once)."""
+        expired = "status = 'processing' AND lease_expires_at IS NOT NULL AND lease_expires_at < ?"
+        return self._update_in_batches(
+            "status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
+            "started_at = NULL, processing_started_at = NULL", expired, [now],
+            self._ids(f"SELECT id FROM kg_processing_queue WHERE {expired}", [now]), batch_rows)
 
     def retry_later(self, claim: Claim, error: str, now: float, max_attempts: int,
                     backoff_base: float, backoff_cap: float) -> JobStatus | None:
@@ -293,40 +313,96 @@ class LeasedQueue:
         return counts
 
     def enqueue(self, content_ids: Sequence[int], priority: int, now: float) -> EnqueueResult:
-        """Queue documents by id; a document already pending or processing is not queued again."""
+        """Queue documents by id, in the order given; a document already pending or processing
+        is not queued again. One transaction, a few statements per BULK_BATCH_ROWS ids."""
         check_int64("content_id", content_ids)
         check_int64("priority", [priority])
         added, already, unknown = [], [], []
+        wanted = list(dict.fromkeys(content_ids))
         with insert_refusals(), transaction(self.conn):
-            for cid in dict.fromkeys(content_ids):
-                if not self.conn.execute("SELECT 1 FROM crawled_content WHERE id = ?", (cid,)).fetchone():
-                    unknown.append(cid)
-                elif self.conn.execute(f"SELECT 1 FROM kg_processing_queue WHERE content_id = ? AND {LIVE}",
-                                       (cid,)).fetchone():
-                    already.append(cid)
-                else:
-                    self.conn.execute(
-                        "INSERT INTO kg_processing_queue (content_id, status, priority, queued_at) "
-                        "VALUES (?, 'pending', ?, ?)", (cid, priority, db_timestamp(now)))
-                    added.append(cid)
+            for start in range(0, len(wanted), BULK_BATCH_ROWS):
+                batch = wanted[start:start + BULK_BATCH_ROWS]
+                known = set(self._ids(f"SELECT id FROM crawled_content WHERE id IN ({marks(batch)})", batch))
+                unknown += [cid for cid in batch if cid not in known]
+                live_ones = set(self._ids(f"SELECT content_id FROM kg_processing_queue AS q WHERE content_id IN "
+                                          f"({marks(batch)}) AND {live('q')}", batch))
+                already += [cid for cid in batch if cid in known and cid in live_ones]
+                added += self._queue_new([cid for cid in batch if cid in known and cid not in live_ones],
+                                         priority, now)
         return EnqueueResult(added, already, unknown)
 
-    def enqueue_all_unprocessed(self, priority: int, now: float) -> int:
-        """Queue every document with kg_processed = 0 that has no live queue row."""
-        check_int64("priority", [priority])
-        with insert_refusals(), transaction(self.conn):
-            cur = self.conn.execute(
-                f"""INSERT INTO kg_processing_queue (content_id, status, priority, queued_at)
-                    SELECT c.id, 'pending', ?, ? FROM crawled_content c
-                     WHERE COALESCE(c.kg_processed, 0) = 0
-                       AND NOT EXISTS (SELECT 1 FROM kg_processing_queue q
-                                        WHERE q.content_id = c.id AND q.{LIVE})
-                     ORDER BY c.id""",
-                (priority, db_timestamp(now)))
-            return cur.rowcount
+    def _queue_new(self, content_ids: list[int], priority: int, now: float) -> list[int]:
+        """A pending row for each of these documents, in their order, in one statement.
 
-    def retry(self, *, failed: bool = False, skipped: bool = False, ids: Sequence[int] = ()) -> int:
-        """Put failed / skipped rows (or rows by queue id) back to pending with a fresh attempt budget."""
+        The callers look up live rows first with plain lookups, not INSERT … SELECT … NOT
+        EXISTS: a join's plan rests on row estimates that a bulk change makes stale (PostgreSQL
+        then sorts or scans every live row for each batch); a lookup by ids or an id range is
+        served by the content_id index however stale they are.
+        """
+        if content_ids:
+            stamp = db_timestamp(now)
+            self.conn.execute("INSERT INTO kg_processing_queue (content_id, status, priority, queued_at) VALUES "
+                              + ", ".join(["(?, 'pending', ?, ?)"] * len(content_ids)),
+                              [value for cid in content_ids for value in (cid, priority, stamp)])
+        return content_ids
+
+    def enqueue_all_unprocessed(self, priority: int, now: float, *, batch_rows: int = BULK_BATCH_ROWS,
+                                progress: Progress | None = None) -> int:
+        """Queue every document with kg_processed = 0 that has no live queue row; returns how many.
+
+        It walks crawled_content by id, `batch_rows` documents a transaction: workers write
+        between batches, and an interrupted run keeps what it queued (running it again queues
+        the rest, never a document twice).
+        """
+        check_int64("priority", [priority])
+        total = self.conn.execute("SELECT COUNT(*) FROM crawled_content").fetchone()[0]
+        added = done = 0
+        low = self.conn.execute("SELECT MIN(id) FROM crawled_content").fetchone()[0]
+        while low is not None:
+            with insert_refusals(), transaction(self.conn):
+                documents, queued = self._enqueue_unprocessed_from(low, batch_rows, priority, now)
+            added += queued
+            done += len(documents)
+            if progress and documents:
+                progress(min(done, total), max(total, done))
+            low = documents[-1] + 1 if len(documents) == batch_rows and documents[-1] < INT64_MAX else None
+        return added
+
+    def _enqueue_unprocessed_from(self, low: int, batch_rows: int, priority: int, now: float) -> tuple[list[int], int]:
+        """The next `batch_rows` documents from id `low` on: their ids, and how many were queued."""
+        rows = self.conn.execute("SELECT id, COALESCE(kg_processed, 0) = 0 FROM crawled_content WHERE id >= ? "
+                                 "ORDER BY id LIMIT ?", (low, batch_rows)).fetchall()
+        if not rows:
+            return [], 0
+        # Their live rows by a range of the content_id index, however many history rows are in it.
+        live_ones = set(self._ids(f"SELECT content_id FROM kg_processing_queue AS q WHERE content_id >= ? "
+                                  f"AND content_id <= ? AND {live('q')}", (low, rows[-1][0])))
+        fresh = [cid for cid, unprocessed in rows if unprocessed and cid not in live_ones]
+        return [cid for cid, _ in rows], len(self._queue_new(fresh, priority, now))
+
+    def _ids(self, sql: str, params: Sequence[object] = ()) -> list[int]:
+        """The first column of every row `sql` returns."""
+        return [row[0] for row in self.conn.execute(sql, params).fetchall()]
+
+    def _update_in_batches(self, assignments: str, where: str, params: Sequence[object], ids: list[int],
+                           batch_rows: int, progress: Progress | None = None) -> int:
+        """UPDATE the rows `ids` (chosen by `where` before) `batch_rows` at a time, each batch
+        its own statement; `where` is asked again of every row, as a row may have changed since
+        it was chosen. Returns the rows changed."""
+        changed = 0
+        for start in range(0, len(ids), batch_rows):
+            batch = ids[start:start + batch_rows]
+            changed += self.conn.execute(
+                f"UPDATE kg_processing_queue AS q SET {assignments} "
+                f"WHERE ({where}) AND q.id IN ({marks(batch)})", [*params, *batch]).rowcount
+            if progress:
+                progress(start + len(batch), len(ids))
+        return changed
+
+    def retry(self, *, failed: bool = False, skipped: bool = False, ids: Sequence[int] = (),
+              batch_rows: int = BULK_BATCH_ROWS, progress: Progress | None = None) -> int:
+        """Put failed / skipped rows (or rows by queue id) back to pending with a fresh attempt
+        budget, `batch_rows` a statement; returns how many."""
         check_int64("queue id", ids)
         clauses, params = [], []
         if failed:
@@ -334,20 +410,25 @@ class LeasedQueue:
         if skipped:
             clauses.append("status = 'skipped'")
         if ids:
-            clauses.append(f"(id IN ({','.join('?' * len(ids))}) AND status IN ('failed', 'skipped', 'completed'))")
+            clauses.append(f"(id IN ({marks(ids)}) AND status IN ('failed', 'skipped', 'completed'))")
             params.extend(ids)
         if not clauses:
             return 0
+        chosen = f"({' OR '.join(clauses)})"
+        # One row per document, its newest, so that no retry makes two live rows of one document.
+        newest = self._ids(f"SELECT MAX(id) FROM kg_processing_queue WHERE {chosen} "
+                           "GROUP BY content_id, CASE WHEN content_id IS NULL THEN id END ORDER BY 1", params)
         # A document that meanwhile got a newer live row keeps that one only.
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue AS q SET status = 'pending', retry_count = 0, crash_count = 0, "
-            "not_before = NULL, skipped_reason = NULL, processed_at = NULL "
-            f"WHERE ({' OR '.join(clauses)}) AND NOT EXISTS (SELECT 1 FROM kg_processing_queue o "
-            f"WHERE o.content_id = q.content_id AND o.id != q.id AND o.{LIVE})", params)
-        return cur.rowcount
+        where = (f"{chosen} AND NOT EXISTS (SELECT 1 FROM kg_processing_queue o "
+                 f"WHERE o.content_id = q.content_id AND o.id != q.id AND {live('o')})")
+        return self._update_in_batches(
+            "status = 'pending', retry_count = 0, crash_count = 0, not_before = NULL, "
+            "skipped_reason = NULL, processed_at = NULL", where, params, newest, batch_rows, progress)
 
-    def make_due(self, now: float, *, every_pending: bool = False, ids: Sequence[int] = ()) -> int:
-        """Pending rows (all, or these queue ids) told to wait past `now`: due now; returns how many.
+    def make_due(self, now: float, *, every_pending: bool = False, ids: Sequence[int] = (),
+                 batch_rows: int = BULK_BATCH_ROWS, progress: Progress | None = None) -> int:
+        """Pending rows (all, or these queue ids) told to wait past `now`: due now, `batch_rows`
+        a statement; returns how many.
 
         Their attempt count stays: they have not failed, they were told to wait (a Retry-After,
         a backoff), maybe far longer than anyone meant (a row left by an older version).
@@ -355,11 +436,11 @@ class LeasedQueue:
         check_int64("queue id", ids)
         if not (every_pending or ids):
             return 0
-        which = "" if every_pending else f" AND id IN ({','.join('?' * len(ids))})"
-        cur = self.conn.execute(
-            f"UPDATE kg_processing_queue SET not_before = NULL "
-            f"WHERE status = 'pending' AND not_before > ?{which}", [now, *([] if every_pending else ids)])
-        return cur.rowcount
+        which = "" if every_pending else f" AND id IN ({marks(ids)})"
+        waiting = "status = 'pending' AND not_before > ?"
+        chosen = self._ids(f"SELECT id FROM kg_processing_queue WHERE {waiting}{which} ORDER BY id",
+                           [now, *([] if every_pending else ids)])
+        return self._update_in_batches("not_before = NULL", waiting, [now], chosen, batch_rows, progress)
 
 
 class SQLiteQueue(LeasedQueue):
@@ -371,10 +452,10 @@ class PostgresQueue(LeasedQueue):
 
     claim_sql = PG_CLAIM_SQL
 
-    def requeue_expired(self, now: float) -> int:
+    def requeue_expired(self, now: float, batch_rows: int = BULK_BATCH_ROWS) -> int:
         """The lease-expiry backstop, and (as periodic upkeep) the count rows of closed
         connections folded into one, so a count reads few rows however many have come and gone."""
-        count = super().requeue_expired(now)
+        count = super().requeue_expired(now, batch_rows)
         self.conn.execute(
             f"""WITH gone AS (DELETE FROM {STATUS_COUNTS_TABLE}
                                WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity)

@@ -6,8 +6,10 @@ the machine's ceilings, pickup latency, idle cost, growth and recovery; writes d
     python scripts/bench.py [--quick] [--only SECTION ...] [--workdir DIR]
 
 Sections: throughput (with the peers), ceiling, idle (pickup latency and idle cost), growth,
-recovery, postgres (the drain on PostgreSQL with one and two supervisors, NOTIFY pickup). --quick uses small sizes (minutes, for development; the document says so). With --only,
-the other sections are taken from the last results of the same kind (docs/benchmarks/results*.json).
+recovery, postgres (the drain on PostgreSQL with one and two supervisors, NOTIFY pickup), pgscale
+(PostgreSQL at 1,000,000 queue rows: bulk statements and commands, claim, counts, status endpoint).
+--quick uses small sizes (minutes, for development; the document says so). With --only, the other
+sections are taken from the last results of the same kind (docs/benchmarks/results*.json).
 Run it on a quiet machine: every number is measured against the others in the same run.
 """
 from __future__ import annotations
@@ -28,8 +30,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-SECTIONS = ("throughput", "ceiling", "idle", "growth", "recovery", "postgres")
-ALIASES = {"peers": "throughput", "pickup": "idle", "idle-cost": "idle", "recovery-times": "recovery"}
+SECTIONS = ("throughput", "ceiling", "idle", "growth", "recovery", "postgres", "pgscale")
+ALIASES = {"peers": "throughput", "pickup": "idle", "idle-cost": "idle", "recovery-times": "recovery",
+           "pg-scale": "pgscale"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,7 +80,7 @@ def results_path(doc: str, quick: bool) -> str:
 def main() -> int:
     args = parse_args()
     check_requirements()
-    from bench import drain, growth, idle, postgres, recovery, report
+    from bench import drain, growth, idle, pgscale, postgres, recovery, report
     from bench.common import log
     from bench.context import Context
 
@@ -93,7 +96,8 @@ def main() -> int:
     started = time.monotonic()
     ctx = Context.create(args.quick, args.workdir, keep=False)
     runners = {"throughput": drain.run_throughput, "ceiling": drain.run_ceiling, "idle": idle.run_idle,
-               "growth": growth.run_growth, "recovery": recovery.run_recovery, "postgres": postgres.run_postgres}
+               "growth": growth.run_growth, "recovery": recovery.run_recovery, "postgres": postgres.run_postgres,
+               "pgscale": pgscale.run_pgscale}
     try:
         for name in SECTIONS:
             if name in only:

@@ -4,7 +4,8 @@ Real SQLite file (and the same machine on a real PostgreSQL server, below), one 
 queue) per simulated worker, 20 rows. Rules claim,
 mark in flight, renew, complete (the fenced write-back), fail, retry later, release, release a
 dead owner's claims (with or without charging a crash), let leases expire and requeue them, and
-put failed rows back. Workers keep stale Claim objects on purpose: every later write through
+put failed rows back (those two in batches of 1-8 rows); another program's bulk statements move
+every row of a status at once and back, the counts checked after each statement. Workers keep stale Claim objects on purpose: every later write through
 one must be fenced out by its lease token. After every step the database must equal the model
 and the invariants hold: row count constant, every row in exactly one of pending, processing,
 completed, failed; a processing row has an owner, a token and an expiry (others have none); no
@@ -46,6 +47,10 @@ MAX_ATTEMPTS = 3
 POISON_AFTER = 2
 BACKOFF_BASE, BACKOFF_CAP = 1.0, 4.0
 STATUSES = {"pending", "processing", "completed", "failed"}
+# Every column a row of the model is compared on, and the rest a deleted row is put back with.
+COPIED_COLUMNS = ("id", "content_id", "status", "priority", "queued_at", "processing_started_at", "processed_at",
+                  "retry_count", "error_message", "result_summary", "skipped_reason", "lease_owner", "lease_token",
+                  "lease_expires_at", "not_before", "crash_count", "started_at")
 
 
 @functools.lru_cache(maxsize=1)
@@ -251,21 +256,54 @@ class QueueMachine(RuleBasedStateMachine):
     def tick(self, seconds: float) -> None:
         self.now += seconds
 
-    @rule(by=st.integers(0, WORKERS - 1))
-    def requeue_expired(self, by: int) -> None:
+    @rule(by=st.integers(0, WORKERS - 1), batch=st.integers(1, 8))
+    def requeue_expired(self, by: int, batch: int) -> None:
         expired = [qid for qid, m in self.model.items() if m["status"] == "processing" and m["expires"] < self.now]
-        assert self.queues[by].requeue_expired(self.now) == len(expired)
+        assert self.queues[by].requeue_expired(self.now, batch_rows=batch) == len(expired)
         for qid in expired:
             self.to_pending(qid, self.model[qid]["not_before"])
 
     @precondition(lambda self: any(m["status"] == "failed" for m in self.model.values()))
-    @rule()
-    def retry_failed(self) -> None:
-        """The operator's `kgsupervisor retry --failed`."""
+    @rule(batch=st.integers(1, 8))
+    def retry_failed(self, batch: int) -> None:
+        """The operator's `kgsupervisor retry --failed`, in batches of `batch` rows."""
         failed = [qid for qid, m in self.model.items() if m["status"] == "failed"]
-        assert self.queues[0].retry(failed=True) == len(failed)
+        assert self.queues[0].retry(failed=True, batch_rows=batch) == len(failed)
         for qid in failed:
             self.model[qid].update(status="pending", retry=0, crash=0, not_before=None)
+
+    @rule(by=st.integers(0, WORKERS - 1), status=st.sampled_from(sorted(STATUSES)),
+          how=st.sampled_from(["relabel", "delete and put back", "delete rolled back"]))
+    def bulk_statement(self, by: int, status: str, how: str) -> None:
+        """Another program's SQL moving every row of one status at once, then undoing it (so the
+        model stays as it was): the counts must be exact after every statement, seen by the
+        writer inside its transaction and by everyone after it."""
+        conn = self.conns[by]
+        if how == "relabel":
+            for sql, params in (("UPDATE kg_processing_queue SET status = NULL WHERE status = ?", (status,)),
+                                ("UPDATE kg_processing_queue SET status = ? WHERE status IS NULL", (status,))):
+                conn.execute(sql, params)
+                self.assert_counts_exact(by)
+            return
+        columns = ", ".join(COPIED_COLUMNS)
+        rows = conn.execute(f"SELECT {columns} FROM kg_processing_queue WHERE status = ?", (status,)).fetchall()
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM kg_processing_queue WHERE status = ?", (status,))
+        self.assert_counts_exact(by)
+        if how == "delete and put back" and rows:
+            conn.execute(f"INSERT INTO kg_processing_queue ({columns}) VALUES "
+                         + ", ".join([f"({', '.join('?' * len(COPIED_COLUMNS))})"] * len(rows)),
+                         [value for row in rows for value in row])
+            self.assert_counts_exact(by)
+        conn.execute("COMMIT" if how == "delete and put back" else "ROLLBACK")
+        self.assert_counts_exact(by)
+
+    def assert_counts_exact(self, by: int) -> None:
+        """queue.counts() through connection `by` equals a GROUP BY through the same connection."""
+        scanned = {status if status not in (None, "") else "(none)": n for status, n in self.conns[by].execute(
+            "SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall()}
+        counted = self.queues[by].counts()
+        assert {s: n for s, n in counted.items() if n and s != "total"} == scanned
 
     # -- invariants ------------------------------------------------------------------------------
 

@@ -85,6 +85,39 @@ def targets(results: dict) -> list[list]:
         p95 = percentile(rs, 95)
         rows.append(["kill -9 of a worker → replaced and its claims released, p95", ms(p95), "≤ 1 s",
                      verdict(p95 <= 1.0), shortfall(p95, 1.0, False)])
+    if results.get("pgscale"):
+        rows += pgscale_targets(results["pgscale"])
+    return rows
+
+
+def pgscale_targets(pg: dict) -> list[list]:
+    """The targets of PostgreSQL at a million queue rows (section 9)."""
+    rows = []
+    worst = max(pg["inserts"], key=lambda x: x["ratio"])
+    detail = ", ".join(f"{x['rows']:,} {x['ratio']:.2f}" for x in pg["inserts"])
+    rows.append(["PostgreSQL: one INSERT of N rows ≤ 1.5 × N rows in INSERTs of 1,000",
+                 f"{detail} (worst {worst['ratio']:.2f})", "≤ 1.5 ×", verdict(worst["ratio"] <= 1.5),
+                 shortfall(worst["ratio"], 1.5, False)])
+    for label, seconds in ((f"`enqueue --all-unprocessed` of {pg['rows']:,} documents", pg["enqueue_all"]["s"]),
+                           (f"`retry --failed` of {pg['retry_failed']['rows']:,} rows", pg["retry_failed"]["s"])):
+        rows.append([f"PostgreSQL: {label}", f"{seconds:.1f} s", "< 60 s", verdict(seconds < 60),
+                     shortfall(seconds, 60, False)])
+    small, big = pg["claim_small"]["p50_ms"], pg["claim_big"]["p50_ms"]
+    rows.append([f"PostgreSQL: claim p50 at {pg['rows']:,} pending rows vs 1,000",
+                 f"{big / small:.2f} × ({small:.3f} → {big:.3f} ms)", "≤ 1.5 ×", verdict(big / small <= 1.5),
+                 shortfall(big / small, 1.5, False)])
+    counts = max(pg["queue_cmd_inproc"]["p50_ms"], pg["counts"]["p95_ms"])
+    rows.append([f"PostgreSQL: queue counts at {pg['rows']:,} rows (`queue --json` in-process p50, counts() p95)",
+                 f"{pg['queue_cmd_inproc']['p50_ms']:.1f} ms, {pg['counts']['p95_ms']:.2f} ms", "≤ 50 ms",
+                 verdict(counts <= 50), shortfall(counts, 50, False)])
+    st = pg["status_endpoint"]
+    rows.append([f"PostgreSQL: status endpoint /stats at {pg['rows']:,} rows, p95 (max)",
+                 f"{st['p95_ms']:.1f} ms ({st['max_ms']:.0f} ms)", "≤ 50 ms", verdict(st["p95_ms"] <= 50),
+                 shortfall(st["p95_ms"], 50, False)])
+    exact = sum(x["exact"] for x in pg["steps"])
+    rows.append(["PostgreSQL: counts exact after every step (vs a full GROUP BY)", f"{exact} of {len(pg['steps'])} steps",
+                 "all", verdict(exact == len(pg["steps"])), "met" if exact == len(pg["steps"]) else
+                 f"{len(pg['steps']) - exact} step(s) wrong"])
     return rows
 
 
