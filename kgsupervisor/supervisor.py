@@ -466,12 +466,13 @@ class Supervisor:
         self.change_state(SupervisorState.STOPPING)
         self.reporter.notify("STOPPING=1")
         self.drain_deadline = time.monotonic() + self.settings.drain_timeout
-        log.info("draining (%s): no new claims; in-flight documents get up to %.0fs",
-                 why, self.settings.drain_timeout)
         for slot in self.slots.values():
             for worker in slot.processes():
                 worker.stop_requested = True
                 worker.signal(signal.SIGTERM)
+        # Logged once every worker was told: a reader of this line knows none claims anew.
+        log.info("draining (%s): no new claims; in-flight documents get up to %.0fs",
+                 why, self.settings.drain_timeout)
 
     def check_drain(self) -> None:
         alive = [w for s in self.slots.values() for w in s.processes() if w.process.is_alive()]

@@ -38,6 +38,26 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def wait_for_log(path: str | os.PathLike, text: str, count: int = 1, timeout: float = 30.0) -> str:
+    """Wait until the log file at `path` holds `text` at least `count` times; returns the log."""
+    def log_with_text() -> str | None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                log = f.read()
+        except FileNotFoundError:
+            return None
+        return log if log.count(text) >= count else None
+    return wait_for(log_with_text, timeout, message=f"{text!r} (x{count}) in {path}")
+
+
+def held_until(gate: threading.Event, timeout: float = 60.0) -> Callable[[dict, int], None]:
+    """A fault-server behaviour: hold each answer until `gate` is set (`timeout` s at most), then
+    answer like the reference service. Documents stay in flight until the test says."""
+    def behaviour(payload: dict, n: int) -> None:
+        gate.wait(timeout)
+    return behaviour
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -145,8 +145,12 @@ def test_no_orphans_when_the_host_process_dies(db_path, kg_service):
     host = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOST_THAT_DIES), db_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     supervisor_pid = int(host.stdout.readline())
-    tree = [psutil.Process(supervisor_pid)] + psutil.Process(supervisor_pid).children()
-    assert len(tree) >= 3, "supervisor, stats manager and two workers"
+    # start_kg_workers returns once the supervisor runs: its children come up after.
+    wait_for(lambda: len(children_named(supervisor_pid, "kgs-worker-")) == 2
+             and children_named(supervisor_pid, "kgs-stats"), 30, message="two workers and the stats manager")
+    tree = [psutil.Process(supervisor_pid)] + psutil.Process(supervisor_pid).children(recursive=True)
+    named = sorted(p.name() for p in tree[1:])
+    assert named == ["kgs-stats", "kgs-worker-0", "kgs-worker-1"], named
     os.kill(host.pid, signal.SIGKILL)
     host.communicate(timeout=10)
     gone, alive = psutil.wait_procs(tree, timeout=15)

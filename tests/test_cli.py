@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from kgsupervisor.cli import main
 
+from .chaos.harness import record_hostile
 from .conftest import seed, spawn, status_counts, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,25 +57,26 @@ def test_enqueue_of_unknown_ids_says_so_and_exits_1(conn, db_path):
     assert r.exit_code == 1 and "not in crawled_content, not queued: 12345" in r.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["queue", "--db", "{tmp}/missing.db"], "does not exist"),
-    (["queue", "--db", "{tmp}/notes.txt"], "is not an SQLite database"),
-    (["queue", "--db", "{tmp}/other.db"], "no kg_processing_queue table"),
-    (["worker", "--db", "{tmp}/x.db", "--service-url", "localhost:8088"], "--service-url='localhost:8088': expected an http"),
-    (["worker", "--db", "{tmp}/x.db", "--batch-size", "0"], "--batch-size=0"),
-    (["worker", "--service-url", "http://127.0.0.1:1"], "KG_DB_PATH"),
-    (["worker", "--db", "{tmp}/x.db", "--config", "{tmp}/nope.toml"], "--config"),
-    (["worker", "--db", "{tmp}/x.db", "--config", "{tmp}/bad.toml"], "bogus_key"),
-    (["enqueue", "--db", "{tmp}/x.db"], "give document ids or --all-unprocessed"),
+# README: a user mistake exits 1, a bad setting (a value, a config file, the command line) 2.
+@pytest.mark.parametrize("args, message, code", [
+    (["queue", "--db", "{tmp}/missing.db"], "does not exist", 1),
+    (["queue", "--db", "{tmp}/notes.txt"], "is not an SQLite database", 1),
+    (["queue", "--db", "{tmp}/other.db"], "no kg_processing_queue table", 1),
+    (["worker", "--db", "{tmp}/x.db", "--service-url", "localhost:8088"], "--service-url='localhost:8088': expected an http", 2),
+    (["worker", "--db", "{tmp}/x.db", "--batch-size", "0"], "--batch-size=0", 2),
+    (["worker", "--service-url", "http://127.0.0.1:1"], "KG_DB_PATH", 2),
+    (["worker", "--db", "{tmp}/x.db", "--config", "{tmp}/nope.toml"], "--config", 2),
+    (["worker", "--db", "{tmp}/x.db", "--config", "{tmp}/bad.toml"], "bogus_key", 2),
+    (["enqueue", "--db", "{tmp}/x.db"], "give document ids or --all-unprocessed", 2),
 ])
-def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message, code):
     (tmp_path / "notes.txt").write_text("plain text, not a database\n")
     sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.commit()
     (tmp_path / "bad.toml").write_text("bogus_key = 1\n")
     from kgsupervisor.schema import init_db
     init_db(str(tmp_path / "x.db"))
     proc = run(*[a.format(tmp=tmp_path) for a in args])
-    assert proc.returncode in (1, 2), proc.stderr
+    assert proc.returncode == code, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert any(message in line for line in lines), proc.stderr
@@ -122,39 +124,46 @@ def refused(proc: subprocess.CompletedProcess, *secrets: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, env, files, message, secrets", [
+@pytest.mark.hostile
+@pytest.mark.parametrize("args, env, files, message, secrets, given", [
     ([], {"KG_SERVICE_TIMEOUT": "1e10"}, {},
-     "KG_SERVICE_TIMEOUT=10000000000.0: expected a number > 0 and <= 86400 (1 day)", ()),
-    (["--service-timeout", "nan"], {}, {}, "--service-timeout=nan: expected a number", ()),
-    (["--poll-interval", "inf"], {}, {}, "--poll-interval=inf: expected a number", ()),
-    (["--drain-timeout", "1e6"], {}, {}, "--drain-timeout=1000000.0: expected a number > 0 and <= 86400", ()),
-    (["--workers", "0"], {}, {}, "--workers=0: expected a whole number from 1 to 256", ()),
-    ([], {"KG_SERVICE_URL": "http://[::1"}, {}, "KG_SERVICE_URL='http://[::1': expected an http(s) URL whose host", ()),
+     "KG_SERVICE_TIMEOUT=10000000000.0: expected a number > 0 and <= 86400 (1 day)", (), "KG_SERVICE_TIMEOUT=1e10"),
+    (["--service-timeout", "nan"], {}, {}, "--service-timeout=nan: expected a number", (), "--service-timeout nan"),
+    (["--poll-interval", "inf"], {}, {}, "--poll-interval=inf: expected a number", (), "--poll-interval inf"),
+    (["--drain-timeout", "1e6"], {}, {}, "--drain-timeout=1000000.0: expected a number > 0 and <= 86400", (),
+     "--drain-timeout 1e6 (11 days)"),
+    (["--workers", "0"], {}, {}, "--workers=0: expected a whole number from 1 to 256", (), "--workers 0"),
+    ([], {"KG_SERVICE_URL": "http://[::1"}, {}, "KG_SERVICE_URL='http://[::1': expected an http(s) URL whose host", (),
+     "KG_SERVICE_URL=http://[::1 (bracket not closed)"),
     ([], {"KG_SERVICE_URL": "http://kg:hunter2@gpu1:99999"}, {},
-     "KG_SERVICE_URL='http://***@gpu1:99999': expected an http(s) URL with a port from 1 to 65535", ("hunter2",)),
-    (["--service-url", "http://gpu1:8088/?x=1"], {}, {}, "--service-url='http://gpu1:8088/?x=1': expected", ()),
-    ([], {"KG_STATUS_ADDR": "127.0.0.1:\u00b2"}, {}, "KG_STATUS_ADDR='127.0.0.1:\u00b2': expected HOST:PORT", ()),
+     "KG_SERVICE_URL='http://***@gpu1:99999': expected an http(s) URL with a port from 1 to 65535", ("hunter2",),
+     "a KG_SERVICE_URL holding user:password@ and port 99999"),
+    (["--service-url", "http://gpu1:8088/?x=1"], {}, {}, "--service-url='http://gpu1:8088/?x=1': expected", (),
+     "--service-url http://gpu1:8088/?x=1 (a query)"),
+    ([], {"KG_STATUS_ADDR": "127.0.0.1:\u00b2"}, {}, "KG_STATUS_ADDR='127.0.0.1:\u00b2': expected HOST:PORT", (),
+     "KG_STATUS_ADDR=127.0.0.1:\u00b2 (a superscript digit)"),
     (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b"kgsupervisor = 5\n"},
-     "kg.toml: kgsupervisor=5: expected a [kgsupervisor] table of settings", ()),
+     "kg.toml: kgsupervisor=5: expected a [kgsupervisor] table of settings", (), "TOML `kgsupervisor = 5`"),
     (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b'kgsupervisor = "x"\n'},
-     "kg.toml: kgsupervisor='x': expected a [kgsupervisor] table of settings", ()),
+     "kg.toml: kgsupervisor='x': expected a [kgsupervisor] table of settings", (), 'TOML `kgsupervisor = "x"`'),
     (["--config", "{tmp}/kg.toml"], {}, {"kg.toml": b"batch_size = 2 # \xff\n"},
-     "kg.toml': expected a UTF-8 TOML file (byte 18 is not UTF-8)", ()),
+     "kg.toml': expected a UTF-8 TOML file (byte 18 is not UTF-8)", (), "a config file that is not UTF-8"),
     ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": "t\u00f6ken-hunter2\n".encode()},
      "token': expected a bearer token of printable ASCII characters "
-     "(it contains a non-ASCII character at position 2)", ("hunter2",)),
+     "(it contains a non-ASCII character at position 2)", ("hunter2",), "a token file holding a non-ASCII letter"),
     ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": b"\n"}, "token': expected a bearer token of printable "
-     "ASCII characters (it is empty)", ()),
+     "ASCII characters (it is empty)", (), "an empty token file (one newline)"),
     ([], {"KG_SERVICE_TOKEN_FILE": "{tmp}/token"}, {"token": b"hunter2\xff"},
-     "(it is not UTF-8 text: byte 8 is invalid)", ("hunter2",)),
+     "(it is not UTF-8 text: byte 8 is invalid)", ("hunter2",), "a token file that is not UTF-8"),
     ([], {"KG_SERVICE_TOKEN": "hunter2\nX-Injected: 1"}, {},
      "service_token='********': expected a bearer token of printable ASCII characters "
-     "(it contains a control character at position 8)", ("hunter2", "Injected")),
+     "(it contains a control character at position 8)", ("hunter2", "Injected"),
+     "a KG_SERVICE_TOKEN holding a newline and a second header"),
 ], ids=["timeout-1e10", "timeout-nan", "poll-inf", "drain-too-long", "workers-0", "ipv6-open-bracket",
         "url-password", "url-query", "status-addr-superscript", "toml-table-5", "toml-table-str",
         "toml-not-utf8", "token-non-ascii", "token-empty", "token-not-utf8", "token-newline"])
 def test_run_refuses_a_hostile_setting_in_one_line_before_forking(tmp_path, db_path, args, env, files, message,
-                                                                  secrets):
+                                                                  secrets, given):
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     fill = {k: v.format(tmp=tmp_path) for k, v in env.items()}
@@ -164,12 +173,18 @@ def test_run_refuses_a_hostile_setting_in_one_line_before_forking(tmp_path, db_p
     line = refused(proc, *secrets)
     assert message in line, line
     assert "--num-workers" not in line and "started" not in proc.stderr
+    record_hostile(f"`run` with {given}", f'refused in one line before forking: "… expected '
+                   f'{line.split(": expected ", 1)[1]}"', "— (refused at start)")
 
 
+@pytest.mark.hostile
 def test_worker_refuses_a_bad_token_in_one_line(tmp_path, db_path):
     (tmp_path / "token").write_bytes(b"\xef\xbb\xbfhunter2 \x01\n")
     proc = run("worker", "--db", db_path, "--once", env=clean_env(KG_SERVICE_TOKEN_FILE=str(tmp_path / "token")))
     assert "(it contains a control character at position 9)" in refused(proc, "hunter2")
+    record_hostile("`worker` with a token file holding a BOM, then a control character inside the token",
+                   "refused in one line naming the control character's position, never the token",
+                   "— (refused at start)")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -208,6 +223,7 @@ def test_every_settings_flag_is_spelled_as_config_names_it_in_errors(command):
         assert config.flag_name(option.name) in option.opts, (option.name, option.opts)
 
 
+@pytest.mark.hostile
 def test_a_reload_refuses_a_token_file_turned_unusable_without_logging_the_token(tmp_path, db_path, kg_service):
     token, log = tmp_path / "token", tmp_path / "kg.log"
     token.write_text("s3cret\n")
@@ -227,3 +243,5 @@ def test_a_reload_refuses_a_token_file_turned_unusable_without_logging_the_token
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert "hunter2" not in log.read_text() and "Injected" not in log.read_text()
+    record_hostile("SIGHUP after the token file gained a newline and a second header",
+                   "reload refused in one log line naming the file, never its text; exits 0 on SIGTERM", "no")

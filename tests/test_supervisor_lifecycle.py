@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -18,8 +19,9 @@ import pytest
 
 from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.pidfile import running_pid
+from kgsupervisor.supervisor import SECOND_SIGNAL_GRACE
 
-from .conftest import KGSUPERVISOR, seed, spawn, status_counts, wait_for
+from .conftest import KGSUPERVISOR, held_until, seed, status_counts, wait_for, wait_for_log
 from .test_supervisor import completed_once, worker_pids
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -181,20 +183,22 @@ def dead_pid() -> int:
 # -- 1. Ctrl-C ---------------------------------------------------------------------------------
 
 
-def test_ctrl_c_to_the_whole_process_group_drains_instead_of_killing_workers(conn, db_path, fault_server):
+def test_ctrl_c_to_the_whole_process_group_drains_instead_of_killing_workers(conn, db_path, fault_server, launch):
     seed(conn, 4)
-    server = fault_server(lambda payload, n: time.sleep(1.5))
-    proc = spawn(["run", "--db", db_path, "--service-url", server.url, "--workers", "2",
-                  "--batch-size", "1", "--poll-interval", "0.2"], env=FAST)
+    answers = threading.Event()
+    server = fault_server(held_until(answers))
+    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1")
     try:
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
         workers = worker_pids(proc)
         in_flight = sorted(p["content_id"] for p in server.requests)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        _, err = proc.communicate(timeout=30)
+        # The answers come once the drain is under way: the documents were in flight throughout.
+        wait_for_log(proc.log, "draining (stop signal)")
+        answers.set()
+        err = finish(proc, sig=None)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        answers.set()
     assert proc.returncode == 0, err
     assert len(workers) == 2 and "killed by" not in err
     for pid in workers:  # each worker finished its document and left on its own
@@ -206,27 +210,26 @@ def test_ctrl_c_to_the_whole_process_group_drains_instead_of_killing_workers(con
     assert len(server.requests) == 2, "nothing new was claimed after Ctrl-C"
 
 
-def test_a_second_ctrl_c_stops_at_once_and_puts_in_flight_documents_back_uncharged(conn, db_path, fault_server):
+def test_a_second_ctrl_c_stops_at_once_and_puts_in_flight_documents_back_uncharged(conn, db_path, fault_server,
+                                                                                      launch):
     seed(conn, 2)
-    server = fault_server(lambda payload, n: time.sleep(30))
-    proc = spawn(["run", "--db", db_path, "--service-url", server.url, "--workers", "2",
-                  "--batch-size", "1", "--poll-interval", "0.2"], env=FAST)
+    answers = threading.Event()  # never set while the supervisor runs: only a stop ends the drain
+    server = fault_server(held_until(answers, timeout=120))
+    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1")
     try:
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
         os.killpg(proc.pid, signal.SIGINT)
-        wait_for(lambda: proc.poll() is None and status_counts(conn) == {"processing": 2}, 5,
-                 message="still draining after the first Ctrl-C")
-        time.sleep(1.2)  # past the grace in which a second signal counts as the same Ctrl-C
+        wait_for_log(proc.log, "draining (stop signal)")  # the first Ctrl-C is handled
+        assert proc.poll() is None and status_counts(conn) == {"processing": 2}, "still draining"
+        # The grace counts from the handling just seen; it is time itself, so only time ends it.
+        time.sleep(SECOND_SIGNAL_GRACE + 0.2)
         os.killpg(proc.pid, signal.SIGINT)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=15)
-        took = time.monotonic() - t0
+        # Within the drain timeout (60 s) and before any answer: only the second Ctrl-C can end it.
+        err = finish(proc, sig=None, timeout=45)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        answers.set()
     assert proc.returncode == 0, err
-    assert took < 5, f"the second Ctrl-C took {took:.1f}s"
-    assert "second stop signal: stopping now" in err
+    assert "second stop signal: stopping now" in err and "drain timeout" not in err, err
     assert status_counts(conn) == {"pending": 2}
     assert conn.execute("SELECT MAX(retry_count), MAX(COALESCE(crash_count, 0)) FROM kg_processing_queue").fetchone() == (0, 0)
 
@@ -375,9 +378,8 @@ def test_pidfile_locks_out_a_second_supervisor_and_drives_reload_and_stop(conn, 
              message="the pidfile holds the supervisor's pid")
     old = wait_for(lambda: worker_pids(proc) if len(worker_pids(proc)) == 2 else None, 10, message="two workers")
 
-    t0 = time.monotonic()
     second = cli("run", "--db", db_path, "--service-url", server.url, "--pidfile", pidfile, "--status-addr", "off")
-    assert second.returncode != 0 and time.monotonic() - t0 < 5
+    assert second.returncode == 1, second.stderr
     assert f"another supervisor (pid {proc.pid}) is running" in one_line(second)
     assert pid_in(pidfile) == str(proc.pid), "the loser leaves the pidfile alone"
 
@@ -399,7 +401,7 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
     missing = str(tmp_path / "missing.pid")
     for command in ("reload", "stop"):
         result = cli(command, "--pidfile", missing)
-        assert result.returncode != 0 and "does not exist" in one_line(result)
+        assert result.returncode == 1 and "does not exist" in one_line(result)
 
     pidfile = str(tmp_path / "kgs.pid")
     gone = dead_pid()
@@ -407,7 +409,7 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
         f.write(f"{gone}\n")
     for command in ("reload", "stop"):
         result = cli(command, "--pidfile", pidfile)
-        assert result.returncode != 0 and f"stale: no supervisor holds it (pid {gone} is gone)" in one_line(result)
+        assert result.returncode == 1 and f"stale: no supervisor holds it (pid {gone} is gone)" in one_line(result)
     assert pid_in(pidfile) == str(gone), "reload and stop never rewrite a pidfile"
 
     first = launch(db_path, kg_service, "--workers", "1", "--pidfile", pidfile, name="first")
@@ -432,12 +434,11 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
 # -- 7. --exit-when-empty -----------------------------------------------------------------------
 
 
-def test_exit_when_empty_with_nothing_queued_exits_0_promptly(db_path, kg_service, launch):
-    t0 = time.monotonic()
+def test_exit_when_empty_with_nothing_queued_exits_0_by_itself(db_path, kg_service, launch):
     proc = launch(db_path, kg_service, "--workers", "2", "--exit-when-empty")
-    log = finish(proc, sig=None, timeout=15)
+    log = finish(proc, sig=None, timeout=60)
     assert proc.returncode == 0, log
-    assert time.monotonic() - t0 < 5, log
+    assert "draining (queue is empty)" in log and "drained: all workers stopped" in log, log
 
 
 def test_exit_when_empty_with_work_exits_0_after_everything_completed(conn, db_path, kg_service, launch):

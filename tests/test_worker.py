@@ -7,12 +7,16 @@ import sqlite3
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from kgsupervisor import worker as worker_module
+
 from .faultserver import sleep_then
-from .conftest import drive, free_port, make_settings, seed, spawn, status_counts, wait_for
+from .conftest import (drive, free_port, held_until, make_settings, seed, spawn, status_counts, wait_for,
+                       wait_for_log)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,24 +44,40 @@ def test_a_full_batch_claims_again_at_once_a_partial_one_waits(conn, db_path, kg
     assert status_counts(conn) == {"completed": 7}
 
 
-def test_a_batch_is_written_back_together_and_a_slow_answer_alone(conn, db_path, fault_server, worker_factory):
-    """Answers of one batch wait in memory for one write-back transaction, but never longer
-    than WRITE_GROUP_MAX_AGE: what a crash could make the service redo stays bounded."""
-    seed(conn, 6)
-    seen: list[list] = []
-
+def completed_seen_by(db_path: str, seen: list[int], seconds: float = 0.0):
+    """A fault-server behaviour: before answering, note how many documents the database shows
+    completed; then answer like the reference service after `seconds`."""
     def look_then_answer(payload, n):
-        # Before answering request n, note what the database shows as completed.
         seen.append(status_counts(sqlite3.connect(db_path)).get("completed", 0))
-        return sleep_then(0.7 if n >= 3 else 0.0)
+        return sleep_then(seconds)
+    return look_then_answer
 
-    server = fault_server(look_then_answer)
+
+def test_the_answers_of_a_batch_are_written_back_in_one_transaction(conn, db_path, fault_server, worker_factory,
+                                                                    monkeypatch):
+    """Answers of one batch wait in memory for one write-back transaction."""
+    # Out of reach: a loaded machine taking more than WRITE_GROUP_MAX_AGE over three quick
+    # answers would rightly write the first ones early (the next test covers that limit).
+    monkeypatch.setattr(worker_module, "WRITE_GROUP_MAX_AGE", 600.0)
+    seed(conn, 3)
+    seen: list[int] = []
+    server = fault_server(completed_seen_by(db_path, seen))
     w = worker_factory(make_settings(db_path, server.url, batch_size=3))
-    drive(w, lambda: status_counts(conn) == {"completed": 6})
-    # Requests 0-2 (fast): nothing written until the batch is done. Requests 3-5 (each 0.7 s,
-    # over the 0.5 s limit): every answer is written before the next document is sent.
-    assert seen == [0, 0, 0, 3, 4, 5]
-    assert w.stats.total_success == 6
+    drive(w, lambda: status_counts(conn) == {"completed": 3})
+    assert seen == [0, 0, 0], "nothing written until the batch is done"
+    assert w.stats.total_success == 3
+
+
+def test_an_answer_slower_than_the_write_group_limit_is_written_alone(conn, db_path, fault_server, worker_factory):
+    """An answer that took WRITE_GROUP_MAX_AGE or more is written before the next document is
+    sent: what a crash could make the service redo stays bounded."""
+    seed(conn, 3)
+    seen: list[int] = []
+    server = fault_server(completed_seen_by(db_path, seen, worker_module.WRITE_GROUP_MAX_AGE + 0.2))
+    w = worker_factory(make_settings(db_path, server.url, batch_size=3))
+    drive(w, lambda: status_counts(conn) == {"completed": 3})
+    assert seen == [0, 1, 2]
+    assert w.stats.total_success == 3
 
 
 def test_500s_retry_with_backoff_then_fail_with_the_last_error(conn, db_path, fault_server, worker_factory):
@@ -201,41 +221,48 @@ def start_dev_service(port: int) -> subprocess.Popen:
     return proc
 
 
-def test_service_down_for_5s_marks_nothing_failed_and_work_resumes(conn, db_path):
-    """Real processes: a worker and the dev-service; the service is killed and comes back 5 s later."""
+def test_service_down_marks_nothing_failed_and_work_resumes(conn, db_path, tmp_path):
+    """Real processes: a worker and the dev-service; the service is killed, and comes back once
+    the worker has paused and probed it in vain."""
     port = free_port()
+    log = tmp_path / "worker.log"
     service = start_dev_service(port)
     worker = spawn(["worker", "--db", db_path, "--service-url", f"http://127.0.0.1:{port}",
-                    "--poll-interval", "0.2"], env={"KG_RETRY_BACKOFF": "0.1"})
+                    "--poll-interval", "0.2", "--log-file", str(log)], env={"KG_RETRY_BACKOFF": "0.1"})
     try:
         seed(conn, 5)
         wait_for(lambda: status_counts(conn) == {"completed": 5}, 20, message="first batch")
         service.send_signal(signal.SIGTERM)
         service.wait(10)
         seed(conn, 10)
-        time.sleep(5)
-        assert "failed" not in status_counts(conn)
+        # The worker tried the new documents, found the service gone, paused, then probed it
+        # again in vain: a document charged for the outage would have been charged by now.
+        wait_for_log(log, "KG service unavailable, pausing claims")
+        wait_for_log(log, "still down; next probe in")
+        assert status_counts(conn) == {"completed": 5, "pending": 10}
+        assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
         service = start_dev_service(port)
         wait_for(lambda: status_counts(conn) == {"completed": 15}, 60, message="drain after the outage")
         assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
     finally:
         worker.send_signal(signal.SIGTERM)
-        out, err = worker.communicate(timeout=15)
+        worker.communicate(timeout=15)
         service.send_signal(signal.SIGTERM)
         service.communicate(timeout=10)
-    assert worker.returncode == 0, err
-    assert "KG service unavailable, pausing claims" in err
-    assert "healthy again; resuming" in err
+    assert worker.returncode == 0, log.read_text()
+    assert "healthy again; resuming" in log.read_text()
 
 
 def test_sigterm_lets_the_document_in_flight_finish_and_releases_the_rest(conn, db_path, fault_server):
     seed(conn, 3)
-    server = fault_server(lambda payload, n: time.sleep(1.5))
+    answer = threading.Event()
+    server = fault_server(held_until(answer))
     worker = spawn(["worker", "--db", db_path, "--service-url", server.url, "--batch-size", "3",
                     "--poll-interval", "0.1"])
     wait_for(lambda: len(server.requests) == 1, 15, message="first request in flight")
     worker.send_signal(signal.SIGTERM)
-    _, err = worker.communicate(timeout=15)
+    answer.set()  # the TERM is pending before the answer can arrive
+    _, err = worker.communicate(timeout=30)
     assert worker.returncode == 0, err
     assert status_counts(conn) == {"completed": 1, "pending": 2}
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
