@@ -40,8 +40,9 @@ class TrickleServer:
     (a server-side SSLContext) it speaks HTTPS.
     """
 
-    def __init__(self, phase: str, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, phase: str, tls: ssl.SSLContext | None = None, healthy: bool = False) -> None:
         self.phase = phase
+        self.healthy = healthy  # answer GET /health at once with "healthy" instead of trickling
         self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.listener.getsockname()[1]}"
@@ -64,7 +65,11 @@ class TrickleServer:
         if self.tls:
             conn = self.tls.wrap_socket(conn, server_side=True)
         with conn:
-            _read_request(conn)
+            head = _read_request(conn)
+            if self.healthy and head.startswith(b"GET /health"):
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 21\r\n'
+                             b'Connection: close\r\n\r\n{"status": "healthy"}')
+                return
             body = b'{"success": true,' + b" " * 300 + b'"content_id": 1}'
             head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Padding: " + b"p" * 300
                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
@@ -88,8 +93,8 @@ class TrickleServer:
                 return
 
 
-def _read_request(conn: socket.socket) -> None:
-    """Read one request: its head, then as many body bytes as its Content-Length says."""
+def _read_request(conn: socket.socket) -> bytes:
+    """Read one request: its head (returned), then as many body bytes as its Content-Length says."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += conn.recv(65536)
@@ -98,6 +103,7 @@ def _read_request(conn: socket.socket) -> None:
                    if line.lower().startswith(b"content-length:")), 0)
     while len(body) < length:
         body += conn.recv(65536)
+    return head
 
 
 def _peer_closed(conn: socket.socket, wait: float) -> bool:
@@ -115,8 +121,8 @@ def _peer_closed(conn: socket.socket, wait: float) -> bool:
 def trickle_server():
     servers: list[TrickleServer] = []
 
-    def start(phase: str, tls: ssl.SSLContext | None = None) -> TrickleServer:
-        servers.append(TrickleServer(phase, tls))
+    def start(phase: str, tls: ssl.SSLContext | None = None, healthy: bool = False) -> TrickleServer:
+        servers.append(TrickleServer(phase, tls, healthy))
         return servers[-1]
 
     yield start
@@ -255,6 +261,24 @@ def worker_once(db_path: str, url: str) -> subprocess.CompletedProcess:
     """A real `kgsupervisor worker --once`: one claimed batch, then exit."""
     return run_kg("worker", "--once", "--db", db_path, "--service-url", url, "--batch-size", "1",
                   env={"KG_RETRY_BACKOFF": "0.1", "KG_RETRY_BACKOFF_MAX": "600"})
+
+
+@pytest.mark.hostile
+def test_a_worker_is_never_held_by_a_trickled_answer(conn, db_path, trickle_server):
+    """A real worker against a service that trickles its answer (and says healthy): the request
+    is cut at KG_SERVICE_TIMEOUT and charged as the timeout it is; the worker goes on."""
+    (cid,) = seed(conn, 1)
+    server = trickle_server("body", healthy=True)
+    done = run_kg("worker", "--once", "--db", db_path, "--service-url", server.url,
+                  env={"KG_SERVICE_TIMEOUT": "1", "KG_RETRY_BACKOFF": "0.1"})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert server.closed_early.is_set(), "the worker cut the trickle, it did not wait it out"
+    row = conn.execute("SELECT status, retry_count, error_message FROM kg_processing_queue WHERE content_id = ?",
+                       (cid,)).fetchone()
+    assert tuple(row[:2]) == ("pending", 1) and "did not finish its answer within 1s" in row[2], row
+    record_hostile("a KG answer trickled one byte every 0.2 s to a real worker (KG_SERVICE_TIMEOUT=1)",
+                   "cut at the timeout; charged as a timeout while /health says healthy; the worker goes on",
+                   "yes (as a timeout)")
 
 
 def not_before(conn, content_id: int) -> float | None:
