@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -21,28 +20,12 @@ import requests
 from kgsupervisor.devextract import extract
 
 from .conftest import seed, status_counts, wait_for
-from .test_reload import Running
+from .test_reload import supervisor  # noqa: F401 - the fixture that starts `run`s logging to files
 from .test_supervisor import completed_once
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 HOST = socket.gethostname()
-
-
-@pytest.fixture
-def supervisors(tmp_path) -> Iterator[Callable[..., Running]]:
-    """Starts `kgsupervisor run`s logging to files; any left at teardown is killed with its group."""
-    started: list[Running] = []
-
-    def start(*args: str, env: dict | None = None) -> Running:
-        started.append(Running(tmp_path / f"supervisor-{len(started)}.log", *args, env=env))
-        return started[-1]
-
-    yield start
-    for sup in started:
-        if sup.proc.poll() is None:
-            os.killpg(sup.proc.pid, signal.SIGKILL)
-            sup.proc.wait()
 
 
 def alive(pid: int) -> bool:
@@ -67,7 +50,7 @@ def claims(conn) -> dict[str, float]:
 # -- the next run releases the claims of a killed tree at start ----------------------------------
 
 def test_the_next_run_releases_the_claims_of_a_sigkilled_tree_at_start_not_after_the_lease(
-        conn, db_path, fault_server, supervisors):
+        conn, db_path, fault_server, supervisor):
     ids = seed(conn, 4)
     gate = threading.Event()
 
@@ -77,7 +60,7 @@ def test_the_next_run_releases_the_claims_of_a_sigkilled_tree_at_start_not_after
 
     server = fault_server(first_two_held)
     long_lease = {"KG_LEASE_SECONDS": "600"}
-    first = supervisors("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
+    first = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
                         env=long_lease)
     wait_for(lambda: len(server.requests) == 2, 30, message="two documents in flight")
     held = claims(conn)
@@ -91,7 +74,7 @@ def test_the_next_run_releases_the_claims_of_a_sigkilled_tree_at_start_not_after
     gate.set()
     assert claims(conn) == held, "nothing but the next run gives the dead tree's claims back"
 
-    second = supervisors("--db", db_path, "--service-url", server.url, "--workers", "2", env=long_lease)
+    second = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", env=long_lease)
     wait_for(lambda: status_counts(conn) == {"completed": 4}, 30, message="every document completed")
     assert time.time() < min(held.values()) - 500, "back long before their 600 s lease would end"
     log = second.text()
@@ -176,10 +159,10 @@ def health_command(addr: str) -> int:
 
 
 def test_watchdog_health_and_the_health_command_follow_the_workers_heartbeat(
-        tmp_path, conn, db_path, kg_service, supervisors):
+        tmp_path, conn, db_path, kg_service, supervisor):
     notify = NotifyListener(tmp_path / "notify.sock")
     try:
-        sup = supervisors("--db", db_path, "--service-url", kg_service, "--workers", "2",
+        sup = supervisor("--db", db_path, "--service-url", kg_service, "--workers", "2",
                           env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000", "KG_HANG_TIMEOUT": "3"})
         wedged = sup.wait_workers(2)
         notify.wait_for_watchdog()
@@ -212,10 +195,10 @@ def test_watchdog_health_and_the_health_command_follow_the_workers_heartbeat(
         notify.close()
 
 
-def test_health_says_503_while_every_worker_is_stopped_and_200_once_they_go_on(db_path, kg_service, supervisors):
+def test_health_says_503_while_every_worker_is_stopped_and_200_once_they_go_on(db_path, kg_service, supervisor):
     """README: /health is 200 while its workers run. A SIGSTOPped worker is alive but does not
     run: after STALE_HEARTBEAT without a heartbeat it no longer counts as healthy."""
-    sup = supervisors("--db", db_path, "--service-url", kg_service, "--workers", "2",
+    sup = supervisor("--db", db_path, "--service-url", kg_service, "--workers", "2",
                       env={"KG_HANG_TIMEOUT": "600"})
     workers = sup.wait_workers(2)
     wait_for(lambda: health_code(sup.addr) == 200, 20, message="/health 200")
@@ -285,7 +268,7 @@ def queue_row(conn, content_id: int) -> tuple:
 
 
 def test_a_late_answer_from_a_worker_whose_lease_was_taken_over_commits_nothing(
-        conn, db_path, fault_server, supervisors):
+        conn, db_path, fault_server, supervisor):
     (content_id,) = seed(conn, 1)
     gate = threading.Event()
     sent: dict[int, dict] = {}
@@ -298,7 +281,7 @@ def test_a_late_answer_from_a_worker_whose_lease_was_taken_over_commits_nothing(
 
     server = fault_server(first_answer_late)
     # A short lease, and no hang kill: the stopped worker must live to get its answer.
-    sup = supervisors("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
+    sup = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
                       env={"KG_LEASE_SECONDS": "2", "KG_HANG_TIMEOUT": "600"})
     sup.wait_workers(2)
     wait_for(lambda: len(server.requests) == 1, 30, message="the document in flight")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 import pathlib
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
@@ -37,11 +39,12 @@ def program_section(db_path: str, url: str, tmp: pathlib.Path) -> str:
     return "[program:kgsupervisor]\n" + "\n".join(f"{k}={v}" for k, v in program.items())
 
 
-@pytest.fixture
-def supervisord(tmp_path, db_path, fault_server):
+@contextlib.contextmanager
+def running_supervisord(tmp_path: pathlib.Path, program: str) -> Iterator[Callable[..., subprocess.CompletedProcess]]:
+    """An unprivileged supervisord in tmp_path running `program` (a [program:kgsupervisor]
+    section), until it is RUNNING; yields supervisorctl, and shuts supervisord down after."""
     if shutil.which("supervisord", path=str(BIN)) is None:
         pytest.fail("supervisord is not installed: the test extras must install `supervisor`")
-    server = fault_server(lambda payload, n: time.sleep(0.3))
     sock = tmp_path / "supervisor.sock"
     conf = tmp_path / "supervisord.conf"
     conf.write_text(f"""
@@ -56,7 +59,7 @@ childlogdir={tmp_path}
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl=unix://{sock}
-{program_section(db_path, server.url, tmp_path)}
+{program}
 """)
     proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,13 +68,22 @@ serverurl=unix://{sock}
         return subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), *args], capture_output=True,
                               text=True, timeout=60)
 
-    wait_for(lambda: "RUNNING" in ctl("status", "kgsupervisor").stdout, 30, interval=0.2, message="RUNNING")
-    yield ctl, server, tmp_path
-    ctl("shutdown")
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        wait_for(lambda: "RUNNING" in ctl("status", "kgsupervisor").stdout, 30, interval=0.2, message="RUNNING")
+        yield ctl
+    finally:
+        ctl("shutdown")
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def supervisord(tmp_path, db_path, fault_server):
+    server = fault_server(lambda payload, n: time.sleep(0.3))
+    with running_supervisord(tmp_path, program_section(db_path, server.url, tmp_path)) as ctl:
+        yield ctl, server, tmp_path
 
 
 def kgsupervisor_pid(ctl) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 
 from .conftest import seed, status_counts, wait_for
 from .faultserver import FaultServer
-from .test_supervisord import BIN, program_section
+from .test_supervisord import program_section, running_supervisord
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -42,8 +41,6 @@ def supervisord(tmp_path, db_path, fault_server) -> Iterator[tuple[Callable[...,
     """A real supervisord running the forced-kill section against a KG service that holds the
     first two documents until the gate opens; yields (supervisorctl, its directory, the
     service, the gate)."""
-    if shutil.which("supervisord", path=str(BIN)) is None:
-        pytest.fail("supervisord is not installed: the test extras must install `supervisor`")
     gate = threading.Event()
 
     def first_two_held(payload: dict, n: int) -> None:
@@ -51,37 +48,11 @@ def supervisord(tmp_path, db_path, fault_server) -> Iterator[tuple[Callable[...,
             gate.wait(60)
 
     server = fault_server(first_two_held)
-    sock = tmp_path / "supervisor.sock"
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(f"""
-[unix_http_server]
-file={sock}
-[supervisord]
-nodaemon=true
-logfile={tmp_path}/supervisord.log
-pidfile={tmp_path}/supervisord.pid
-childlogdir={tmp_path}
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-[supervisorctl]
-serverurl=unix://{sock}
-{forced_kill_section(db_path, server.url, tmp_path)}
-""")
-    proc = subprocess.Popen([str(BIN / "supervisord"), "-c", str(conf)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "supervisorctl"), "-c", str(conf), *args], capture_output=True,
-                              text=True, timeout=60)
-
-    wait_for(lambda: "RUNNING" in ctl("status", "kgsupervisor").stdout, 30, interval=0.2, message="RUNNING")
-    yield ctl, tmp_path, server, gate
-    gate.set()
-    ctl("shutdown")
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    with running_supervisord(tmp_path, forced_kill_section(db_path, server.url, tmp_path)) as ctl:
+        try:
+            yield ctl, tmp_path, server, gate
+        finally:
+            gate.set()
 
 
 def workers_of(pid: int) -> set[int]:
