@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,15 @@ class Journal:
         return grouped
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that went away mid-answer (a worker killed by the test) is part of the scenario,
+    not an error worth a traceback on the test's output; anything else still prints."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FaultServer:
     """Runs in a thread; `behaviour`, `healthy` and `health_status` may be changed while it serves.
 
@@ -82,7 +92,7 @@ class FaultServer:
         self.health_checks = 0
         self.requests: list[dict] = []
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        self.httpd = _QuietServer(("127.0.0.1", port), self._handler_class())
         self.httpd.daemon_threads = True
         self.connections: set[socket.socket] = set()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
