@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -56,6 +57,14 @@ def held_until(gate: threading.Event, timeout: float = 60.0) -> Callable[[dict, 
     def behaviour(payload: dict, n: int) -> None:
         gate.wait(timeout)
     return behaviour
+
+
+def kill_groups(procs) -> None:
+    """Teardown: SIGKILL the process group of every process still running, and reap it."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from kgsupervisor.cli import main
 
 from .chaos.harness import record_hostile
-from .conftest import seed, spawn, status_counts, wait_for
+from .conftest import kill_groups, seed, spawn, status_counts, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,9 +239,7 @@ def test_a_reload_refuses_a_token_file_turned_unusable_without_logging_the_token
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_groups([proc])
     assert "hunter2" not in log.read_text() and "Injected" not in log.read_text()
     record_hostile("SIGHUP after the token file gained a newline and a second header",
                    "reload refused in one log line naming the file, never its text; exits 0 on SIGTERM", "no")

@@ -28,7 +28,7 @@ from kgsupervisor.statusd import StatusServer
 
 from .chaos.harness import record_hostile
 from .chaos.test_db_faults import _chattr_works
-from .conftest import KGSUPERVISOR, held_until, seed, status_counts, wait_for
+from .conftest import KGSUPERVISOR, held_until, kill_groups, seed, status_counts, wait_for
 from .test_supervisor import worker_pids
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -65,10 +65,7 @@ def supervisors() -> Iterator[list[subprocess.Popen]]:
     """Supervisors a test started; any still running at teardown is killed with its group."""
     started: list[subprocess.Popen] = []
     yield started
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_groups(started)
 
 
 @pytest.fixture
@@ -457,9 +454,7 @@ def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, tmp_p
     try:
         assert proc.wait(30) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_groups([proc])
     assert shown in log.read_text()
     record_hostile(f"`run --status-addr {addr}` (IPv6)", f'logged in brackets: "{shown}…"', "no")
 

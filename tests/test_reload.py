@@ -16,7 +16,7 @@ from kgsupervisor.devservice import make_server
 from kgsupervisor.schema import init_db
 
 from .chaos.harness import record_hostile
-from .conftest import KGSUPERVISOR, free_port, seed, status_counts, wait_for
+from .conftest import KGSUPERVISOR, free_port, kill_groups, seed, status_counts, wait_for
 from .test_supervisor import completed_once
 from .test_supervisor_lifecycle import children_named
 
@@ -82,10 +82,7 @@ def supervisor(tmp_path) -> Iterator:
         return started[-1]
 
     yield start
-    for sup in started:
-        if sup.proc.poll() is None:
-            os.killpg(sup.proc.pid, signal.SIGKILL)
-            sup.proc.wait()
+    kill_groups(sup.proc for sup in started)
 
 
 @pytest.fixture

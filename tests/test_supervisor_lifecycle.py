@@ -21,7 +21,7 @@ from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.pidfile import running_pid
 from kgsupervisor.supervisor import SECOND_SIGNAL_GRACE
 
-from .conftest import KGSUPERVISOR, held_until, seed, status_counts, wait_for, wait_for_log
+from .conftest import KGSUPERVISOR, held_until, kill_groups, seed, status_counts, wait_for, wait_for_log
 from .test_supervisor import completed_once, worker_pids
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -105,10 +105,7 @@ def launch(tmp_path):
         return proc
 
     yield run
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_groups(started)
 
 
 @pytest.fixture
