@@ -11,12 +11,12 @@ __all__ = ["KGWorkerManager", "KGWorker", "get_kg_manager", "start_kg_workers", 
 
 
 def __getattr__(name: str) -> Any:
-    # Resolved on first use (PEP 562): `import kgsupervisor.cli` must not pay for the API, the
+    # Resolved on first use (PEP 562): `import kgsupervisor.ops.cli` must not pay for the API, the
     # supervisor and their imports on every `kgsupervisor queue` a script runs.
     if name == "KGWorker":
-        from .worker import KGWorker
+        from kgsupervisor.worker.kgworker import KGWorker
         return KGWorker
     if name in __all__:
-        from . import api
+        from kgsupervisor.ops import api
         return getattr(api, name)
     raise AttributeError(f"module 'kgsupervisor' has no attribute {name!r}")

@@ -1,4 +1,4 @@
 """`python -m kgsupervisor`: the command line."""
-from .cli import main
+from kgsupervisor.ops.cli import main
 
 main()

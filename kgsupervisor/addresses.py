@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from kgsupervisor.errors import ConfigError
 
 URL_EXPECTED = "an http:// or https:// URL with a host, e.g. http://localhost:8088"
 

@@ -1,8 +1,8 @@
 """The KG service's bearer token: read from its file, cleaned, checked fit for an HTTP header."""
 from __future__ import annotations
 
-from .addresses import control_at
-from .errors import ConfigError
+from kgsupervisor.addresses import control_at
+from kgsupervisor.errors import ConfigError
 
 # A bearer token is far shorter; the bound keeps KG_SERVICE_TOKEN_FILE=/dev/zero from filling memory.
 TOKEN_FILE_LIMIT = 65536

@@ -9,11 +9,11 @@ import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .addresses import addr_problem, control_at, mask_urls, service_urls_problem, split_urls
-from .addresses import parse_addr  # noqa: F401  (re-exported: callers and tests use config.parse_addr)
-from .bearer import TOKEN_FILE_LIMIT, checked_token, read_token_file  # noqa: F401  (the limit: for tests)
-from .errors import ConfigError
-from .pgdb import redact
+from kgsupervisor.addresses import addr_problem, control_at, mask_urls, service_urls_problem, split_urls
+from kgsupervisor.addresses import parse_addr  # noqa: F401  (re-exported: callers and tests use config.parse_addr)
+from kgsupervisor.bearer import TOKEN_FILE_LIMIT, checked_token, read_token_file  # noqa: F401  (the limit: for tests)
+from kgsupervisor.errors import ConfigError
+from kgsupervisor.masking import redact
 
 MASK = "********"
 HOUR, DAY, WEEK = 3600.0, 86400.0, 604800.0

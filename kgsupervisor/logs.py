@@ -7,8 +7,8 @@ import sys
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from .errors import ConfigError
-from .masking import Mask
+from kgsupervisor.errors import ConfigError
+from kgsupervisor.masking import Mask
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

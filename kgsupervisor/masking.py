@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote
 
-from .errors import KGSupervisorError
+from kgsupervisor.errors import KGSupervisorError
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from kgsupervisor.config import Settings
 
 HIDDEN = "********"        # a secret known by its value, or an Authorization credential
 HIDDEN_PASSWORD = "***"    # the password of a URL or connection string (as redact always showed it)
@@ -139,3 +139,13 @@ def hide_in(value: Any, mask: Callable[[str], str] = hide_credentials) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(hide_in(item, mask) for item in value)
     return value
+
+def redact(url: str) -> str:
+    """The URL (or a message quoting URLs) without its password, wherever it is given: after
+    `user:` (up to the last @, so a careless password is hidden whole), in a password=
+    parameter, or in a key=value string. The one masking of database URLs: beyond the parse of
+    one URL, it is masking.hide_credentials, which the logs apply to every line."""
+    span = password_span(url)
+    if span is not None:
+        url = url[:span[0]] + HIDDEN_PASSWORD + url[span[1]:]
+    return hide_credentials(url)

@@ -10,11 +10,12 @@ import subprocess
 import sys
 import time
 
-from kgsupervisor.db import connect
-from kgsupervisor.queue import SQLiteQueue
-from kgsupervisor.render import RateMeter, progress_line, queue_progress
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import init_db
+from sampledata import add_documents
+
+from kgsupervisor.ops.render import RateMeter, progress_line, queue_progress
+from kgsupervisor.queue.leased import SQLiteQueue
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # `demo.py DIR` puts the demo elsewhere (the test suite runs it in a temp dir).
@@ -49,7 +50,7 @@ def start_service(port: int) -> subprocess.Popen:
 
 
 def progress(counts: dict[str, int], meter: RateMeter) -> str:
-    """The supervisor's own progress line (kgsupervisor.render), with a bar in front."""
+    """The supervisor's own progress line (kgsupervisor.ops.render), with a bar in front."""
     done, total = queue_progress(counts)
     bar = "#" * int(30 * done / max(total, 1))
     return f"[{bar:<30}] " + progress_line({"queue_size": counts, "total_failed": counts["failed"]}, meter)

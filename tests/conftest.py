@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from kgsupervisor import config
-from kgsupervisor.db import connect
-from kgsupervisor.devservice import make_server
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import init_db
+from kgsupervisor.kg.devservice import make_server
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect
+from scripts.sampledata import add_documents
 
 from .faultserver import FaultServer
 from .pgserver import PostgresServer
@@ -124,7 +124,7 @@ def fault_server() -> Iterator[Callable[..., FaultServer]]:
 @pytest.fixture
 def worker_factory():
     """Factory of in-process workers (init_process done); each is shut down at teardown."""
-    from kgsupervisor.worker import KGWorker
+    from kgsupervisor.worker.kgworker import KGWorker
     workers = []
 
     def make(settings: config.Settings) -> KGWorker:
@@ -204,7 +204,7 @@ class Backend:
     def connect(self):
         if self.kind == "sqlite":
             return connect(self.target)
-        from kgsupervisor.pgdb import PGConnection
+        from kgsupervisor.store.postgres import PGConnection
         return PGConnection(self.target)
 
 
@@ -214,8 +214,8 @@ def make_backend(kind: str, tmp_path, request) -> Backend:
         path = str(tmp_path / "kg.db")
         init_db(path)
         return Backend("sqlite", path)
-    from kgsupervisor.pgdb import PGConnection
-    from kgsupervisor.pgschema import migrate_pg
+    from kgsupervisor.store.pgschema import migrate_pg
+    from kgsupervisor.store.postgres import PGConnection
     server = request.getfixturevalue("pg_server")
     url = server.create_database(f"t_{os.getpid()}_{time.monotonic_ns()}")
     conn = PGConnection(url)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kgsupervisor.devextract import extract
+from kgsupervisor.kg.devextract import extract
 
 # A behaviour gets (payload, request number) and returns (status, body, headers), or None to
 # answer like the reference service. It may sleep, or return the string "reset" to drop the

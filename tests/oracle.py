@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from kgsupervisor.pgdb import PGConnection, is_postgres_url
+from kgsupervisor.store.postgres import PGConnection, is_postgres_url
 
 DOCUMENT_SQL = "SELECT url, title, markdown, metadata, tags FROM crawled_content WHERE id = ?"
 # CONTRACT §3: chunks ordered by chunk_index; equal indexes (a careless chunker) by rowid.

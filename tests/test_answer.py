@@ -1,4 +1,4 @@
-"""Tests for kgsupervisor.answer: the KG service's answer parser."""
+"""Tests for kgsupervisor.kg.answer: the KG service's answer parser."""
 from __future__ import annotations
 
 import json
@@ -8,14 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kgsupervisor.answer import (
-    Appearance,
-    Entity,
-    IngestResult,
-    Relationship,
-    parse_answer,
-)
 from kgsupervisor.errors import InvalidAnswer
+from kgsupervisor.kg.answer import Appearance, Entity, IngestResult, Relationship, parse_answer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import pytest
 
 import kgsupervisor
 from kgsupervisor.errors import ConfigError
-from kgsupervisor.sampledata import add_documents
+from scripts.sampledata import add_documents
 
 from .conftest import seed, status_counts, wait_for
 from .test_supervisor_lifecycle import children_named

@@ -1,7 +1,7 @@
 """The circuit breaker, driven by a fake clock."""
 from __future__ import annotations
 
-from kgsupervisor.breaker import BreakerState, CircuitBreaker
+from kgsupervisor.kg.breaker import BreakerState, CircuitBreaker
 
 
 def test_opens_after_threshold_and_probes_with_growing_backoff():

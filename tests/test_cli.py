@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from kgsupervisor.cli import main
+from kgsupervisor.ops.cli import main
 
 from .chaos.harness import record_hostile
 from .conftest import kill_groups, seed, spawn, status_counts, wait_for
@@ -73,7 +73,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message, cod
     (tmp_path / "notes.txt").write_text("plain text, not a database\n")
     sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.commit()
     (tmp_path / "bad.toml").write_text("bogus_key = 1\n")
-    from kgsupervisor.schema import init_db
+    from kgsupervisor.store.schema import init_db
     init_db(str(tmp_path / "x.db"))
     proc = run(*[a.format(tmp=tmp_path) for a in args])
     assert proc.returncode == code, proc.stderr

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from kgsupervisor import config
 from kgsupervisor.errors import ConfigError
-from kgsupervisor.pgdb import redact
+from kgsupervisor.masking import redact
 
 from .chaos.harness import record_hostile
 

@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from hypothesis import given
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kgsupervisor.devextract import extract
-from kgsupervisor.devservice import MAX_BODY_BYTES
-from kgsupervisor.devservice import make_server
-from kgsupervisor.devvalidate import parse_ingest_request
-from kgsupervisor.devvalidate import validate_ingest_request
-from kgsupervisor.documents import build_payload
-from kgsupervisor.sampledata import add_documents
+from kgsupervisor.kg.devextract import extract
+from kgsupervisor.kg.devservice import MAX_BODY_BYTES, make_server
+from kgsupervisor.kg.devvalidate import parse_ingest_request, validate_ingest_request
+from kgsupervisor.queue.documents import build_payload
+from scripts.sampledata import add_documents
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -752,7 +749,7 @@ def test_sample_documents_the_service_could_refuse_are_not_made(conn, chunks, se
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_serve_runs_until_signalled_and_exits_cleanly(signum):
-    code = ("from kgsupervisor.devservice import serve; "
+    code = ("from kgsupervisor.kg.devservice import serve; "
             "serve('127.0.0.1', 0, ready=lambda p: print(p, flush=True))")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
@@ -770,7 +767,7 @@ def test_serve_runs_until_signalled_and_exits_cleanly(signum):
 
 
 def test_serve_refuses_to_run_outside_the_main_thread():
-    from kgsupervisor.devservice import serve
+    from kgsupervisor.kg.devservice import serve
 
     errors = []
     thread = threading.Thread(target=lambda: _capture(errors, serve, "127.0.0.1", 0))

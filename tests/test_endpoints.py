@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from kgsupervisor.breaker import CircuitBreaker
-from kgsupervisor.endpoints import Endpoint, EndpointPool
-from kgsupervisor.kgclient import KGClient
-from kgsupervisor.stats import endpoint_status, kg_service_status
+from kgsupervisor.kg.breaker import CircuitBreaker
+from kgsupervisor.kg.client import KGClient
+from kgsupervisor.kg.endpoints import Endpoint, EndpointPool
+from kgsupervisor.worker.stats import endpoint_status, kg_service_status
 
 from .conftest import drive, make_settings, seed, status_counts
 

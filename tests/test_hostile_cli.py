@@ -18,13 +18,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from kgsupervisor import logs, render
-from kgsupervisor.cli import main
-from kgsupervisor.db import connect
-from kgsupervisor.pidfile import Pidfile, parse_pid
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import init_db
-from kgsupervisor.statusd import StatusServer
+from kgsupervisor import logs
+from kgsupervisor.ops import render
+from kgsupervisor.ops.cli import main
+from kgsupervisor.ops.statusd import StatusServer
+from kgsupervisor.pool.pidfile import Pidfile, parse_pid
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect
+from scripts.sampledata import add_documents
 
 from .chaos.harness import record_hostile
 from .chaos.test_db_faults import _chattr_works

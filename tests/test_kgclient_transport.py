@@ -17,9 +17,9 @@ import pytest
 import requests
 
 from kgsupervisor.errors import ItemFailure, ServiceUnavailable
-from kgsupervisor.kgclient import HEALTH_MAX_BYTES, INGEST_PATH, HealthVerdict, KGClient
-from kgsupervisor.queue import queue_for
-from kgsupervisor.sampledata import add_documents
+from kgsupervisor.kg.client import HEALTH_MAX_BYTES, INGEST_PATH, HealthVerdict, KGClient
+from kgsupervisor.queue.leased import queue_for
+from scripts.sampledata import add_documents
 
 from .chaos.harness import record_hostile
 from .conftest import seed, status_counts, wait_for

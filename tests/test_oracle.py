@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kgsupervisor.schema import init_db
+from kgsupervisor.store.schema import init_db
 
 from . import oracle
 from .faultserver import RESET_MID_BODY, STALL_MID_BODY, FaultServer, reference_answer

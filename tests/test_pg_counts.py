@@ -17,11 +17,11 @@ from contextlib import closing
 import psycopg
 import pytest
 
-from kgsupervisor.commitwatch import QUEUE_CHANNEL
-from kgsupervisor.pgdb import PGConnection
-from kgsupervisor.pgschema import COUNT_FUNCTIONS, COUNT_TRIGGERS, NOTIFY_TRIGGERS
-from kgsupervisor.queue import queue_for
-from kgsupervisor.schema import STATUS_COUNTS_TABLE
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.store.commitwatch import QUEUE_CHANNEL
+from kgsupervisor.store.pgschema import COUNT_FUNCTIONS, COUNT_TRIGGERS, NOTIFY_TRIGGERS
+from kgsupervisor.store.postgres import PGConnection
+from kgsupervisor.store.schema import STATUS_COUNTS_TABLE
 
 from .conftest import KGSUPERVISOR, wait_for
 
@@ -340,7 +340,7 @@ def test_init_db_moves_a_queue_from_the_row_level_triggers_and_recounts_it_once(
 def test_the_migration_keeps_the_counts_exact_while_another_connection_writes(pg_backend):
     """A writer keeps inserting and moving rows through the old triggers, the migration, and the
     new ones: the recount under the lock leaves nothing counted twice or missed."""
-    from kgsupervisor.pgschema import migrate_pg
+    from kgsupervisor.store.pgschema import migrate_pg
     with closing(pg_backend.connect()) as conn:
         make_old_schema(conn)
     rounds: list[int] = []
@@ -461,7 +461,7 @@ def test_expired_leases_come_back_in_batches_and_live_ones_stay(backend):
 
 
 def test_bulk_commands_show_a_progress_bar_on_a_terminal_and_only_the_summary_otherwise(db_path):
-    from kgsupervisor.db import connect
+    from kgsupervisor.store.sqlite import connect
     with closing(connect(db_path)) as conn:
         add_bare_documents(conn, 2_500)
     master, slave = pty.openpty()

@@ -11,9 +11,10 @@ from contextlib import closing
 import psycopg
 import pytest
 
-from kgsupervisor.pgdb import PGConnection, redact
-from kgsupervisor.pgschema import migrate_pg
-from kgsupervisor.sampledata import add_documents
+from kgsupervisor.masking import redact
+from kgsupervisor.store.pgschema import migrate_pg
+from kgsupervisor.store.postgres import PGConnection
+from scripts.sampledata import add_documents
 
 from .conftest import status_counts
 
@@ -102,8 +103,8 @@ def test_redact_hides_only_the_password():
 def sqlite_database_with_history(tmp_path) -> tuple[str, list[int]]:
     """An SQLite database as a running pipeline leaves it: done, failed, pending and claimed
     rows, KG rows written back, and text that is not valid UTF-8."""
-    from kgsupervisor.db import connect
-    from kgsupervisor.schema import init_db
+    from kgsupervisor.store.schema import init_db
+    from kgsupervisor.store.sqlite import connect
     path = str(tmp_path / "crawl.db")
     init_db(path)
     conn = connect(path)
@@ -119,7 +120,7 @@ def sqlite_database_with_history(tmp_path) -> tuple[str, list[int]]:
 
 
 def test_copy_db_moves_everything_verifies_counts_and_resumes_after_an_interruption(pg_server, tmp_path):
-    from kgsupervisor.copydb import copy_database
+    from kgsupervisor.store.copydb import copy_database
     source, ids = sqlite_database_with_history(tmp_path)
     url = pg_server.create_database("copy")
 
@@ -279,8 +280,8 @@ def test_copy_db_refusals_are_one_line(pg_server, tmp_path):
 
 
 def test_a_new_postgresql_schema_has_the_crawlers_constraints_and_every_upstream_column(pg_server):
-    from kgsupervisor.pgschema import PG_COLUMNS
-    from kgsupervisor.schema import UPSTREAM_COLUMNS
+    from kgsupervisor.store.pgschema import PG_COLUMNS
+    from kgsupervisor.store.schema import UPSTREAM_COLUMNS
     assert {t: list(c) for t, c in PG_COLUMNS.items()} == {t: list(c) for t, c in UPSTREAM_COLUMNS.items()}
     url = pg_server.create_database("fresh")
     conn = PGConnection(url)

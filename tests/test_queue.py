@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from kgsupervisor.queue import queue_for
+from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.states import JobStatus
 
 from .conftest import seed, status_counts, wait_for

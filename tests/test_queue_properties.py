@@ -27,16 +27,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
                                  run_state_machine_as_test)
 
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.db import connect
 from kgsupervisor.errors import LeaseLost
-from kgsupervisor.pgdb import PGConnection
-from kgsupervisor.pgschema import migrate_pg
-from kgsupervisor.queue import Claim, SQLiteQueue, queue_for
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import init_db
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.leased import Claim, SQLiteQueue, queue_for
+from kgsupervisor.queue.writeback import write_back
 from kgsupervisor.states import JobStatus
-from kgsupervisor.writeback import write_back
+from kgsupervisor.store.pgschema import migrate_pg
+from kgsupervisor.store.postgres import PGConnection
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect
+from scripts.sampledata import add_documents
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import requests
 
-from kgsupervisor.devextract import extract
+from kgsupervisor.kg.devextract import extract
 
 from .conftest import seed, status_counts, wait_for
 from .test_reload import supervisor  # noqa: F401 - the fixture that starts `run`s logging to files

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.documents import build_payload, encode_payload
-from kgsupervisor.queue import queue_for
-from kgsupervisor.writeback import write_back
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.documents import build_payload, encode_payload
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.queue.writeback import write_back
 
 from .oracle import entity_rows, relationship_rows
 

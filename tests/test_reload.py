@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from kgsupervisor.devservice import make_server
-from kgsupervisor.schema import init_db
+from kgsupervisor.kg.devservice import make_server
+from kgsupervisor.store.schema import init_db
 
 from .chaos.harness import record_hostile
 from .conftest import KGSUPERVISOR, free_port, kill_groups, seed, status_counts, wait_for

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from kgsupervisor.db import connect
 from kgsupervisor.errors import DatabaseError
-from kgsupervisor.queue import NO_STATUS, SQLiteQueue
-from kgsupervisor.schema import CLAIMABLE, QUEUE_COLUMNS, check_schema, init_db
+from kgsupervisor.queue.leased import NO_STATUS, SQLiteQueue
+from kgsupervisor.store.schema import CLAIMABLE, QUEUE_COLUMNS, check_schema, init_db
+from kgsupervisor.store.sqlite import connect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,7 +178,7 @@ def test_not_sqlite_and_missing_queue_are_one_line_errors(tmp_path):
 def test_the_claim_keeps_its_index_when_statistics_are_stale(db_path):
     """Regression: statistics taken while the queue was empty made SQLite plan the claim as an
     OR over the status index plus a sort, which grows with the queue (found by the benchmark)."""
-    from kgsupervisor.queue import CLAIM_SQL
+    from kgsupervisor.queue.leased import CLAIM_SQL
     c = connect(db_path)
     c.execute("ANALYZE")  # stale: the queue is empty now
     c.execute("BEGIN")

@@ -24,11 +24,11 @@ import requests
 
 from kgsupervisor import config
 from kgsupervisor.errors import DatabaseError, ItemFailure, ServiceUnavailable
-from kgsupervisor.kgclient import KGClient
-from kgsupervisor.logs import JsonFormatter, SecretFilter, TEXT_FORMAT
-from kgsupervisor.masking import Mask, hide_credentials, secrets_in, secrets_of
-from kgsupervisor.pgdb import PGConnection, redact
-from kgsupervisor.queue import queue_for
+from kgsupervisor.kg.client import KGClient
+from kgsupervisor.logs import TEXT_FORMAT, JsonFormatter, SecretFilter
+from kgsupervisor.masking import Mask, hide_credentials, redact, secrets_in, secrets_of
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.store.postgres import PGConnection
 
 from .chaos.harness import record_hostile
 from .conftest import free_port, make_backend, seed, spawn, status_counts, wait_for
@@ -178,10 +178,10 @@ def test_mask_secrets_reaches_a_host_applications_handlers(tmp_path):
         from kgsupervisor import logs
         logging.basicConfig(stream=sys.stderr, format="%(name)s %(message)s")
         logs.mask_secrets([{TOKEN!r}])
-        logging.getLogger("kgsupervisor.worker").error("token %s", {TOKEN!r})
+        logging.getLogger("kgsupervisor.worker.kgworker").error("token %s", {TOKEN!r})
         logging.getLogger("kgsupervisor").error("url http://kguser:{URL_PASSWORD}@h")
         logs.mask_secrets(["second-secret-1"])
-        logging.getLogger("kgsupervisor.api").error("after a reload: second-secret-1 and {TOKEN}")
+        logging.getLogger("kgsupervisor.ops.api").error("after a reload: second-secret-1 and {TOKEN}")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

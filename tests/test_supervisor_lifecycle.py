@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from kgsupervisor.errors import KGSupervisorError
-from kgsupervisor.pidfile import running_pid
-from kgsupervisor.supervisor import SECOND_SIGNAL_GRACE
+from kgsupervisor.pool.pidfile import running_pid
+from kgsupervisor.pool.supervisor import SECOND_SIGNAL_GRACE
 
 from .conftest import KGSUPERVISOR, held_until, kill_groups, seed, status_counts, wait_for, wait_for_log
 from .test_supervisor import completed_once, worker_pids

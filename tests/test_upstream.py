@@ -12,17 +12,18 @@ import time
 
 import pytest
 
-from kgsupervisor import documents, queue, writeback
-from kgsupervisor.db import connect
-from kgsupervisor.queue import queue_for
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import (QUEUE_COLUMNS, UPSTREAM_COLUMNS, USED_COLUMNS, column_declaration,
-                                 init_db)
+from kgsupervisor.queue import documents, writeback
+from kgsupervisor.queue import leased as queue
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.store.schema import (QUEUE_COLUMNS, UPSTREAM_COLUMNS, USED_COLUMNS, column_declaration,
+                                       init_db)
+from kgsupervisor.store.sqlite import connect
+from scripts.sampledata import add_documents
 
 from .chaos.harness import record_hostile
 from .conftest import status_counts
-from .upstream import (CRAWLER_INSERT, UPSTREAM_TABLES, index_names, make_upstream_database,
-                       page, rows, run_kg_migration, table_info)
+from .upstream import (CRAWLER_INSERT, UPSTREAM_TABLES, index_names, make_upstream_database, page, rows,
+                       run_kg_migration, table_info)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from kgsupervisor import worker as worker_module
+from kgsupervisor.worker import kgworker as worker_module
 
-from .faultserver import sleep_then
 from .conftest import (drive, free_port, held_until, make_settings, seed, spawn, status_counts, wait_for,
                        wait_for_log)
+from .faultserver import sleep_then
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -7,13 +7,13 @@ import time
 
 import pytest
 
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.db import connect
-from kgsupervisor.devextract import extract
-from kgsupervisor.documents import build_payload
 from kgsupervisor.errors import DocumentRejected, LeaseLost
-from kgsupervisor.queue import queue_for
-from kgsupervisor.writeback import Answered, write_back, write_back_group
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.kg.devextract import extract
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.queue.writeback import Answered, write_back, write_back_group
+from kgsupervisor.store.sqlite import connect
 
 from .conftest import seed
 

@@ -15,16 +15,16 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 import psutil
+from sampledata import add_documents
 
-from kgsupervisor import devservice
-from kgsupervisor.answer import IngestResult
-from kgsupervisor.db import connect, transaction
-from kgsupervisor.documents import build_payload
-from kgsupervisor.queue import db_timestamp
-from kgsupervisor.sampledata import add_documents
-from kgsupervisor.schema import init_db
-from kgsupervisor.writeback import (DOCUMENT_SQL, ENTITY_SQL, RELATIONSHIP_SQL, _entity_rows,
-                                    _relationship_rows)
+from kgsupervisor.kg import devservice
+from kgsupervisor.kg.answer import IngestResult
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.queue.leased import db_timestamp
+from kgsupervisor.queue.writeback import (DOCUMENT_SQL, ENTITY_SQL, RELATIONSHIP_SQL, _entity_rows,
+                                          _relationship_rows)
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect, transaction
 
 SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(SCRIPTS)

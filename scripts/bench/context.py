@@ -8,8 +8,8 @@ import tempfile
 from contextlib import closing
 from dataclasses import dataclass, field
 
-from kgsupervisor.db import connect
-from kgsupervisor.documents import build_payload
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.store.sqlite import connect
 
 from .common import Service, build_database, log, precompute_answers
 
@@ -85,7 +85,7 @@ class Context:
                 payloads[cid] = build_payload(conn, cid)[0]
         with open(self.payloads, "wb") as f:
             pickle.dump(payloads, f)
-        from kgsupervisor.answer import parse_answer
+        from kgsupervisor.kg.answer import parse_answer
         for cid, body in answers.items():
             rowids = {c["vector_rowid"] for c in payloads[cid]["chunks"]}
             result = parse_answer(body, content_id=cid, chunk_rowids=rowids)

@@ -14,8 +14,8 @@ from contextlib import closing
 
 import psutil
 
-from .common import (KG, child_env, count_status, log, median, read_log_tail, reset_database,
-                     stop_process, watch_drain)
+from .common import (KG, child_env, count_status, log, median, read_log_tail, reset_database, stop_process,
+                     watch_drain)
 from .context import Context
 
 NOHTTP = "bare claim + read + write-back (no HTTP)"
@@ -260,9 +260,9 @@ def supervisor_extras(ctx: Context, n: int = 200) -> dict:
     import multiprocessing
     import uuid
 
-    from kgsupervisor.db import connect
-    from kgsupervisor.queue import SQLiteQueue
-    from kgsupervisor.stats import WorkerStats
+    from kgsupervisor.queue.leased import SQLiteQueue
+    from kgsupervisor.store.sqlite import connect
+    from kgsupervisor.worker.stats import WorkerStats
 
     from .common import percentile
 

@@ -10,12 +10,12 @@ from contextlib import closing
 
 import requests
 
-from kgsupervisor import devservice
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.db import connect, transaction
-from kgsupervisor.documents import build_payload
-from kgsupervisor.queue import SQLiteQueue, db_timestamp
-from kgsupervisor.writeback import write_back
+from kgsupervisor.kg import devservice
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.queue.leased import SQLiteQueue, db_timestamp
+from kgsupervisor.queue.writeback import write_back
+from kgsupervisor.store.sqlite import connect, transaction
 
 from .common import KG, Supervisor, build_database, child_env, log, median, percentile
 from .context import Context
@@ -53,7 +53,7 @@ def claim_plan(conn, claimable: str) -> str:
     """EXPLAIN QUERY PLAN of the product's own claim statement (or of its SELECT, in versions
     that do not expose the statement)."""
     try:
-        from kgsupervisor.queue import CLAIM_SQL
+        from kgsupervisor.queue.leased import CLAIM_SQL
         rows = conn.execute("EXPLAIN QUERY PLAN " + CLAIM_SQL, ("", "", "", 0.0, 0.0, 5)).fetchall()
     except ImportError:
         rows = conn.execute(CLAIM_PLAN_SQL.format(claimable=claimable)).fetchall()
@@ -63,7 +63,7 @@ def claim_plan(conn, claimable: str) -> str:
 def claim_cost(db: str, n: int, budget: float = 60.0) -> tuple[dict, dict, str]:
     """SQLiteQueue.claim of a batch of 5, released again after each: cost and plan. At most
     `budget` seconds (but 20 claims at least): a claim that scans the queue is slow at 1M rows."""
-    from kgsupervisor.schema import CLAIMABLE
+    from kgsupervisor.store.schema import CLAIMABLE
     with closing(connect(db)) as conn:
         q = SQLiteQueue(conn)
         claims, releases = [], []
@@ -132,7 +132,7 @@ def queue_command(db: str) -> None:
     import contextlib
     import io
 
-    from kgsupervisor.cli import main as cli
+    from kgsupervisor.ops.cli import main as cli
     with contextlib.redirect_stdout(io.StringIO()) as out:
         cli.main(["queue", "--db", db, "--json"], standalone_mode=False)
     assert json.loads(out.getvalue())["total"] > 0

@@ -13,11 +13,10 @@ import time
 import requests
 from huey import SqliteHuey
 
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.db import connect
-from kgsupervisor.documents import build_payload
-
 from bench.common import write_plain
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.store.sqlite import connect
 
 huey = SqliteHuey("kgbench", filename=os.environ.get("BENCH_HUEY_DB", "huey-bench.db"))
 _state: dict = {}

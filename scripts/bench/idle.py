@@ -8,8 +8,8 @@ from contextlib import closing
 
 import psutil
 
-from kgsupervisor.db import connect
-from kgsupervisor.queue import SQLiteQueue
+from kgsupervisor.queue.leased import SQLiteQueue
+from kgsupervisor.store.sqlite import connect
 
 from .common import Supervisor, log, median, percentile, reset_database, tree
 from .context import Context

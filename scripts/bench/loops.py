@@ -25,11 +25,11 @@ import uuid
 
 import requests
 
-from kgsupervisor.answer import parse_answer
-from kgsupervisor.db import connect
-from kgsupervisor.documents import build_payload
-from kgsupervisor.queue import SQLiteQueue
-from kgsupervisor.writeback import write_back
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.documents import build_payload
+from kgsupervisor.queue.leased import SQLiteQueue
+from kgsupervisor.queue.writeback import write_back
+from kgsupervisor.store.sqlite import connect
 
 INGEST = "/api/v1/ingest"
 

@@ -12,8 +12,8 @@ import time
 import uuid
 from contextlib import closing
 
-from kgsupervisor.pgdb import PGConnection
-from kgsupervisor.queue import PG_CLAIM_SQL, queue_for
+from kgsupervisor.queue.leased import PG_CLAIM_SQL, queue_for
+from kgsupervisor.store.postgres import PGConnection
 
 from .common import KG, child_env, log, median, percentile
 from .context import Context
@@ -153,7 +153,7 @@ def counts_cost(conn: PGConnection, url: str) -> dict:
 
 
 def queue_json(url: str) -> None:
-    from kgsupervisor.cli import main as cli
+    from kgsupervisor.ops.cli import main as cli
     with contextlib.redirect_stdout(io.StringIO()) as out:
         cli.main(["queue", "--db", url, "--json"], standalone_mode=False)
     assert json.loads(out.getvalue())["total"] > 0

@@ -7,9 +7,9 @@ import sys
 import time
 from contextlib import closing
 
-from kgsupervisor.copydb import copy_database
-from kgsupervisor.db import connect
-from kgsupervisor.pgdb import PGConnection
+from kgsupervisor.store.copydb import copy_database
+from kgsupervisor.store.postgres import PGConnection
+from kgsupervisor.store.sqlite import connect
 
 from .common import KG, child_env, log, median, percentile, reset_database
 from .context import Context

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 
-from kgsupervisor import devservice
+from kgsupervisor.kg import devservice
 
 HEALTH = json.dumps({"status": "healthy", "service": "kgsupervisor-bench-service"}).encode()
 

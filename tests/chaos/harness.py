@@ -12,7 +12,7 @@ from typing import Any
 
 import requests
 
-from kgsupervisor.pgdb import PGConnection, is_postgres_url
+from kgsupervisor.store.postgres import PGConnection, is_postgres_url
 
 from .. import oracle
 from ..conftest import KGSUPERVISOR, free_port, wait_for

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from kgsupervisor.db import connect
-from kgsupervisor.schema import init_db
+from kgsupervisor.store.schema import init_db
+from kgsupervisor.store.sqlite import connect
 
 from ..conftest import KGSUPERVISOR, seed, wait_for
 from ..faultserver import FaultServer

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from kgsupervisor.db import transaction
-from kgsupervisor.devextract import extract
-from kgsupervisor.sampledata import _sentence
+from kgsupervisor.kg.devextract import extract
+from kgsupervisor.store.sqlite import transaction
+from scripts.sampledata import _sentence
 
 from ..conftest import seed, wait_for
 from ..faultserver import FaultServer

@@ -14,8 +14,8 @@ import sqlite3
 
 import pytest
 
-from kgsupervisor.db import transaction
-from kgsupervisor.devextract import extract
+from kgsupervisor.kg.devextract import extract
+from kgsupervisor.store.sqlite import transaction
 
 from ..conftest import seed
 from ..faultserver import FaultServer

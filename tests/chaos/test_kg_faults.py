@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from kgsupervisor.devextract import extract
-from kgsupervisor.sampledata import add_documents
+from kgsupervisor.kg.devextract import extract
+from scripts.sampledata import add_documents
 
 from ..conftest import seed, wait_for
 from ..faultserver import RESET_MID_BODY, STALL_MID_BODY, Attempts, FaultServer, Journal

@@ -16,9 +16,9 @@ import time
 import psutil
 import pytest
 
-from kgsupervisor.pgdb import PGConnection
-from kgsupervisor.pgschema import migrate_pg
-from kgsupervisor.sampledata import add_documents
+from kgsupervisor.store.pgschema import migrate_pg
+from kgsupervisor.store.postgres import PGConnection
+from scripts.sampledata import add_documents
 
 from ..conftest import wait_for
 from ..faultserver import FaultServer

@@ -24,7 +24,7 @@ import psutil
 import pytest
 import requests
 
-from kgsupervisor.sampledata import add_documents
+from scripts.sampledata import add_documents
 
 from ..conftest import held_until, seed, wait_for, wait_for_log
 from ..faultserver import FaultServer

@@ -1,0 +1,72 @@
+"""The status commands of `kgsupervisor`: status (once or --watch) and health."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from kgsupervisor.errors import ConfigError, KGSupervisorError, NotReachable
+from kgsupervisor.ops.cli_options import FiniteRange, status_addr_option
+from kgsupervisor.ops.statusclient import HEALTH_KEYS, STATS_KEYS, fetch_document, status_snapshot
+
+
+@click.command()
+@status_addr_option
+@click.option("--json", "as_json", is_flag=True, help="Print get_worker_stats() as JSON.")
+@click.option("--watch", is_flag=True, help="A live view: progress bar, queue, per-worker table.")
+@click.option("--interval", type=FiniteRange(0, 3600, min_open=True), default=1.0, show_default=True, help="Refresh of --watch, seconds.")
+def status(status_addr: str, as_json: bool, watch: bool, interval: float) -> None:
+    """Aggregate stats of a running supervisor, read from its status endpoint."""
+    if watch:
+        return watch_status(status_addr, interval)
+    if as_json:
+        return click.echo(json.dumps(fetch_document(status_addr, "/stats", STATS_KEYS)[1]))
+    from kgsupervisor.ops import render
+    click.echo(render.status_text(status_snapshot(status_addr)))
+
+
+def watch_status(status_addr: str, interval: float) -> None:
+    """Redraw the status until Ctrl-C or SIGTERM."""
+    import threading
+
+    from rich.live import Live
+
+    from kgsupervisor.ops import render
+    meter = render.RateMeter()
+    # A flag, not KeyboardInterrupt: an exception raised at a random point could land while
+    # rich's refresh thread waits on a lock the main thread holds, and the exit would hang.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+
+    def view():
+        return render.status_view(status_snapshot(status_addr), meter)
+    with Live(view(), refresh_per_second=4, screen=False) as live:
+        while not stop.wait(interval):
+            live.update(view())
+
+
+@click.command()
+@status_addr_option
+@click.option("--json", "as_json", is_flag=True, help="Print check_worker_health() as JSON.")
+def health(status_addr: str, as_json: bool) -> None:
+    """Exit 0 when the supervisor's workers are healthy, 1 when not, 2 when it cannot be reached."""
+    try:
+        code, body = fetch_document(status_addr, "/health", HEALTH_KEYS)
+    except (NotReachable, ConfigError) as exc:  # a bad --status-addr is a usage error, not ill health
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KGSupervisorError as exc:
+        click.echo(f"unhealthy: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(body))
+    else:
+        click.echo(f"{'healthy' if code == 200 else 'unhealthy'}: "
+                   f"{body['healthy_workers']}/{body['total_workers']} workers running")
+    sys.exit(0 if code == 200 else 1)
+
+
+COMMANDS = (status, health)

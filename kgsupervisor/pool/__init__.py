@@ -1,0 +1,1 @@
+"""The parent process: the supervisor that forks, watches and respawns the workers."""

@@ -1,0 +1,97 @@
+"""The supervisor's side of claims: a gone worker's back at once, retried while the database refuses."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import closing
+
+import psutil
+
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.store.backend import connect_to
+
+log = logging.getLogger("kgsupervisor.supervisor")
+
+RETRY_EVERY = 2.0  # a refused release is tried again this often, until it goes through
+
+
+@dataclasses.dataclass
+class RefusedRelease:
+    """Claims of a gone worker that the database did not take back (read-only, full, locked)."""
+    owner: str
+    pid: int
+    charge: bool
+    cause: str
+
+
+class ClaimReleaser:
+    """Gives the claims of exited workers back to pending; with `charge`, the row in flight is
+    charged a crash (a poison pill after `poison_after`).
+
+    A release the database refuses is kept and retried every RETRY_EVERY seconds, so the
+    documents come back as soon as it is writable, not a lease later.
+    """
+
+    def __init__(self, db_path: str, host: str) -> None:
+        self.db_path = db_path
+        self.host = host
+        self.refused: dict[str, RefusedRelease] = {}
+        self.next_retry = 0.0
+
+    def release_gone_worker(self, owner: str, pid: int, charge: bool, cause: str, poison_after: int) -> None:
+        try:
+            released = self._release(owner, charge, cause, poison_after)
+        except Exception as exc:  # kept and retried; the lease expiry is the last backstop
+            log.error("could not release claims of %s (%s); retrying every %.0fs while running (or "
+                      "they return when their lease expires)", owner, exc, RETRY_EVERY)
+            self.refused[owner] = RefusedRelease(owner, pid, charge, cause)
+            self.next_retry = time.monotonic() + RETRY_EVERY
+            return
+        if released:
+            log.info("released %d claim(s) of worker pid %d back to pending", released, pid)
+
+    def retry_refused(self, poison_after: int, live_pids: set[int]) -> None:
+        """Try the refused releases again, when due. An owner whose pid is one of our live
+        workers again (pid reuse) is dropped: its rows may be that worker's; leases settle them."""
+        if not self.refused or time.monotonic() < self.next_retry:
+            return
+        self.next_retry = time.monotonic() + RETRY_EVERY
+        for owner, refused in list(self.refused.items()):
+            if refused.pid in live_pids:
+                del self.refused[owner]
+                continue
+            try:
+                released = self._release(owner, refused.charge, refused.cause, poison_after)
+            except Exception:  # still refused: the first failure was logged
+                return
+            del self.refused[owner]
+            log.info("database writable again: released %d claim(s) of gone worker pid %d back to pending",
+                     released, refused.pid)
+
+    def release_orphans(self) -> None:
+        """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
+        with closing(connect_to(self.db_path)) as conn:
+            q = queue_for(conn)
+            for owner in q.owners_with_claims(f"{self.host}:"):
+                pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
+                if pid and not pid_alive(pid):
+                    n = q.release_owner(owner)
+                    log.warning("released %d claim(s) of dead process %s left by an earlier run", n, owner)
+
+    def _release(self, owner: str, charge: bool, cause: str, poison_after: int) -> int:
+        with closing(connect_to(self.db_path)) as conn:
+            q = queue_for(conn)
+            if not charge:
+                return q.release_owner(owner)
+            result = q.release_crashed(owner, cause, poison_after, time.time())
+        for cid in result.poisoned:
+            log.error("content_id %d failed as a poison pill: it killed %d worker(s)", cid, poison_after)
+        return result.released
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

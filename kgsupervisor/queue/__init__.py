@@ -1,0 +1,1 @@
+"""The leased queue: claiming rows, building the request, writing the answer back."""

@@ -1,0 +1,1 @@
+"""Where the queue and the documents live: one Backend per database kind (SQLite, PostgreSQL)."""
