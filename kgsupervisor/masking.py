@@ -6,13 +6,10 @@ import base64
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, quote_plus, unquote
 
 from kgsupervisor.errors import KGSupervisorError
-
-if TYPE_CHECKING:
-    from kgsupervisor.config import Settings
 
 HIDDEN = "********"        # a secret known by its value, or an Authorization credential
 HIDDEN_PASSWORD = "***"    # the password of a URL or connection string (as redact always showed it)
@@ -89,7 +86,17 @@ def secrets_in(text: str) -> list[str]:
     return [s for s in dict.fromkeys(found) if len(s) >= MIN_SECRET]
 
 
-def secrets_of(settings: "Settings") -> list[str]:
+class HoldsSecrets(Protocol):
+    """What secrets_of reads of a configuration (config.Settings has it)."""
+
+    service_token: str | None
+    db_path: str | None
+    service_url: str
+
+    def token(self) -> str | None: ...
+
+
+def secrets_of(settings: HoldsSecrets) -> list[str]:
     """The secrets of a configuration: its bearer token and every password its URLs carry."""
     found = [settings.service_token or ""]
     try:

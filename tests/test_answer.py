@@ -1,4 +1,4 @@
-"""Tests for kgsupervisor.kg.answer: the KG service's answer parser."""
+"""Tests for kgsupervisor.kg.answer (with answerfields and result): the KG service's answer parser."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kgsupervisor.errors import InvalidAnswer
-from kgsupervisor.kg.answer import Appearance, Entity, IngestResult, Relationship, parse_answer
+from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.kg.result import Appearance, Entity, IngestResult, Relationship
 
 pytestmark = pytest.mark.timeout(60)
 

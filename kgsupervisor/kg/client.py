@@ -20,8 +20,9 @@ import urllib3
 
 from kgsupervisor.addresses import mask_urls
 from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
-from kgsupervisor.kg.answer import IngestResult, parse_answer
+from kgsupervisor.kg.answer import parse_answer
 from kgsupervisor.kg.deadline import Deadline, DeadlineAdapter, Watchdog
+from kgsupervisor.kg.result import IngestResult
 from kgsupervisor.masking import Mask, secrets_in
 
 log = logging.getLogger("kgsupervisor.kgclient")

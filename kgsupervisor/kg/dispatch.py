@@ -6,9 +6,9 @@ import time
 from typing import Protocol
 
 from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
-from kgsupervisor.kg.answer import IngestResult
 from kgsupervisor.kg.client import HealthVerdict
 from kgsupervisor.kg.endpoints import Endpoint, EndpointPool
+from kgsupervisor.kg.result import IngestResult
 
 # A document a not-yet-proven endpoint failed waits this long, so that others go first.
 UNPROVEN_FAILURE_HOLD_BACK = 2.0

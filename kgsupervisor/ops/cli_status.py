@@ -38,14 +38,22 @@ def watch_status(status_addr: str, interval: float) -> None:
     # A flag, not KeyboardInterrupt: an exception raised at a random point could land while
     # rich's refresh thread waits on a lock the main thread holds, and the exit would hang.
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop.set())
+
+    def request_stop(signum: int, frame: object) -> None:
+        """Only set the flag; the loop below notices it within one wait."""
+        stop.set()
 
     def view():
         return render.status_view(status_snapshot(status_addr), meter)
-    with Live(view(), refresh_per_second=4, screen=False) as live:
-        while not stop.wait(interval):
-            live.update(view())
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Live(view(), refresh_per_second=4, screen=False) as live:
+            while not stop.wait(interval):
+                live.update(view())
+    finally:
+        # Run in-process (a CliRunner, a test), a later Ctrl-C must not just set a dead flag.
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @click.command()
