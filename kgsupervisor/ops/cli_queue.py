@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ import click
 
 from kgsupervisor.errors import ConfigError, KGSupervisorError
 from kgsupervisor.ops.cli_options import db_option
+from kgsupervisor.queue.leased import open_queue
 from kgsupervisor.states import ALL_JOB_STATUSES
 from kgsupervisor.store import backend
 
@@ -26,10 +26,8 @@ def database_errors(db_path: str) -> Iterator[None]:
     """A database that refuses a command (read-only, damaged, gone) is one line, not a traceback."""
     try:
         yield
-    except sqlite3.Error as exc:
-        raise KGSupervisorError(_database_error(db_path, exc)) from None
     except Exception as exc:
-        if not type(exc).__module__.startswith("psycopg"):
+        if not backend.is_driver_error(exc):
             raise
         raise KGSupervisorError(_database_error(db_path, exc)) from None
 
@@ -86,7 +84,7 @@ def enqueue(db_path: str, ids: tuple[int, ...], all_unprocessed: bool, priority:
     if not ids and not all_unprocessed:
         raise click.UsageError("give document ids or --all-unprocessed")
     with database_errors(db_path):
-        queue = backend.open_queue(db_path)
+        queue = open_queue(db_path)
         unprocessed = None
         if all_unprocessed:
             with progress_bar("documents looked at") as progress:
@@ -109,7 +107,7 @@ def enqueue(db_path: str, ids: tuple[int, ...], all_unprocessed: bool, priority:
 def queue_command(db_path: str, as_json: bool) -> None:
     """Counts of queue rows by status, straight from the database."""
     with database_errors(db_path):
-        counts = backend.open_queue(db_path).counts()
+        counts = open_queue(db_path).counts()
     if as_json:
         click.echo(json.dumps(counts))
         return
@@ -130,7 +128,7 @@ def retry(db_path: str, failed: bool, skipped: bool, pending: bool, ids: tuple[i
     if not (failed or skipped or pending or ids):
         raise click.UsageError("give --failed, --skipped, --pending or --id N")
     with database_errors(db_path):
-        queue = backend.open_queue(db_path)
+        queue = open_queue(db_path)
         with progress_bar("back to pending") as progress:
             n = queue.retry(failed=failed, skipped=skipped, ids=ids, progress=progress)
         with progress_bar("due now") as progress:

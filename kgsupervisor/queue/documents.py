@@ -1,27 +1,32 @@
 """Turn a claimed queue row and its chunks into the ingest payload of CONTRACT §3."""
 from __future__ import annotations
 
+import functools
 import json
+import re
 import sqlite3
 from typing import Any
 
 from kgsupervisor.errors import DocumentRejected
-from kgsupervisor.store.postgres import is_postgres
+from kgsupervisor.store.backend import Backend, backend_of
 
-# Text is read as bytes and decoded leniently: a crawler that stored invalid UTF-8 must cost
-# one document a replacement character, not crash the worker with "Could not decode to UTF-8".
+
+# TEXT(column) marks a text column that may hold what is not UTF-8: each backend spells its
+# read (Backend.lenient_text; SQLite reads bytes and decodes them leniently).
 DOCUMENT_SQL = """
-    SELECT CAST(url AS BLOB), CAST(title AS BLOB), CAST(markdown AS BLOB),
-           CAST(metadata AS BLOB), CAST(tags AS BLOB)
+    SELECT TEXT(url), TEXT(title), TEXT(markdown), TEXT(metadata), TEXT(tags)
       FROM crawled_content WHERE id = ?"""
 CHUNKS_SQL = """
-    SELECT rowid, chunk_index, char_start, char_end, CAST(chunk_text AS BLOB)
+    SELECT rowid, chunk_index, char_start, char_end, TEXT(chunk_text)
       FROM content_chunks WHERE content_id = ? ORDER BY chunk_index, rowid"""
-# PostgreSQL text is valid UTF-8 by construction: read it as it is.
-PG_DOCUMENT_SQL = "SELECT url, title, markdown, metadata, tags FROM crawled_content WHERE id = ?"
-PG_CHUNKS_SQL = """
-    SELECT rowid, chunk_index, char_start, char_end, chunk_text
-      FROM content_chunks WHERE content_id = ? ORDER BY chunk_index, rowid"""
+
+
+@functools.cache
+def document_reads(backend: Backend) -> tuple[str, str]:
+    """DOCUMENT_SQL and CHUNKS_SQL as `backend` spells them."""
+    def spelled(sql: str) -> str:
+        return re.sub(r"TEXT\((\w+)\)", lambda m: backend.lenient_text(m.group(1)), sql)
+    return spelled(DOCUMENT_SQL), spelled(CHUNKS_SQL)
 
 
 def _text(raw: bytes | str | None) -> str | None:
@@ -74,14 +79,14 @@ def build_payload(conn: sqlite3.Connection, content_id: int) -> tuple[dict[str, 
 
     Raises DocumentRejected when the document is missing or has no chunks: no retry can help.
     """
-    postgres = is_postgres(conn)
-    row = conn.execute(PG_DOCUMENT_SQL if postgres else DOCUMENT_SQL, (content_id,)).fetchone()
+    document_sql, chunks_sql = document_reads(backend_of(conn))
+    row = conn.execute(document_sql, (content_id,)).fetchone()
     if row is None:
         raise DocumentRejected(f"content_id {content_id} does not exist in crawled_content")
     chunks = [
         {"vector_rowid": r[0], "chunk_index": _int_or_none(r[1]), "char_start": _int_or_none(r[2]),
          "char_end": _int_or_none(r[3]), "text": _text(r[4]) or ""}
-        for r in conn.execute(PG_CHUNKS_SQL if postgres else CHUNKS_SQL, (content_id,))
+        for r in conn.execute(chunks_sql, (content_id,))
     ]
     if not chunks:
         raise DocumentRejected(f"content_id {content_id} has no chunks in content_chunks")

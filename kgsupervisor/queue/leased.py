@@ -1,110 +1,24 @@
 """The leased queue: claim, extend, release, retry, fail, requeue and count rows, on SQLite or PostgreSQL."""
 from __future__ import annotations
 
-import dataclasses
 import random
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 
 from kgsupervisor.errors import ConfigError, DatabaseError
 from kgsupervisor.masking import hide_credentials
+from kgsupervisor.queue.claims import Claim, CrashRelease, EnqueueResult, claim_from_row
+from kgsupervisor.queue.sql import (BACK_TO_PENDING, FENCED, HELD, NO_LEASE, OWNED, claim_sql, db_timestamp,
+                                    live, marks)
 from kgsupervisor.states import ALL_JOB_STATUSES, JobStatus
-from kgsupervisor.store.postgres import is_postgres
+from kgsupervisor.store.backend import POSTGRESQL, SQLITE, Backend, backend_of, open_database
 from kgsupervisor.store.schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from kgsupervisor.store.sqlite import transaction
 
-
-def marks(values: Sequence[object]) -> str:
-    """One `?` per value, comma-separated: the inside of an IN (...) list."""
-    return ",".join("?" * len(values))
-
-
-def live(alias: str) -> str:
-    """`alias`'s row is live (pending or processing), spelled so that no index on status can
-    serve it: a look for one document's live rows must go through the content_id index. After
-    a bulk change PostgreSQL's estimate of live rows is stale (a queue just filled: "none"), and
-    with an index on status it scans every live row once per document, which makes a batched
-    bulk command quadratic."""
-    return f"COALESCE({alias}.status, '') IN ('pending', 'processing')"
-
-
-CLAIM_SQL = f"""
-            UPDATE kg_processing_queue
-               SET status = 'processing', processing_started_at = ?, lease_owner = ?,
-                   lease_token = ?, lease_expires_at = ?, started_at = NULL
-             WHERE id IN (SELECT id FROM kg_processing_queue INDEXED BY idx_kgq_claim_order
-                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
-                           ORDER BY priority DESC, id ASC LIMIT ?)
-            RETURNING id, content_id, retry_count, priority"""
-# PostgreSQL: the same claim, where a row another claimer has locked is passed over, not waited for.
-PG_CLAIM_SQL = f"""
-            UPDATE kg_processing_queue
-               SET status = 'processing', processing_started_at = ?, lease_owner = ?,
-                   lease_token = ?, lease_expires_at = ?, started_at = NULL
-             WHERE id IN (SELECT id FROM kg_processing_queue
-                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
-                           ORDER BY priority DESC, id ASC LIMIT ? FOR UPDATE SKIP LOCKED)
-            RETURNING id, content_id, retry_count, priority"""
-
-
-def db_timestamp(now: float) -> str:
-    """The upstream's DATETIME text (UTC, `YYYY-MM-DD HH:MM:SS`), so old and new rows sort together."""
-    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Claim:
-    """One queue row held under a lease: `token` fences every later write to it."""
-
-    id: int
-    content_id: int
-    retry_count: int
-    priority: int
-    owner: str
-    token: str
-    # Why this row cannot be processed (a content_id that is not a document id), or None.
-    problem: str | None = None
-
-
-def _whole(value: object) -> int | None:
-    """An integer column's value, or None when the row holds something else (text, a real)."""
-    return value if type(value) is int else None
-
-
-def claim_from_row(row: Sequence, owner: str, token: str) -> Claim:
-    """A Claim for a claimed row; a row whose values no worker could use carries its problem.
-
-    SQLite stores whatever the upstream wrote: one row with text in content_id must fail alone,
-    not crash every worker that claims it. A priority or retry count that is not an integer
-    only orders or counts the row, which goes on as 0.
-    """
-    qid, content_id, retry_count, priority = row[0], row[1], row[2], row[3]
-    problem = None
-    if _whole(content_id) is None:
-        problem = (f"queue row {qid} has content_id {str(content_id)[:60]!r} "
-                   f"({type(content_id).__name__}), not a crawled_content id")
-    return Claim(qid, content_id, _whole(retry_count) or 0, _whole(priority) or 0, owner, token, problem)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EnqueueResult:
-    """What an enqueue did: rows added, ids already live in the queue, ids with no document."""
-
-    added: list[int]
-    already_queued: list[int]
-    unknown: list[int]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class CrashRelease:
-    """What releasing a crashed worker's claims did."""
-
-    released: int
-    in_flight: list[int]
-    poisoned: list[int]
+# The claim in each dialect, as the benches and plan tests read it.
+CLAIM_SQL = claim_sql(SQLITE)
+PG_CLAIM_SQL = claim_sql(POSTGRESQL)
 
 
 # What an INTEGER column holds in SQLite, and a BIGINT in PostgreSQL.
@@ -127,28 +41,17 @@ def check_int64(name: str, values: Iterable[int]) -> None:
 
 
 @contextmanager
-def insert_refusals() -> Iterator[None]:
+def insert_refusals(backend: Backend) -> Iterator[None]:
     """A NOT NULL column without a default that kgsupervisor does not fill refuses every insert
     into the queue: say which column in one line, not a traceback per enqueue."""
     try:
         yield
     except Exception as exc:
-        column = _not_null_column(exc)
+        column = backend.not_null_column(exc)
         if column is None:
             raise
         raise DatabaseError(f"cannot queue documents: column {column} is NOT NULL without a default and "
                             f"kgsupervisor does not set it (give it a DEFAULT, or drop NOT NULL)") from None
-
-
-def _not_null_column(exc: BaseException) -> str | None:
-    """`table.column` of a NOT NULL violation (SQLite or PostgreSQL), else None."""
-    if isinstance(exc, sqlite3.IntegrityError):
-        match = re.match(r"NOT NULL constraint failed: (\S+)", str(exc))
-        return match.group(1) if match else None
-    if getattr(exc, "sqlstate", None) == "23502":  # psycopg's NotNullViolation
-        diag = getattr(exc, "diag", None)
-        return f"{getattr(diag, 'table_name', '?')}.{getattr(diag, 'column_name', '?')}"
-    return None
 
 
 def backoff_delay(retry_count: int, base: float, cap: float) -> float:
@@ -160,19 +63,20 @@ class LeasedQueue:
     """kg_processing_queue as a leased queue; every method is one short transaction.
 
     One body of SQL for both backends (a PostgreSQL connection takes SQLite's spelling, see
-    pgdb.PGConnection), so their semantics cannot drift; only the claim statement differs.
+    store.postgres.PGConnection), so their semantics cannot drift; what differs (the claim's
+    dialect, upkeep) the connection's Backend says.
     """
-
-    claim_sql = CLAIM_SQL
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
+        self.backend = backend_of(conn)
+        self.claim_sql = claim_sql(self.backend)
 
     def claim(self, owner: str, token: str, limit: int, lease_seconds: float, now: float) -> list[Claim]:
         """Take up to `limit` due rows in `priority DESC, id ASC` order in ONE statement.
 
-        INDEXED BY: without fresh statistics (a queue filled after ANALYZE) SQLite may plan an
-        OR over the status index and sort, which grows with the queue; the claim index never does.
+        On SQLite the claim names its index: without fresh statistics (a queue filled after ANALYZE)
+        it may plan an OR over the status index and sort, which grows with the queue; the index never does.
         """
         rows = self.conn.execute(
             self.claim_sql,
@@ -192,15 +96,14 @@ class LeasedQueue:
         """
         cur = self.conn.execute(
             "UPDATE kg_processing_queue SET started_at = CASE WHEN id = ? THEN ? END "
-            "WHERE lease_token = ? AND status = 'processing' AND (id = ? OR started_at IS NOT NULL) "
-            "RETURNING id", (claim.id, now, claim.token, claim.id))
+            f"WHERE {HELD} AND (id = ? OR started_at IS NOT NULL) RETURNING id",
+            (claim.id, now, claim.token, claim.id))
         return claim.id in {row[0] for row in cur.fetchall()}
 
     def extend(self, token: str, lease_seconds: float, now: float) -> int:
         """Push the lease expiry of every row held under `token`; returns rows still held."""
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET lease_expires_at = ? WHERE lease_token = ? "
-            "AND status = 'processing'", (now + lease_seconds, token))
+        cur = self.conn.execute(f"UPDATE kg_processing_queue SET lease_expires_at = ? WHERE {HELD}",
+                                (now + lease_seconds, token))
         return cur.rowcount
 
     def release(self, claims: Iterable[Claim], not_before: float | None = None) -> int:
@@ -210,37 +113,29 @@ class LeasedQueue:
             return 0
         with transaction(self.conn):
             cur = self.conn.executemany(
-                "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
-                "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
-                "processing_started_at = NULL, not_before = ? "
-                "WHERE id = ? AND lease_token = ? AND status = 'processing'", params)
+                f"UPDATE kg_processing_queue SET {BACK_TO_PENDING}, not_before = ? WHERE {FENCED}", params)
             return cur.rowcount
 
     def release_owner(self, owner: str) -> int:
         """Every claim of a dead owner back to pending at once, no attempt charged."""
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET status = 'pending', lease_owner = NULL, "
-            "lease_token = NULL, lease_expires_at = NULL, started_at = NULL, "
-            "processing_started_at = NULL WHERE status = 'processing' AND lease_owner = ?",
-            (owner,))
+        cur = self.conn.execute(f"UPDATE kg_processing_queue SET {BACK_TO_PENDING} WHERE {OWNED}", (owner,))
         return cur.rowcount
 
-    def release_crashed(self, owner: str, cause: str, poison_after: int, now: float) -> "CrashRelease":
+    def release_crashed(self, owner: str, cause: str, poison_after: int, now: float) -> CrashRelease:
         """Every claim of a worker that died, back at once: unstarted rows untouched, the row it
         was working on charged one crash, and failed as a poison pill after `poison_after` crashes.
         """
         with transaction(self.conn):
             in_flight = self.conn.execute(
                 "UPDATE kg_processing_queue SET crash_count = COALESCE(crash_count, 0) + 1 "
-                "WHERE status = 'processing' AND lease_owner = ? AND started_at IS NOT NULL "
-                "RETURNING id, content_id, crash_count", (owner,)).fetchall()
+                f"WHERE {OWNED} AND started_at IS NOT NULL RETURNING id, content_id, crash_count",
+                (owner,)).fetchall()
             poisoned = [(qid, cid, n) for qid, cid, n in in_flight if n >= poison_after]
             for qid, cid, n in poisoned:
                 # PROCESSING -> FAILED (poison pill)
                 self.conn.execute(
                     "UPDATE kg_processing_queue SET status = 'failed', processed_at = ?, error_message = ?, "
-                    "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, started_at = NULL "
-                    "WHERE id = ?",
+                    f"{NO_LEASE}, started_at = NULL WHERE id = ?",
                     (db_timestamp(now), f"poison pill: a worker died {n} times while processing this "
                      f"document (last: {cause}); not retried", qid))
             released = self.release_owner(owner)
@@ -260,12 +155,14 @@ class LeasedQueue:
 
     def requeue_expired(self, now: float, batch_rows: int = BULK_BATCH_ROWS) -> int:
         """The backstop for owners that vanished with their host: expired leases to pending,
-        `batch_rows` at a time (a host that held a million claims does not lock them all at once)."""
+        `batch_rows` at a time (a host that held a million claims does not lock them all at once);
+        then, as periodic upkeep, the backend's tidying of the counts table."""
         expired = "status = 'processing' AND lease_expires_at IS NOT NULL AND lease_expires_at < ?"
-        return self._update_in_batches(
-            "status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            "started_at = NULL, processing_started_at = NULL", expired, [now],
+        count = self._update_in_batches(
+            BACK_TO_PENDING, expired, [now],
             self._ids(f"SELECT id FROM kg_processing_queue WHERE {expired}", [now]), batch_rows)
+        self.backend.fold_count_rows(self.conn)
+        return count
 
     def retry_later(self, claim: Claim, error: str, now: float, max_attempts: int,
                     backoff_base: float, backoff_cap: float) -> JobStatus | None:
@@ -277,10 +174,8 @@ class LeasedQueue:
             return JobStatus.FAILED if failed else None
         not_before = now + backoff_delay(claim.retry_count, backoff_base, backoff_cap)
         cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET status = 'pending', retry_count = ?, error_message = ?, "
-            "not_before = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            "started_at = NULL, processing_started_at = NULL "
-            "WHERE id = ? AND lease_token = ? AND status = 'processing'",
+            f"UPDATE kg_processing_queue SET {BACK_TO_PENDING}, retry_count = ?, error_message = ?, "
+            f"not_before = ? WHERE {FENCED}",
             (attempts, hide_credentials(error), not_before, claim.id, claim.token))
         return JobStatus.PENDING if cur.rowcount == 1 else None
 
@@ -288,8 +183,7 @@ class LeasedQueue:
         """PROCESSING -> FAILED with the reason in error_message (credentials a reason quotes hidden)."""
         cur = self.conn.execute(
             "UPDATE kg_processing_queue SET status = 'failed', error_message = ?, processed_at = ?, "
-            "retry_count = ?, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL, "
-            "not_before = NULL WHERE id = ? AND lease_token = ? AND status = 'processing'",
+            f"retry_count = ?, {NO_LEASE}, not_before = NULL WHERE {FENCED}",
             (hide_credentials(error), db_timestamp(now), claim.retry_count if attempts is None else attempts,
              claim.id, claim.token))
         return cur.rowcount == 1
@@ -319,7 +213,7 @@ class LeasedQueue:
         check_int64("priority", [priority])
         added, already, unknown = [], [], []
         wanted = list(dict.fromkeys(content_ids))
-        with insert_refusals(), transaction(self.conn):
+        with insert_refusals(self.backend), transaction(self.conn):
             for start in range(0, len(wanted), BULK_BATCH_ROWS):
                 batch = wanted[start:start + BULK_BATCH_ROWS]
                 known = set(self._ids(f"SELECT id FROM crawled_content WHERE id IN ({marks(batch)})", batch))
@@ -359,7 +253,7 @@ class LeasedQueue:
         added = done = 0
         low = self.conn.execute("SELECT MIN(id) FROM crawled_content").fetchone()[0]
         while low is not None:
-            with insert_refusals(), transaction(self.conn):
+            with insert_refusals(self.backend), transaction(self.conn):
                 documents, queued = self._enqueue_unprocessed_from(low, batch_rows, priority, now)
             added += queued
             done += len(documents)
@@ -443,29 +337,16 @@ class LeasedQueue:
         return self._update_in_batches("not_before = NULL", waiting, [now], chosen, batch_rows, progress)
 
 
-class SQLiteQueue(LeasedQueue):
-    """The queue in an SQLite file (WAL): one writer at a time, the claim served by its partial index."""
-
-
-class PostgresQueue(LeasedQueue):
-    """The queue in PostgreSQL: claimers on many hosts skip each other's locked rows."""
-
-    claim_sql = PG_CLAIM_SQL
-
-    def requeue_expired(self, now: float, batch_rows: int = BULK_BATCH_ROWS) -> int:
-        """The lease-expiry backstop, and (as periodic upkeep) the count rows of closed
-        connections folded into one, so a count reads few rows however many have come and gone."""
-        count = super().requeue_expired(now, batch_rows)
-        self.conn.execute(
-            f"""WITH gone AS (DELETE FROM {STATUS_COUNTS_TABLE}
-                               WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity)
-                           RETURNING status, n)
-                INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n)
-                SELECT status, 0, SUM(n) FROM gone GROUP BY status
-                ON CONFLICT (status, slot) DO UPDATE SET n = {STATUS_COUNTS_TABLE}.n + EXCLUDED.n""")
-        return count
+# One class serves both backends, its dialect taken from the connection: the names the benches
+# and tests use for either.
+SQLiteQueue = PostgresQueue = LeasedQueue
 
 
 def queue_for(conn: object) -> LeasedQueue:
     """The queue over `conn`, of that connection's backend."""
-    return PostgresQueue(conn) if is_postgres(conn) else SQLiteQueue(conn)  # type: ignore[arg-type]
+    return LeasedQueue(conn)  # type: ignore[arg-type]
+
+
+def open_queue(target: str) -> LeasedQueue:
+    """The queue of the database `target` (its connection is `queue.conn`)."""
+    return queue_for(open_database(target))

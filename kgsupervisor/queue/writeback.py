@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from kgsupervisor.errors import LeaseLost
 from kgsupervisor.kg.answer import IngestResult
 from kgsupervisor.queue.leased import Claim, db_timestamp
-from kgsupervisor.store.postgres import is_postgres
+from kgsupervisor.queue.sql import FENCED, NO_LEASE
+from kgsupervisor.store.backend import backend_of
 from kgsupervisor.store.sqlite import transaction
 
-COMPLETE_SQL = """
+COMPLETE_SQL = f"""
     UPDATE kg_processing_queue
        SET status = 'completed', processed_at = ?, result_summary = ?, error_message = NULL,
-           skipped_reason = NULL, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-           not_before = NULL
-     WHERE id = ? AND lease_token = ? AND status = 'processing'"""
+           skipped_reason = NULL, {NO_LEASE}, not_before = NULL
+     WHERE {FENCED}"""
 ENTITY_SQL = """
     INSERT INTO chunk_entities (chunk_rowid, content_id, entity_text, entity_normalized,
         entity_type_primary, entity_type_sub1, entity_type_sub2, entity_type_sub3, confidence,
@@ -84,13 +84,6 @@ def _spans_chunks(subject: str, obj: str, rowids: tuple[int, ...],
     return len(set(rowids)) > 1
 
 
-def _without_nul(rows: list[tuple]) -> list[tuple]:
-    """PostgreSQL text cannot hold NUL: an answer with one gets U+FFFD there, as undecodable
-    bytes do on the way in, instead of failing its whole batch."""
-    return [tuple(v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v for v in row)
-            for row in rows]
-
-
 def _json_int_list(values: tuple[int, ...]) -> str:
     """json.dumps of validated ints: the same text at a tenth of the cost (~70 lists a document)."""
     return "[" + ", ".join(map(str, values)) + "]"
@@ -153,10 +146,9 @@ def _write_one(conn: sqlite3.Connection, claim: Claim, result: IngestResult, sta
     # Replace, never append: a retried document must not leave a second set of rows.
     conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
     conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))
-    entities = _entity_rows(claim.content_id, result, stamp)
-    relationships = _relationship_rows(claim.content_id, result, stamp)
-    if is_postgres(conn):
-        entities, relationships = _without_nul(entities), _without_nul(relationships)
+    storable = backend_of(conn).storable
+    entities = storable(_entity_rows(claim.content_id, result, stamp))
+    relationships = storable(_relationship_rows(claim.content_id, result, stamp))
     conn.executemany(ENTITY_SQL, entities)
     conn.executemany(RELATIONSHIP_SQL, relationships)
     conn.execute(DOCUMENT_SQL, (len(result.entities), len(result.relationships),

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from kgsupervisor.store.postgres import is_postgres
-
 # Channel of the NOTIFY that pgschema's triggers send when a row becomes claimable.
 QUEUE_CHANNEL = "kgsupervisor_queue"
 
@@ -42,8 +40,3 @@ class NotifyWatch:
             return self.conn.notified()
         except Exception:
             return False
-
-
-def commit_watch(conn: Any) -> DataVersionWatch | NotifyWatch:
-    """The watch that suits this connection's backend."""
-    return NotifyWatch(conn) if is_postgres(conn) else DataVersionWatch(conn)

@@ -1,11 +1,19 @@
-"""A database that cannot be written: which errors those are, what to tell the operator, how long to pause."""
+"""A database that cannot be written: which errors those are, what to tell the operator, how long to
+pause, and retrying while another writer holds the lock."""
 from __future__ import annotations
 
 import logging
-import sqlite3
+import random
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from kgsupervisor.errors import DatabaseBusy, DatabaseError
+from kgsupervisor.errors import DatabaseBusy
+from kgsupervisor.store.backend import backend_of_error
+
+log = logging.getLogger("kgsupervisor.db")
+
+T = TypeVar("T")
 
 # A database that cannot be written (read-only, disk full, I/O errors, locked for minutes) pauses
 # the worker with this backoff; it never fails a document and never kills the worker.
@@ -14,68 +22,24 @@ DB_FAULT_BACKOFF_MAX = 5.0
 DB_FAULT_LOG_EVERY = 30.0
 
 
-# PostgreSQL SQLSTATE classes of a server in trouble rather than a bad statement: connection
-# lost, out of disk or memory, shutting down, system or internal error, a deadlock that outlived
-# its retries; and 25006, a read-only server (a standby after a failover).
-PG_FAULT_CLASSES = {"08", "53", "57", "58", "XX", "40"}
-
-
 def is_database_fault(exc: BaseException) -> bool:
-    """A problem of the database as a whole, not of one document: worth waiting out.
-
-    OperationalError covers locked, read-only, full, I/O error and cannot-open; a bare
-    DatabaseError is a damaged file. IntegrityError, DataError or ProgrammingError would be a
-    bug or a bad document and still surface as one. On PostgreSQL: a lost connection (no
-    SQLSTATE) and the classes above.
-    """
-    if type(exc).__module__.startswith("psycopg"):
-        state = getattr(exc, "sqlstate", None)
-        return state is None or state[:2] in PG_FAULT_CLASSES or state == "25006"
-    return (isinstance(exc, (sqlite3.OperationalError, DatabaseError))
-            or type(exc) is sqlite3.DatabaseError)
+    """A problem of the database as a whole, not of one document: worth waiting out."""
+    return backend_of_error(exc).is_fault(exc)
 
 
 def is_corruption(exc: BaseException) -> bool:
-    """SQLite found a damaged page (SQLITE_CORRUPT): perhaps only one document's rows."""
-    return isinstance(exc, sqlite3.DatabaseError) and "CORRUPT" in (getattr(exc, "sqlite_errorname", "") or "")
+    """A damaged page (SQLITE_CORRUPT): perhaps only one document's rows."""
+    return backend_of_error(exc).is_corruption(exc)
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """Another writer holds the lock (SQLITE_BUSY, a PostgreSQL deadlock): worth retrying."""
+    return backend_of_error(exc).is_lock_error(exc)
 
 
 def describe_database_fault(exc: BaseException) -> str:
-    """The SQLite error and what an operator should look at."""
-    if type(exc).__module__.startswith("psycopg"):
-        return _describe_postgres_fault(exc)
-    name = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
-    if isinstance(exc, DatabaseBusy):
-        hint = "another program holds a write transaction (find it with: fuser DB)"
-    elif "FULL" in name:
-        hint = "the disk holding the database is full"
-    elif "READONLY" in name or "readonly" in str(exc):
-        hint = "the database file or its directory is read-only"
-    elif "IOERR" in name:
-        hint = "the database file cannot be written (read-only or immutable file, failing or full disk)"
-    elif "CORRUPT" in name or "NOTADB" in name:
-        hint = "the database file is damaged (check it with: PRAGMA integrity_check)"
-    elif "CANTOPEN" in name:
-        hint = "the database or its -wal/-shm file cannot be opened"
-    else:
-        hint = "the database cannot be used"
-    return f"{name}: {exc} ({hint})"
-
-
-def _describe_postgres_fault(exc: BaseException) -> str:
-    state = getattr(exc, "sqlstate", None) or ""
-    if not state or state[:2] in ("08", "57"):
-        hint = "the PostgreSQL server is unreachable, restarting or shutting down"
-    elif state == "53100":
-        hint = "the PostgreSQL server's disk is full"
-    elif state[:2] == "53":
-        hint = "the PostgreSQL server is out of resources (memory, connections)"
-    elif state == "25006":
-        hint = "the PostgreSQL server is read-only (a standby?)"
-    else:
-        hint = "the PostgreSQL server cannot be used"
-    text = " ".join(str(exc).split())[:300]
-    return f"{type(exc).__name__}{f' ({state})' if state else ''}: {text} ({hint})"
+    """The database's error and what an operator should look at."""
+    return backend_of_error(exc).describe_fault(exc)
 
 
 class DatabasePause:
@@ -110,3 +74,35 @@ class DatabasePause:
             self.log.info("database works again after %.1fs; resuming", time.monotonic() - self.since)
             self.since = None
         self.backoff = 0.0
+
+
+class LockRetry:
+    """Run a database step again while another writer holds the lock, counting each retry."""
+
+    def __init__(self, patience: float = 120.0, on_retry: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.patience = patience
+        self.retries = 0
+        self._on_retry = on_retry
+        self._clock = clock
+        self._sleep = sleep
+
+    def __call__(self, step: Callable[[], T]) -> T:
+        deadline = self._clock() + self.patience
+        delay = 0.05
+        while True:
+            try:
+                return step()
+            except Exception as exc:
+                if not is_lock_error(exc):
+                    raise
+                if self._clock() >= deadline:
+                    raise DatabaseBusy(f"database stayed locked for {self.patience:.0f}s: {exc}") from None
+                self.retries += 1
+                if self._on_retry:
+                    self._on_retry()
+                log.warning("database is locked by another writer; retry %d in %.2fs", self.retries, delay)
+                # Jitter so that workers that collided do not collide again in lockstep.
+                self._sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 2.0)

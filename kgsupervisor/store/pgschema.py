@@ -58,9 +58,18 @@ TABLES = {
 
 PG_TYPES = {str: "TEXT", float: "DOUBLE PRECISION", int: "INTEGER"}
 
+# The count rows of connections that have closed, folded into slot 0.
+FOLD_COUNT_ROWS_SQL = f"""WITH gone AS (DELETE FROM {STATUS_COUNTS_TABLE}
+                               WHERE slot <> 0 AND slot NOT IN (SELECT pid FROM pg_stat_activity)
+                           RETURNING status, n)
+                INSERT INTO {STATUS_COUNTS_TABLE} (status, slot, n)
+                SELECT status, 0, SUM(n) FROM gone GROUP BY status
+                ON CONFLICT (status, slot) DO UPDATE SET n = {STATUS_COUNTS_TABLE}.n + EXCLUDED.n"""
+
 # The counts are striped by backend pid: a row lock on one shared counter would make every
 # claimer on every host wait for the others' commits, undoing SKIP LOCKED. A live connection
-# only ever touches its own rows; PostgresQueue folds the rows of closed ones into slot 0.
+# only ever touches its own rows; the lease-expiry backstop folds the rows of closed ones into
+# slot 0 (FOLD_COUNT_ROWS_SQL).
 #
 # Statement-level triggers over transition tables add ONE delta per status per statement. A
 # row-level upsert updates the same counter row once per row, and PostgreSQL cannot prune that

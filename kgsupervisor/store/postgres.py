@@ -17,13 +17,6 @@ def is_postgres_url(value: str | None) -> bool:
     return bool(value) and value.strip().lower().startswith(URL_SCHEMES)
 
 
-def is_postgres(conn: object) -> bool:
-    """Is this connection a PostgreSQL one (the few statements spelled differently ask)?"""
-    return isinstance(conn, PGConnection)
-
-
-
-
 def unescaped_at(url: str) -> str | None:
     """Why `url` cannot be right when its user:password part holds an unescaped @ or /, else None.
 

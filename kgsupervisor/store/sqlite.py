@@ -1,23 +1,18 @@
-"""Open SQLite connections the way every part of kgsupervisor needs them, and retry lock errors."""
+"""Open SQLite connections the way every part of kgsupervisor needs them, and run transactions."""
 from __future__ import annotations
 
 import logging
 import os
-import random
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
 
-from kgsupervisor.errors import DatabaseBusy, DatabaseError
+from kgsupervisor.errors import DatabaseError
 
 log = logging.getLogger("kgsupervisor.db")
 
 MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 BUSY_TIMEOUT_MS = 5000
-
-T = TypeVar("T")
 
 
 def check_sqlite_version(version: tuple[int, int, int] = sqlite3.sqlite_version_info) -> None:
@@ -84,22 +79,6 @@ def _unwritable_hint(path: str) -> str:
     return ""
 
 
-# PostgreSQL waits for row locks by itself; what is worth running again is a deadlock, a
-# serialisation failure or a lock timeout.
-PG_RETRYABLE = {"40P01", "40001", "55P03"}
-
-
-def is_lock_error(exc: BaseException) -> bool:
-    """True for SQLITE_BUSY / SQLITE_LOCKED (or PostgreSQL's deadlock and lock timeout), which
-    are worth retrying."""
-    if getattr(exc, "sqlstate", None) in PG_RETRYABLE:
-        return True
-    if not isinstance(exc, sqlite3.OperationalError):
-        return False
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
-
-
 @contextmanager
 def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
@@ -117,34 +96,3 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
     else:
         conn.execute("COMMIT")
 
-
-class LockRetry:
-    """Run a database step again while another writer holds the lock, counting each retry."""
-
-    def __init__(self, patience: float = 120.0, on_retry: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.patience = patience
-        self.retries = 0
-        self._on_retry = on_retry
-        self._clock = clock
-        self._sleep = sleep
-
-    def __call__(self, step: Callable[[], T]) -> T:
-        deadline = self._clock() + self.patience
-        delay = 0.05
-        while True:
-            try:
-                return step()
-            except Exception as exc:
-                if not is_lock_error(exc):
-                    raise
-                if self._clock() >= deadline:
-                    raise DatabaseBusy(f"database stayed locked for {self.patience:.0f}s: {exc}") from None
-                self.retries += 1
-                if self._on_retry:
-                    self._on_retry()
-                log.warning("database is locked by another writer; retry %d in %.2fs", self.retries, delay)
-                # Jitter so that workers that collided do not collide again in lockstep.
-                self._sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 2.0)
