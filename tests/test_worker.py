@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -12,7 +13,9 @@ import time
 
 import pytest
 
+from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.worker import kgworker as worker_module
+from kgsupervisor.worker.kgworker import KGWorker
 
 from .conftest import (drive, free_port, held_until, make_settings, seed, spawn, status_counts, wait_for,
                        wait_for_log)
@@ -340,3 +343,97 @@ def test_proxy_variables_are_honoured_though_read_only_once(conn, db_path, fault
     assert bypassed.returncode == 0, bypassed.stderr
     assert "unreachable" in bypassed.stderr
     assert len(proxy.requests) == 2 and status_counts(conn) == {"completed": 2, "pending": 1}
+
+
+def test_loop_once_decides_by_the_clock_it_is_given(conn, db_path, kg_service, worker_factory, caplog):
+    """Claims whose owner vanished are put back once their lease has expired at `now`, and the
+    same iteration claims and completes them: the iteration reads no clock of its own for it."""
+    seed(conn, 3)
+    assert len(queue_for(conn).claim("gone-host:1", "t", 3, 10.0, time.time())) == 3
+    w = worker_factory(make_settings(db_path, kg_service, batch_size=3, poll_interval=3.0))
+    assert w.loop_once(time.time()) == 3.0 and status_counts(conn) == {"processing": 3}
+    with caplog.at_level(logging.WARNING, logger="kgsupervisor.worker"):
+        assert w.loop_once(time.time() + 60) == 0.0, "a full batch: claim again at once"
+    assert "put 3 row(s) with expired leases back to pending" in caplog.text
+    assert status_counts(conn) == {"completed": 3}
+    assert w.stats.total_success == 3
+
+
+def test_the_document_in_hand_is_named_in_stats_counters_and_log_while_it_is_in_hand(
+        conn, db_path, fault_server, worker_factory, caplog):
+    ids = seed(conn, 3)
+    named: list[tuple] = []
+    server = fault_server()
+    w = worker_factory(make_settings(db_path, server.url, batch_size=3))
+
+    def note_what_the_worker_names(payload, n):
+        named.append((payload["content_id"], w.stats.current_content_id, w.stats.counters.current(),
+                      w.log.extra["content_id"]))
+
+    server.behaviour = note_what_the_worker_names
+    with caplog.at_level(logging.INFO, logger="kgsupervisor.worker"):
+        drive(w, lambda: status_counts(conn) == {"completed": 3})
+    assert named == [(cid, cid, cid, cid) for cid in ids]
+    assert (w.stats.current_content_id, w.stats.counters.current(), w.log.extra["content_id"]) == (None,) * 3
+    done = [r for r in caplog.records if "completed:" in r.getMessage()]
+    assert sorted(r.content_id for r in done) == ids, "each completed line names its own document"
+    assert all(f"content_id={r.content_id}]" in r.getMessage() for r in done)
+
+
+def test_a_row_whose_content_id_is_no_id_fails_with_no_document_held(conn, db_path, kg_service,
+                                                                     worker_factory):
+    seed(conn, 1)
+    conn.execute("INSERT INTO kg_processing_queue (content_id) VALUES ('abc')")
+    w = worker_factory(make_settings(db_path, kg_service, batch_size=2))
+    drive(w, lambda: status_counts(conn) == {"completed": 1, "failed": 1})
+    assert "content_id 'abc'" in queue_rows(conn)[1][3]
+    assert w.stats.counters.current() is None and w.stats.total_failed == 1
+
+
+def test_holding_names_a_document_for_the_block_then_what_was_named_before(db_path, kg_service,
+                                                                          worker_factory):
+    w = worker_factory(make_settings(db_path, kg_service))
+
+    def named():
+        return w.stats.current_content_id, w.stats.counters.current(), w.log.extra["content_id"]
+
+    with pytest.raises(RuntimeError, match="unwinds"):
+        with w.holding(7):
+            assert named() == (7, 7, 7)
+            with w.holding(8):
+                assert named() == (8, 8, 8)
+            assert named() == (7, 7, 7)
+            raise RuntimeError("a fault unwinds the block")
+    assert named() == (None, None, None)
+
+
+def big_answer(payload: dict, n: int):
+    """A valid answer far larger than any page the database has free: its write needs new pages."""
+    rowid = payload["chunks"][0]["vector_rowid"]
+    entities = [{"text": f"entity {i} " + "x" * 200, "type": "THING",
+                 "chunk_appearances": [{"vector_rowid": rowid}]} for i in range(1500)]
+    return 200, {"success": True, "content_id": payload["content_id"], "neo4j_document_id": "d",
+                 "entities": entities, "relationships": []}
+
+
+def test_run_pauses_on_a_full_database_gives_the_claims_back_and_resumes(conn, db_path, fault_server, caplog):
+    """run() owns the fault handling: loop_once's write-back fails (SQLITE_FULL on the worker's own
+    connection), the worker pauses instead of dying, and on a fresh connection gives the claim
+    back uncharged and completes every document."""
+    seed(conn, 2)
+    server = fault_server(big_answer)
+    w = KGWorker(make_settings(db_path, server.url, batch_size=1), max_documents=2)
+    w.init_process()
+    pages = w.db.conn.execute("PRAGMA page_count").fetchone()[0]
+    w.db.conn.execute(f"PRAGMA max_page_count = {pages}")  # this connection only: a reopen lifts it
+    with caplog.at_level(logging.INFO, logger="kgsupervisor"):
+        assert w.run() == 0
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    assert "database error, pausing (no document is charged" in log and "database or disk is full" in log
+    assert "1 answer(s) not written because of the error" in log
+    assert "1 claimed document(s) back to pending after the database error" in log
+    assert "database works again after" in log
+    assert status_counts(conn) == {"completed": 2}
+    assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
+    assert (w.stats.total_success, w.stats.total_failed, w.stats.total_released) == (2, 0, 1)
+    assert w.stats.counters.current() is None

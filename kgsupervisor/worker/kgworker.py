@@ -9,24 +9,24 @@ import socket
 import time
 import uuid
 from collections.abc import MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from kgsupervisor import logs
 from kgsupervisor.config import Settings, require_db
-from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
 from kgsupervisor.kg.dispatch import Dispatcher
 from kgsupervisor.kg.endpoints import EndpointPool
-from kgsupervisor.queue.documents import build_payload, encode_payload
-from kgsupervisor.queue.leased import Claim, queue_for
-from kgsupervisor.queue.writeback import Answered, write_back_group
-from kgsupervisor.states import JobStatus, WorkerState
-from kgsupervisor.store.backend import connect_to, describe, open_database
-from kgsupervisor.store.commitwatch import commit_watch
-from kgsupervisor.store.faults import DatabasePause, describe_database_fault, is_corruption, is_database_fault
-from kgsupervisor.store.sqlite import LockRetry
+from kgsupervisor.queue.leased import Claim
+from kgsupervisor.queue.writeback import Answered
+from kgsupervisor.states import WorkerState
+from kgsupervisor.store.backend import describe
+from kgsupervisor.store.faults import is_database_fault
 from kgsupervisor.worker.counters import SharedCounters
+from kgsupervisor.worker.database import WorkerDatabase
+from kgsupervisor.worker.document import DocumentProcessor
 from kgsupervisor.worker.lease import LeaseKeeper
 from kgsupervisor.worker.stats import StatsPublisher, WorkerStats
+from kgsupervisor.worker.worklog import WorkerLog, holding
 
 log = logging.getLogger("kgsupervisor.worker")
 
@@ -42,17 +42,6 @@ WRITE_GROUP_MAX_AGE = 0.5
 def owner_name(pid: int | None = None) -> str:
     """The lease owner of a process: host and pid, so a supervisor can tell its own dead workers."""
     return f"{socket.gethostname()}:{pid or os.getpid()}"
-
-
-class WorkerLog(logging.LoggerAdapter):
-    """Prefixes every line with the worker id, pid and the document in hand."""
-
-    def process(self, msg: str, kwargs: Any) -> tuple[str, Any]:
-        cid = self.extra.get("content_id")
-        doc = f" content_id={cid}" if cid is not None else ""
-        # Also as fields, for the JSON formatter.
-        kwargs["extra"] = {"worker_id": self.extra["worker_id"], "content_id": cid}
-        return f"[worker {self.extra['worker_id']} pid {os.getpid()}{doc}] {msg}", kwargs
 
 
 class KGWorker:
@@ -75,9 +64,6 @@ class KGWorker:
         # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
         self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
-        self.db_pause = DatabasePause(self.log)
-        self._db_claims_held = False  # claims left behind by a failed step, to give back
-        self._db_reopen = False  # after a database fault, retry on a fresh connection
 
     # -- process lifecycle -------------------------------------------------------------------
 
@@ -85,14 +71,12 @@ class KGWorker:
         """Open this process's own connection, HTTP session and lease keeper."""
         self.stats.pid = os.getpid()
         self.owner = owner_name()
-        self.conn = open_database(self.db_path)
-        self.queue = queue_for(self.conn)
-        # A commit by anyone else (an enqueue) wakes an idle worker at once, not after poll_interval.
-        self.commits = commit_watch(self.conn)
-        self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
+        self.db = WorkerDatabase(self.db_path, self.owner, self.log, self.stats)
         s = self.settings
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
         self.dispatch = Dispatcher(self.endpoints, self.stats.counters, self.log)
+        self.documents = DocumentProcessor(s, self.db, self.dispatch, self.stats, self.log,
+                                           busy=lambda: self.set_state(WorkerState.BUSY))
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
                                   parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
         self.keeper.start()
@@ -137,17 +121,27 @@ class KGWorker:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def run(self, once: bool = False) -> int:
-        """Loop until stopped (or, with `once`, for one claimed batch); returns the exit status."""
+        """Loop until stopped (or, with `once`, for one claimed batch); returns the exit status.
+
+        A database that cannot be written pauses the worker instead of killing it: it backs off,
+        and the next iteration starts on a fresh connection by giving back every claim still
+        held, uncharged. No document is failed because of the database.
+        """
         self.log.info("worker started: db=%s service=%s batch=%d", describe(self.db_path),
                       self.settings.service_url, self.settings.batch_size)
         crashed = False
         try:
             while self.alive:
-                wait = self.step(time.time())
-                if self.reopen_logs:
-                    self.reopen_logs = False
-                    logs.reopen()
-                    self.log.info("log file reopened")
+                try:
+                    self.db.recover()
+                    wait = self.loop_once(time.time())
+                except Exception as exc:
+                    if not is_database_fault(exc):
+                        raise
+                    wait = self.pause_for_database(exc)
+                else:
+                    self.db.pause.recovered()
+                self.reopen_log_if_asked()
                 if once:
                     break
                 if wait > 0:
@@ -161,6 +155,19 @@ class KGWorker:
             self.shutdown(release=not crashed)
         return 0
 
+    def pause_for_database(self, exc: BaseException) -> float:
+        """Roll back, note the claims to give back, pause; returns how long."""
+        self.db.failed()
+        self.set_state(WorkerState.PAUSED)
+        return self.db.pause.failed(exc)
+
+    def reopen_log_if_asked(self) -> None:
+        """After a SIGUSR1 (logrotate): reopen the log file here, outside the signal handler."""
+        if self.reopen_logs:
+            self.reopen_logs = False
+            logs.reopen()
+            self.log.info("log file reopened")
+
     def shutdown(self, release: bool = True) -> None:
         """Release anything still held, stop the keeper, close connections.
 
@@ -169,89 +176,20 @@ class KGWorker:
         here, uncharged, would let a document that crashes workers do so forever.
         """
         self.set_state(WorkerState.STOPPING)
-        try:
-            if self._db_reopen and release:
-                self.reopen_database()
-            released = self.queue.release_owner(self.owner) if release else 0
-        except Exception as exc:
-            if not is_database_fault(exc):
-                raise
-            # The supervisor tries again when it reaps us, and lease expiry is the backstop.
-            self.log.error("could not give claimed documents back (%s); they return to pending "
-                           "when the database is writable again", describe_database_fault(exc))
-            released = 0
+        released = self.db.release_all() if release else 0
         if released:
             self.log.info("released %d claimed document(s) back to pending", released)
         self.keeper.stop()
         self.endpoints.close()
-        self.conn.close()
+        self.db.close()
         self.log.info("worker stopped: %d processed, %d succeeded, %d failed",
                       self.stats.total_processed, self.stats.total_success, self.stats.total_failed)
 
     # -- one iteration -----------------------------------------------------------------------
 
-    def step(self, now: float) -> float:
-        """loop_once, riding out a database that cannot be written instead of dying of it.
-
-        While the database fails, the worker backs off and retries; its first successful write
-        gives back every claim it still holds (the document whose write-back failed, the rest of
-        its batch) to pending, uncharged. No document is failed because of the database.
-        """
-        try:
-            if self._db_reopen:
-                self.reopen_database()
-            if self._db_claims_held:
-                self.give_back_claims()
-            wait = self.loop_once(now)
-        except Exception as exc:
-            if not is_database_fault(exc):
-                raise
-            return self.database_fault(exc)
-        self.db_pause.recovered()
-        return wait
-
-    def database_fault(self, exc: BaseException) -> float:
-        """Roll back, note the claims to give back, pause; returns how long."""
-        try:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-        except Exception:  # noqa: BLE001 - the fault that brought us here (or a failed reopen) may break this too
-            pass
-        self._db_claims_held = True
-        self._db_reopen = True
-        self.log.extra["content_id"] = None
-        self.stats.set_current(None)
-        self.set_state(WorkerState.PAUSED)
-        return self.db_pause.failed(exc)
-
-    def reopen_database(self) -> None:
-        """Close the connection and open a fresh one.
-
-        SQLite opens a file it cannot write read-only (a worker started while the database was
-        read-only), and every connection of the process to that file stays read-only until all
-        of them are closed: the old one goes first. If the open fails the step fails, and the
-        next one tries again.
-        """
-        try:
-            self.conn.close()
-        except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
-            pass
-        self.conn = connect_to(self.db_path)
-        self.queue = queue_for(self.conn)
-        self.commits = commit_watch(self.conn)
-        self._db_reopen = False
-
-    def give_back_claims(self) -> None:
-        """After a database failure: every claim this worker still holds back to pending,
-        uncharged (the document whose write-back failed, the rest of its batch)."""
-        released = self.lock_retry(lambda: self.queue.release_owner(self.owner))
-        self._db_claims_held = False
-        self.stats.record_released(released)
-        if released:
-            self.log.info("%d claimed document(s) back to pending after the database error", released)
-
     def loop_once(self, now: float) -> float:
-        """Do one step of work; returns how long to wait before the next (0: go again at once)."""
+        """One iteration at wall-clock time `now`: claim one batch and see it through; returns
+        how long to wait before the next (0: go again at once). A database fault propagates."""
         if not self.settings.service_enabled:
             self.set_state(WorkerState.DISABLED)
             return self.settings.poll_interval
@@ -265,7 +203,7 @@ class KGWorker:
             return 0.0
         # While the service is only on trial (a half-open breaker), one document finds out.
         limit = 1 if self.endpoints.trial_only else self.settings.batch_size
-        claims = self.lock_retry(lambda: self.queue.claim(
+        claims = self.db.retrying(lambda q: q.claim(
             self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
         if not claims:
             self.set_state(WorkerState.IDLE)
@@ -278,7 +216,7 @@ class KGWorker:
         if now - self._last_requeue < min(REQUEUE_EXPIRED_EVERY, self.settings.lease_seconds / 2):
             return
         self._last_requeue = now
-        count = self.lock_retry(lambda: self.queue.requeue_expired(now))
+        count = self.db.retrying(lambda q: q.requeue_expired(now))
         if count:
             self.log.warning("put %d row(s) with expired leases back to pending (their owner vanished)", count)
 
@@ -291,19 +229,13 @@ class KGWorker:
         try:
             for i, claim in enumerate(claims):
                 if not self.alive or self.endpoints.all_down:
-                    self.write_answered(answered)
-                    self.stats.record_released(self.lock_retry(lambda: self.queue.release(claims[i:])))
+                    self.documents.write_answered(answered)
+                    self.stats.record_released(self.db.retrying(lambda q: q.release(claims[i:])))
                     break
-                item = self.process_one(claim)
-                if item:
-                    answered.append(item)
-                    # A slow service's answers are written one by one: the next document
-                    # would probably hold this one in memory as long again.
-                    if (item.took >= WRITE_GROUP_MAX_AGE
-                            or time.monotonic() - answered[0].at >= WRITE_GROUP_MAX_AGE):
-                        self.write_answered(answered)
-                self.check_recycle(len(answered))
-            self.write_answered(answered)
+                # A row with a problem has no usable content_id: it is failed with no document held.
+                with self.holding(None if claim.problem else claim.content_id):
+                    self.process_document(claim, answered)
+            self.documents.write_answered(answered)
         finally:
             if answered:
                 # Only after an error: these answers are dropped, their rows go back to pending
@@ -311,30 +243,23 @@ class KGWorker:
                 self.log.warning("%d answer(s) not written because of the error; their documents "
                                  "will be sent again", len(answered))
             self.keeper.drop(token)
-            self.log.extra["content_id"] = None
-            self.stats.set_current(None)
             self.publish()
 
-    def write_answered(self, answered: list[Answered]) -> None:
-        """Write the answers in hand in one transaction, then count and log each outcome."""
-        if not answered:
-            return
-        outcomes = self.lock_retry(lambda: write_back_group(self.conn, answered, time.time()))
-        # Count every outcome before logging any: a log write can block (a full pipe), and the
-        # totals must not trail the committed rows meanwhile.
-        for outcome in outcomes:
-            if isinstance(outcome, LeaseLost):
-                self.stats.lease_lost += 1
-            else:
-                self.stats.record_outcome(True)
-        for item, outcome in zip(answered, outcomes):
-            self.log.extra["content_id"] = item.claim.content_id
-            if isinstance(outcome, LeaseLost):
-                self.log.warning("%s", outcome)
-            else:
-                self.log.info("completed: %d entities, %d relationships", outcome["entities"],
-                              outcome["relationships"])
-        answered.clear()
+    def process_document(self, claim: Claim, answered: list[Answered]) -> None:
+        """Process one document of the batch; its answer joins `answered`, written early when slow."""
+        item = self.documents.process(claim)
+        if item:
+            answered.append(item)
+            # A slow service's answers are written one by one: the next document
+            # would probably hold this one in memory as long again.
+            if (item.took >= WRITE_GROUP_MAX_AGE
+                    or time.monotonic() - answered[0].at >= WRITE_GROUP_MAX_AGE):
+                self.documents.write_answered(answered)
+        self.check_recycle(len(answered))
+
+    def holding(self, content_id: int | None) -> AbstractContextManager[None]:
+        """This worker holds document `content_id` for the block: log lines, stats and counters name it."""
+        return holding(self.log, self.stats, content_id)
 
     def check_recycle(self, unwritten: int = 0) -> None:
         """After max_documents the worker leaves cleanly, to be replaced by a fresh process."""
@@ -343,89 +268,6 @@ class KGWorker:
             if self.alive:
                 self.log.info("recycling after %d documents", self.max_documents)
             self.alive = False
-
-    def process_one(self, claim: Claim) -> Answered | None:
-        """One document from claimed to an outcome (failed, retried later, released) or to an
-        answer in hand, returned for the group write-back."""
-        if claim.problem:
-            self.fail_document(claim, claim.problem)  # this row alone: nothing else waits on it
-            return None
-        self.log.extra["content_id"] = claim.content_id
-        self.stats.set_current(claim.content_id)
-        self.set_state(WorkerState.BUSY)
-        self.lock_retry(lambda: self.queue.mark_started(claim, time.time()))
-        try:
-            payload, notes = self.read_document(claim)
-            result, took = self.dispatch.send(claim.content_id, encode_payload(payload),
-                                              {c["vector_rowid"] for c in payload["chunks"]})
-        except DocumentRejected as exc:
-            self.fail_document(claim, str(exc))
-        except InvalidAnswer as exc:
-            self.retry_document(claim, f"invalid answer: {exc}")
-        except ItemFailure as exc:
-            self.retry_document(claim, str(exc))
-        except ServiceUnavailable as exc:
-            self.release_for_outage(claim, exc)
-        except Exception as exc:
-            if is_database_fault(exc):
-                raise  # the database, not this document: step() pauses the worker
-            # A bug this document trips (a RecursionError on its data, ...): it costs the
-            # document an attempt, and the worker lives on, instead of dying on it again and again.
-            self.log.exception("unexpected error while processing this document; charging it an attempt")
-            self.retry_document(claim, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
-        else:
-            return Answered(claim, result, notes, at=time.monotonic(), took=took)
-        return None
-
-    def read_document(self, claim: Claim) -> tuple[dict[str, Any], list[str]]:
-        """The document's request; a damaged page in its own rows rejects it alone.
-
-        When reading the document hits SQLITE_CORRUPT but its queue row still reads, the damage
-        is in this document's rows (a chunk's overflow page, say): no retry can help it, and
-        the rest of the queue must not wait on it. A database that cannot be read at all fails
-        that probe too, and the fault pauses the worker as any other database fault.
-        """
-        try:
-            return build_payload(self.conn, claim.content_id)
-        except Exception as exc:
-            if not is_corruption(exc):
-                raise
-            self.conn.execute("SELECT status FROM kg_processing_queue WHERE id = ?", (claim.id,)).fetchone()
-            raise DocumentRejected(f"the document's rows cannot be read from the database: "
-                                   f"{describe_database_fault(exc)}") from None
-
-    # -- outcomes ----------------------------------------------------------------------------
-
-    def fail_document(self, claim: Claim, reason: str) -> None:
-        # PROCESSING -> FAILED
-        if self.lock_retry(lambda: self.queue.fail(claim, reason, time.time())):
-            self.stats.record_outcome(False)
-            self.log.warning("failed for good: %s", reason)
-
-    def retry_document(self, claim: Claim, reason: str) -> None:
-        s = self.settings
-        status = self.lock_retry(lambda: self.queue.retry_later(
-            claim, reason, time.time(), s.max_attempts, s.retry_backoff, s.retry_backoff_max))
-        if status is None:
-            self.stats.lease_lost += 1
-            self.log.warning("lease lost before this failure was recorded (the document went back to the "
-                             "queue meanwhile); not charged: %s", reason)
-        elif status is JobStatus.FAILED:
-            # PROCESSING -> FAILED
-            self.stats.record_outcome(False)
-            self.log.warning("failed after %d attempts: %s", claim.retry_count + 1, reason)
-        else:
-            # PROCESSING -> PENDING (attempt charged)
-            self.stats.record_retry()
-            self.log.warning("attempt %d of %d failed, will retry: %s", claim.retry_count + 1,
-                             s.max_attempts, reason)
-
-    def release_for_outage(self, claim: Claim, exc: ServiceUnavailable) -> None:
-        """PROCESSING -> PENDING with no attempt charged: no endpoint could take the document."""
-        now = time.time()
-        not_before = now + exc.requeue_delay if exc.requeue_delay else None
-        self.stats.record_released(self.lock_retry(lambda: self.queue.release([claim], not_before)))
-        self.log.warning("KG service unavailable, document released: %s", exc)
 
     # -- waiting and stats -------------------------------------------------------------------
 
@@ -437,9 +279,9 @@ class KGWorker:
         watch = self.stats.state in (WorkerState.IDLE.value, WorkerState.BUSY.value)
         while self.alive:
             left = deadline - time.monotonic()
-            if left <= 0 or self._woken(min(left, self.commits.interval if watch else left)):
+            if left <= 0 or self._woken(min(left, self.db.commits.interval if watch else left)):
                 return
-            if watch and self.commits.changed():
+            if watch and self.db.commits.changed():
                 return
 
     def _woken(self, timeout: float) -> bool:
@@ -460,9 +302,6 @@ class KGWorker:
         if hasattr(self, "endpoints"):
             self.stats.kg_service = self.endpoints.status(self.settings.service_url, self.settings.service_enabled)
         self.publisher.publish_if_changed(self.stats)
-
-    def _count_lock_retry(self) -> None:
-        self.stats.db_lock_retries += 1
 
 
 def run_worker(settings: Settings, worker_id: int = 0, once: bool = False,

@@ -1,0 +1,103 @@
+"""The worker's own database connection, and how it rides out a database that fails."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from kgsupervisor.queue.leased import LeasedQueue, queue_for
+from kgsupervisor.store.backend import commit_watch, connect_to, open_database
+from kgsupervisor.store.faults import DatabasePause, LockRetry, describe_database_fault, is_database_fault
+from kgsupervisor.worker.stats import WorkerStats
+
+T = TypeVar("T")
+
+
+class WorkerDatabase:
+    """The connection, queue and commit watch of one worker process, fresh again after a fault.
+
+    While the database fails, the worker backs off and retries; its first successful write
+    gives back every claim it still holds (the document whose write-back failed, the rest of
+    its batch) to pending, uncharged. No document is failed because of the database.
+    """
+
+    def __init__(self, db_path: str, owner: str, log: logging.LoggerAdapter, stats: WorkerStats) -> None:
+        self.db_path = db_path
+        self.owner = owner
+        self.log = log
+        self.stats = stats
+        self.conn = open_database(db_path)
+        self.queue: LeasedQueue = queue_for(self.conn)
+        # A commit by anyone else (an enqueue) wakes an idle worker at once, not after poll_interval.
+        self.commits = commit_watch(self.conn)
+        self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
+        self.pause = DatabasePause(log)
+        self.claims_held = False  # claims left behind by a failed iteration, to give back
+        self.stale = False  # after a database fault, retry on a fresh connection
+
+    def retrying(self, step: Callable[[LeasedQueue], T]) -> T:
+        """`step` on the queue, run again while another writer holds the lock."""
+        return self.lock_retry(lambda: step(self.queue))
+
+    def failed(self) -> None:
+        """After a database fault: roll back, note the claims to give back and the connection to renew."""
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 - the fault that brought us here (or a failed reopen) may break this too
+            pass
+        self.claims_held = True
+        self.stale = True
+
+    def recover(self) -> None:
+        """Before an iteration after a fault: a fresh connection, and every claim still held given back."""
+        if self.stale:
+            self.reopen()
+        if self.claims_held:
+            self.give_back_claims()
+
+    def reopen(self) -> None:
+        """Close the connection and open a fresh one.
+
+        SQLite opens a file it cannot write read-only (a worker started while the database was
+        read-only), and every connection of the process to that file stays read-only until all
+        of them are closed: the old one goes first. If the open fails the iteration fails, and
+        the next one tries again.
+        """
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
+            pass
+        self.conn = connect_to(self.db_path)
+        self.queue = queue_for(self.conn)
+        self.commits = commit_watch(self.conn)
+        self.stale = False
+
+    def give_back_claims(self) -> None:
+        """After a database failure: every claim this worker still holds back to pending,
+        uncharged (the document whose write-back failed, the rest of its batch)."""
+        released = self.retrying(lambda q: q.release_owner(self.owner))
+        self.claims_held = False
+        self.stats.record_released(released)
+        if released:
+            self.log.info("%d claimed document(s) back to pending after the database error", released)
+
+    def release_all(self) -> int:
+        """At shutdown: every claim of this worker back to pending; 0 if the database fails."""
+        try:
+            if self.stale:
+                self.reopen()
+            return self.queue.release_owner(self.owner)
+        except Exception as exc:
+            if not is_database_fault(exc):
+                raise
+            # The supervisor tries again when it reaps us, and lease expiry is the backstop.
+            self.log.error("could not give claimed documents back (%s); they return to pending "
+                           "when the database is writable again", describe_database_fault(exc))
+            return 0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _count_lock_retry(self) -> None:
+        self.stats.db_lock_retries += 1

@@ -1,0 +1,136 @@
+"""One claimed document: its request read, sent to the KG service, its outcome written and counted."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kgsupervisor.config import Settings
+from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
+from kgsupervisor.kg.dispatch import Dispatcher
+from kgsupervisor.queue.documents import build_payload, encode_payload
+from kgsupervisor.queue.leased import Claim
+from kgsupervisor.queue.writeback import Answered, write_back_group
+from kgsupervisor.states import JobStatus
+from kgsupervisor.store.faults import describe_database_fault, is_corruption, is_database_fault
+from kgsupervisor.worker.database import WorkerDatabase
+from kgsupervisor.worker.stats import WorkerStats
+from kgsupervisor.worker.worklog import WorkerLog, holding
+
+
+class DocumentProcessor:
+    """Takes a claimed document to an outcome (failed, retried later, released) or to an answer
+    in hand, and writes the answers in hand back together."""
+
+    def __init__(self, settings: Settings, db: WorkerDatabase, dispatch: Dispatcher, stats: WorkerStats,
+                 log: WorkerLog, busy: Callable[[], None]) -> None:
+        self.settings = settings
+        self.db = db
+        self.dispatch = dispatch
+        self.stats = stats
+        self.log = log
+        self._busy = busy
+
+    def process(self, claim: Claim) -> Answered | None:
+        """One document from claimed to an outcome, or to an answer returned for the group write-back."""
+        if claim.problem:
+            self.fail(claim, claim.problem)  # this row alone: nothing else waits on it
+            return None
+        self._busy()
+        self.db.retrying(lambda q: q.mark_started(claim, time.time()))
+        try:
+            payload, notes = self.read_document(claim)
+            result, took = self.dispatch.send(claim.content_id, encode_payload(payload),
+                                              {c["vector_rowid"] for c in payload["chunks"]})
+        except DocumentRejected as exc:
+            self.fail(claim, str(exc))
+        except InvalidAnswer as exc:
+            self.retry(claim, f"invalid answer: {exc}")
+        except ItemFailure as exc:
+            self.retry(claim, str(exc))
+        except ServiceUnavailable as exc:
+            self.release_for_outage(claim, exc)
+        except Exception as exc:
+            if is_database_fault(exc):
+                raise  # the database, not this document: run() pauses the worker
+            # A bug this document trips (a RecursionError on its data, ...): it costs the
+            # document an attempt, and the worker lives on, instead of dying on it again and again.
+            self.log.exception("unexpected error while processing this document; charging it an attempt")
+            self.retry(claim, f"internal error: {type(exc).__name__}: {str(exc)[:300]}")
+        else:
+            return Answered(claim, result, notes, at=time.monotonic(), took=took)
+        return None
+
+    def read_document(self, claim: Claim) -> tuple[dict[str, Any], list[str]]:
+        """The document's request; a damaged page in its own rows rejects it alone.
+
+        When reading the document hits SQLITE_CORRUPT but its queue row still reads, the damage
+        is in this document's rows (a chunk's overflow page, say): no retry can help it, and
+        the rest of the queue must not wait on it. A database that cannot be read at all fails
+        that probe too, and the fault pauses the worker as any other database fault.
+        """
+        conn = self.db.conn
+        try:
+            return build_payload(conn, claim.content_id)
+        except Exception as exc:
+            if not is_corruption(exc):
+                raise
+            conn.execute("SELECT status FROM kg_processing_queue WHERE id = ?", (claim.id,)).fetchone()
+            raise DocumentRejected(f"the document's rows cannot be read from the database: "
+                                   f"{describe_database_fault(exc)}") from None
+
+    def write_answered(self, answered: list[Answered]) -> None:
+        """Write the answers in hand in one transaction, then count and log each outcome."""
+        if not answered:
+            return
+        # Until written the answers are in hand: the stats and counters name a document meanwhile.
+        with holding(self.log, self.stats, answered[-1].claim.content_id):
+            outcomes = self.db.lock_retry(lambda: write_back_group(self.db.conn, answered, time.time()))
+        # Count every outcome before logging any: a log write can block (a full pipe), and the
+        # totals must not trail the committed rows meanwhile.
+        for outcome in outcomes:
+            if isinstance(outcome, LeaseLost):
+                self.stats.lease_lost += 1
+            else:
+                self.stats.record_outcome(True)
+        for item, outcome in zip(answered, outcomes):
+            with holding(self.log, self.stats, item.claim.content_id):
+                if isinstance(outcome, LeaseLost):
+                    self.log.warning("%s", outcome)
+                else:
+                    self.log.info("completed: %d entities, %d relationships", outcome["entities"],
+                                  outcome["relationships"])
+        answered.clear()
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def fail(self, claim: Claim, reason: str) -> None:
+        # PROCESSING -> FAILED
+        if self.db.retrying(lambda q: q.fail(claim, reason, time.time())):
+            self.stats.record_outcome(False)
+            self.log.warning("failed for good: %s", reason)
+
+    def retry(self, claim: Claim, reason: str) -> None:
+        s = self.settings
+        status = self.db.retrying(lambda q: q.retry_later(
+            claim, reason, time.time(), s.max_attempts, s.retry_backoff, s.retry_backoff_max))
+        if status is None:
+            self.stats.lease_lost += 1
+            self.log.warning("lease lost before this failure was recorded (the document went back to the "
+                             "queue meanwhile); not charged: %s", reason)
+        elif status is JobStatus.FAILED:
+            # PROCESSING -> FAILED
+            self.stats.record_outcome(False)
+            self.log.warning("failed after %d attempts: %s", claim.retry_count + 1, reason)
+        else:
+            # PROCESSING -> PENDING (attempt charged)
+            self.stats.record_retry()
+            self.log.warning("attempt %d of %d failed, will retry: %s", claim.retry_count + 1,
+                             s.max_attempts, reason)
+
+    def release_for_outage(self, claim: Claim, exc: ServiceUnavailable) -> None:
+        """PROCESSING -> PENDING with no attempt charged: no endpoint could take the document."""
+        now = time.time()
+        not_before = now + exc.requeue_delay if exc.requeue_delay else None
+        self.stats.record_released(self.db.retrying(lambda q: q.release([claim], not_before)))
+        self.log.warning("KG service unavailable, document released: %s", exc)
