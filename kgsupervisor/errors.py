@@ -61,11 +61,3 @@ class LeaseLost(KGSupervisorError):
 class NotReachable(KGSupervisorError):
     """A running supervisor's status endpoint did not answer."""
 
-
-class HaltSupervisor(BaseException):
-    """Stop the supervisor with a reason; a BaseException so that no `except Exception` eats it."""
-
-    def __init__(self, reason: str, exit_status: int = 1) -> None:
-        self.reason = reason
-        self.exit_status = exit_status
-        super().__init__(reason)

@@ -16,8 +16,10 @@ from kgsupervisor import config, logs
 from kgsupervisor.config import Settings
 from kgsupervisor.errors import ConfigError, KGSupervisorError
 from kgsupervisor.masking import Mask, secrets_of
-from kgsupervisor.pool.procname import mask_command_line
-from kgsupervisor.pool.supervisor import Supervisor, check_startable, reloader
+from kgsupervisor.ops.reporting import Reporter
+from kgsupervisor.pool.reload import check_startable, reloader
+from kgsupervisor.pool.supervisor import Supervisor
+from kgsupervisor.procname import mask_command_line
 from kgsupervisor.worker.stats import kg_service_status
 
 log = logging.getLogger("kgsupervisor.api")
@@ -35,7 +37,8 @@ def _supervisor_main(settings: Settings, flags: Mapping[str, Any], control: Any,
     secrets = secrets_of(settings)
     logs.mask_secrets(secrets)
     mask_command_line(Mask(secrets))
-    supervisor = Supervisor(settings, control=control, parent_pid=host_pid, reload_settings=reloader(flags))
+    supervisor = Supervisor(settings, Reporter(controls=[control]), parent_pid=host_pid,
+                            reload_settings=reloader(flags))
     raise SystemExit(supervisor.run())
 
 

@@ -23,7 +23,7 @@ from kgsupervisor.store import backend
 # that use them: `queue`, `enqueue` and `health` are called from scripts and cron, and each call
 # would otherwise pay ~0.3 s of imports it never uses.
 
-# The signals the supervisor handles (supervisor.HANDLED_SIGNALS but SIGCHLD), held from the
+# The signals the supervisor handles (worker.main.HANDLED_SIGNALS but SIGCHLD), held from the
 # first instant of `run` until its handlers are in: a stop during start-up then drains like
 # any other (exit 0, pidfile removed) instead of killing it with its pidfile left behind.
 STARTUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
@@ -75,7 +75,7 @@ def worker(once: bool, worker_id: int, **kwargs: Any) -> None:
 def setup_logging(settings: config.Settings) -> None:
     """Logs as configured; the configuration's secrets masked there and in our command line."""
     from kgsupervisor.masking import Mask, secrets_of
-    from kgsupervisor.pool.procname import mask_command_line
+    from kgsupervisor.procname import mask_command_line
     settings.token()  # a token that cannot be used is a one-line error before anything starts
     secrets = secrets_of(settings)
     logs.setup(settings.log_format, secrets=secrets, path=settings.log_file)
@@ -142,10 +142,15 @@ def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     pidfile = Pidfile(settings.pidfile) if settings.pidfile else None
     if pidfile:
         pidfile.acquire()
-    from kgsupervisor.pool.supervisor import Supervisor, reloader
+    from kgsupervisor.ops.reporting import Reporter
+    from kgsupervisor.ops.statusd import StatusEndpoint
+    from kgsupervisor.pool.reload import reloader
+    from kgsupervisor.pool.supervisor import Supervisor
     flags = {k: v for k, v in kwargs.items() if k in config.FIELDS}
+    status_addr = parse_addr(settings.status_addr)
     supervisor = Supervisor(
-        settings, exit_when_empty=exit_when_empty, status_addr=parse_addr(settings.status_addr),
+        settings, Reporter(), exit_when_empty=exit_when_empty,
+        status_server=StatusEndpoint(status_addr) if status_addr else None,
         reload_settings=reloader(flags, kwargs.get("config_file")),
         extra_close_fds=[pidfile.fd] if pidfile else [])
     try:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 import time
 
-import psutil
-
 from kgsupervisor.errors import KGSupervisorError
+from kgsupervisor.lifeline import pid_alive
 from kgsupervisor.pool.pidfile import running_pid
 
 
@@ -20,7 +19,7 @@ def signal_supervisor(pidfile: str, signum: int) -> int:
 def wait_for_exit(pid: int, timeout: float) -> None:
     """Return once `pid` has exited; a KGSupervisorError if it still runs after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             raise KGSupervisorError(f"supervisor pid {pid} still running after {timeout:g}s")
         time.sleep(0.1)
@@ -35,10 +34,3 @@ def _send(pid: int, signum: int) -> None:
     except PermissionError:
         raise KGSupervisorError(f"not allowed to signal supervisor pid {pid}: it runs as another user") from None
 
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie has exited, only its parent (a script) has not reaped it."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

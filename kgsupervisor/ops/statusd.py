@@ -4,19 +4,19 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing.connection import Connection
 from typing import Any
 
 from kgsupervisor.errors import KGSupervisorError
+from kgsupervisor.lifeline import exit_with_parent
 from kgsupervisor.logs import host_port
 from kgsupervisor.ops import metrics
-from kgsupervisor.pool.procname import become_helper_child
+from kgsupervisor.procname import become_helper_child
 
 log = logging.getLogger("kgsupervisor.statusd")
 
@@ -113,6 +113,23 @@ def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     server = StatusServer(sock, pipe_fetcher(conn))
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(0)
+    exit_with_parent(parent_pid)
+
+
+class StatusEndpoint:
+    """The status endpoint as the supervisor's StatusServer: bound in it, served by its child."""
+
+    def __init__(self, addr: tuple[str, int]) -> None:
+        self.addr = addr
+        self.sock: socket.socket | None = None
+
+    def bind(self) -> int:
+        self.sock = bind(self.addr)
+        return self.sock.fileno()
+
+    def address(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return host_port(host, port)
+
+    def serve(self, conn: Connection, parent_pid: int, fds: list[int]) -> None:
+        status_main(self.sock, conn, parent_pid, fds)

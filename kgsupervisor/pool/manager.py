@@ -5,31 +5,23 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.context import BaseContext
 from multiprocessing.managers import SyncManager
 from typing import Any
 
-from kgsupervisor.pool.procname import become_helper_child
+from kgsupervisor.lifeline import exit_with_parent
+from kgsupervisor.procname import become_helper_child
 from kgsupervisor.worker.stats import iso_now
 
 log = logging.getLogger("kgsupervisor.manager")
-
-SUPERVISOR_KEY = "supervisor"
 
 
 def _manager_process_init(parent_pid: int, close_fds: list[int]) -> None:
     """Runs in the Manager's server process: survive Ctrl-C, never outlive the supervisor."""
     become_helper_child("kgs-stats", parent_pid, close_fds)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor shuts it down by its pipe
-
-    def exit_with_parent() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=exit_with_parent, daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
 class StatsManager:
@@ -70,12 +62,6 @@ class StatsManager:
             return self.map.copy()
         except Exception:
             return {}
-
-    def publish_supervisor(self, value: dict[str, Any]) -> None:
-        try:
-            self.map[SUPERVISOR_KEY] = value
-        except Exception:
-            pass
 
     def shutdown(self) -> None:
         try:

@@ -6,8 +6,7 @@ import logging
 import time
 from contextlib import closing
 
-import psutil
-
+from kgsupervisor.lifeline import pid_alive
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.backend import connect_to
 
@@ -89,9 +88,3 @@ class ClaimReleaser:
             log.error("content_id %d failed as a poison pill: it killed %d worker(s)", cid, poison_after)
         return result.released
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False

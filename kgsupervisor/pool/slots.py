@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import logging
 import multiprocessing
 import os
 import signal
@@ -10,13 +12,21 @@ from typing import Any
 
 import psutil
 
+from kgsupervisor.states import EXIT_ERROR, EXIT_OK
 from kgsupervisor.worker.counters import COUNTS, SharedCounters
 from kgsupervisor.worker.stats import iso_now
+
+log = logging.getLogger("kgsupervisor.supervisor")
 
 # A worker that dies sooner than this after its start counts as crash-looping: back off.
 MIN_UPTIME = 2.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
+EXIT_HINTS = {
+    -signal.SIGKILL: " (perhaps out of memory?)",
+    -signal.SIGBUS: " (the database's -shm file could not be written: immutable (chattr +i) or a "
+                    "failing disk? its documents go back uncharged)",
+}
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -29,6 +39,13 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"killed by signal {-exitcode}"
     return f"exited with status {exitcode}"
+
+
+def exit_level(exitcode: int | None, crashed: bool) -> int:
+    """How loud an exit is: a clean one is news, a kill or an error is an error, the rest warnings."""
+    if not crashed:
+        return logging.INFO
+    return logging.ERROR if exitcode in (-signal.SIGKILL, -signal.SIGBUS, EXIT_ERROR) else logging.WARNING
 
 
 @dataclasses.dataclass
@@ -67,6 +84,20 @@ class WorkerProcess:
             return False
         return True
 
+    @property
+    def crashed(self) -> bool:
+        """It exited other than cleanly, and not because a drain ran out of time."""
+        drain_kill = self.stop_requested and self.kill_reason == "drain timeout"
+        return self.process.exitcode != EXIT_OK and not drain_kill
+
+    def had_document_in_hand(self) -> bool:
+        """Its shared counters name a document it was working on (they outlive a dead Manager)."""
+        return self.counters.current() is not None
+
+    def exit_hint(self) -> str:
+        """A likely cause of its exit, when we did not kill it ourselves."""
+        return "" if self.kill_reason else EXIT_HINTS.get(self.process.exitcode, "")
+
     def signal(self, signum: int) -> None:
         try:
             os.kill(self.pid, signum)
@@ -74,11 +105,21 @@ class WorkerProcess:
             pass
 
 
+class SlotState(str, enum.Enum):
+    """Where a slot is in the life of its process, as the supervisor sees it."""
+
+    STOPPED = "stopped"  # no process and none due: new, retired, or done for the drain
+    RUNNING = "running"  # a process is in it
+    EXITED = "exited"  # its process exited; the next one starts at the next turn
+    BACKOFF = "backoff"  # its process exited soon after its start; the next one waits
+
+
 @dataclasses.dataclass
 class WorkerSlot:
     """A numbered place in the pool; processes come and go, the slot keeps their totals."""
 
     worker_id: int
+    state: SlotState = SlotState.STOPPED  # written by change_state only
     current: WorkerProcess | None = None
     retiring: list[WorkerProcess] = dataclasses.field(default_factory=list)  # told to stop, not gone yet
     restarts: int = 0
@@ -102,12 +143,50 @@ class WorkerSlot:
                 result[name] += value
         return result
 
+    def change_state(self, state: SlotState) -> None:
+        """The one writer of `state`."""
+        if state is not self.state:
+            log.debug("slot %d %s -> %s", self.worker_id, self.state.value, state.value)
+            self.state = state
+
+    def due(self, now: float) -> bool:
+        """No process in it, and its backoff (if any) is over."""
+        return self.current is None and now >= self.respawn_at
+
+    def occupy(self, worker: WorkerProcess) -> None:
+        """A freshly started process takes the slot."""
+        self.current = worker
+        self.change_state(SlotState.RUNNING)  # STOPPED, EXITED or BACKOFF -> RUNNING
+
+    def vacate(self) -> None:
+        """Its process was told to leave: the slot is free at once, with no backoff."""
+        self.retiring.append(self.current)
+        self.current = None
+        self.backoff, self.respawn_at = 0.0, 0.0
+        self.change_state(SlotState.STOPPED)  # RUNNING -> STOPPED
+
+    def exited(self, worker: WorkerProcess, cause: str) -> None:
+        """Fold an exited process's counts into the slot, and free the slot if it was its own."""
+        self.fold(worker)
+        if worker is not self.current:
+            self.retiring.remove(worker)  # a retired one: the slot moved on already
+            return
+        self.current = None
+        self.last_exit = cause
+        self.change_state(SlotState.EXITED)  # RUNNING -> EXITED
+
+    def stand_down(self) -> None:
+        """After an exit while the pool drains: nothing is respawned."""
+        if self.state is SlotState.EXITED:
+            self.change_state(SlotState.STOPPED)  # EXITED -> STOPPED
+
     def schedule_respawn(self, worker: WorkerProcess, crashed: bool, now: float, floor: float = 0.0) -> None:
         """Respawn at once after a clean or long-lived exit; back off while it crash-loops.
 
         Crash-looping means dying soon after start without getting anything done: a worker that
         finished a document before it was killed (an operator, the OOM killer) was working.
         """
+        self.restarts += 1
         lived = now - worker.started_mono
         progressed = any(worker.counters.counts()[name] for name in ("processed", "retried", "released"))
         if crashed and lived < MIN_UPTIME and not progressed:
@@ -116,16 +195,14 @@ class WorkerSlot:
             self.backoff = 0.0
         self.backoff = max(self.backoff, floor)  # a boot error waits `floor` whatever happened
         self.respawn_at = now + self.backoff
+        if self.backoff:
+            self.change_state(SlotState.BACKOFF)  # EXITED -> BACKOFF
 
-    @property
-    def in_backoff(self) -> bool:
-        return self.current is None and self.backoff > 0
-
-    def state(self, published: dict[str, Any]) -> str:
+    def shown_state(self, published: dict[str, Any]) -> str:
         """What the slot is doing: its process's own published state, or why it has none."""
         w = self.current
         if w is None:
-            return "backoff" if self.in_backoff else "stopped"
+            return "backoff" if self.state is SlotState.BACKOFF else "stopped"
         # Until a new process publishes, the map still holds its predecessor's last state.
         return published.get("state") if published.get("pid") == w.pid else "starting"
 
@@ -142,7 +219,7 @@ class WorkerSlot:
             "worker_id": self.worker_id,
             "pid": w.pid if w else None,
             "running": bool(w and w.process.is_alive()),
-            "state": self.state(stats),
+            "state": self.shown_state(stats),
             "restarts": self.restarts,
             "backoff_seconds": self.backoff,
             "last_exit": self.last_exit,

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 
+from kgsupervisor.lifeline import parent_gone
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.backend import connect_to
 
@@ -53,7 +54,7 @@ class LeaseKeeper(threading.Thread):
     def run(self) -> None:
         last_renew = time.monotonic()
         while not self._stop.wait(min(BEAT_INTERVAL, self.renew_every)):
-            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            if parent_gone(self.parent_pid):
                 self.leave_as_orphan()
             self._beat()
             if time.monotonic() - last_renew >= self.renew_every:

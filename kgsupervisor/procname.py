@@ -6,6 +6,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from kgsupervisor.lifeline import close_fds, parent_gone
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -67,7 +69,7 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> bool:
             return False
     except (OSError, AttributeError):
         return False
-    if os.getppid() != parent_pid:  # it died before the request took effect
+    if parent_gone(parent_pid):  # it died before the request took effect
         os.kill(os.getpid(), signum)
     return True
 
@@ -75,16 +77,12 @@ def die_with_parent(parent_pid: int, signum: int = signal.SIGKILL) -> bool:
 SUPERVISOR_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 
 
-def become_helper_child(name: str, parent_pid: int, close_fds: list[int]) -> None:
+def become_helper_child(name: str, parent_pid: int, fds: list[int]) -> None:
     """The start of a stateless child (stats Manager, status endpoint): named, bound to the
     supervisor's life, rid of its descriptors (a pidfile lock or listening socket held here
     would outlive a kill -9 of the supervisor), and deaf to the signals meant for it."""
     set_process_name(name)
     die_with_parent(parent_pid)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    close_fds(fds)
     for sig in SUPERVISOR_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

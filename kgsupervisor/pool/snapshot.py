@@ -1,0 +1,79 @@
+"""The value the supervisor publishes each turn: its pool's slots, states, counters and queue."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from contextlib import closing
+from typing import Any
+
+from kgsupervisor.pool.slots import WorkerSlot
+from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.states import SupervisorState
+from kgsupervisor.store.backend import connect_to
+
+log = logging.getLogger("kgsupervisor.reporting")
+
+QUEUE_COUNT_EVERY = 2.0  # a count is a scan: never one per scrape
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSnapshot:
+    """The pool at one turn of the supervisor's loop: everything a reporter renders, as values."""
+
+    clock: float  # the supervisor's monotonic clock at this turn
+    taken_at: str  # ISO 8601: the contract's last_health_check
+    pid: int
+    host: str
+    state: SupervisorState
+    started_at: str
+    workers_restarted: int
+    manager_restarts: int
+    database: Mapping[str, str]  # backend and name, without credentials
+    service_url: str
+    service_enabled: bool
+    hang_timeout: float
+    workers: tuple[dict[str, Any], ...]  # the worker_details entries, one per slot shown
+    totals: Mapping[str, float]  # counters summed over every process that ran in any slot
+    queue_size: Mapping[str, int]
+
+    @property
+    def running(self) -> bool:
+        return self.state is SupervisorState.RUNNING
+
+
+def describe_slots(slots: Mapping[int, WorkerSlot], num_workers: int, published: Mapping[Any, Any],
+                   now_wall: float) -> tuple[dict[str, Any], ...]:
+    """The worker_details of the slots in use: those wanted, and any with a process still in it."""
+    return tuple(slot.describe(now_wall, published.get(slot.worker_id)) for _, slot in sorted(slots.items())
+                 if slot.worker_id < num_workers or slot.processes())
+
+
+def sum_counts(slots: Iterable[WorkerSlot]) -> dict[str, float]:
+    """Every slot's counters added up."""
+    totals: dict[str, float] = {}
+    for slot in slots:
+        for name, value in slot.counts().items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+class QueueCounter:
+    """The queue's rows by status, counted again at most every QUEUE_COUNT_EVERY seconds."""
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        self.latest: dict[str, int] = {}
+        self._counted_at: float | None = None
+
+    def counts(self, now: float) -> dict[str, int]:
+        """The latest counts; a database that cannot answer now keeps the previous ones."""
+        if self._counted_at is not None and now - self._counted_at < QUEUE_COUNT_EVERY:
+            return self.latest
+        self._counted_at = now
+        try:
+            with closing(connect_to(self.db_path)) as conn:
+                self.latest = queue_for(conn).counts()
+        except Exception as exc:
+            log.warning("could not count the queue: %s", exc)
+        return self.latest
