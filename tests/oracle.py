@@ -40,8 +40,8 @@ UNSTAMPED_ROWS_SQL = """
 
 def connect(target: str) -> Any:
     """A plain connection to an SQLite file or a PostgreSQL URL. SQLite text is read leniently:
-    a crawler may have stored invalid UTF-8, which is sent with replacement characters (README,
-    hostile input), never refused."""
+    a crawler may have stored invalid UTF-8, which is sent with replacement characters
+    (docs/document-lifecycle.md), never refused."""
     if is_postgres_url(target):
         return PGConnection(target)
     conn = sqlite3.connect(target, timeout=30)

@@ -57,7 +57,8 @@ def test_enqueue_of_unknown_ids_says_so_and_exits_1(conn, db_path):
     assert r.exit_code == 1 and "not in crawled_content, not queued: 12345" in r.output
 
 
-# README: a user mistake exits 1, a bad setting (a value, a config file, the command line) 2.
+# docs/operating.md, Commands: a user mistake exits 1, a bad setting (a value, a config file,
+# the command line) 2.
 @pytest.mark.parametrize("args, message, code", [
     (["queue", "--db", "{tmp}/missing.db"], "does not exist", 1),
     (["queue", "--db", "{tmp}/notes.txt"], "is not an SQLite database", 1),

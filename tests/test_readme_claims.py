@@ -1,6 +1,7 @@
-"""README promises that had no test (issue 21), each over real processes, signals and sockets:
-the next `run` releases a SIGKILLed tree's claims at start, WATCHDOG=1 and /health follow the
-workers, and a late answer from a worker whose lease was taken over commits nothing."""
+"""Documented promises (docs/operating.md, docs/document-lifecycle.md) that had no test (issue 21),
+each over real processes, signals and sockets: the next `run` releases a SIGKILLed tree's claims
+at start, WATCHDOG=1 and /health follow the workers, and a late answer from a worker whose lease
+was taken over commits nothing."""
 from __future__ import annotations
 
 import json
@@ -196,8 +197,9 @@ def test_watchdog_health_and_the_health_command_follow_the_workers_heartbeat(
 
 
 def test_health_says_503_while_every_worker_is_stopped_and_200_once_they_go_on(db_path, kg_service, supervisor):
-    """README: /health is 200 while its workers run. A SIGSTOPped worker is alive but does not
-    run: after STALE_HEARTBEAT without a heartbeat it no longer counts as healthy."""
+    """docs/operating.md, Watching it: /health is 200 while its workers run. A SIGSTOPped worker
+    is alive but does not run: after STALE_HEARTBEAT without a heartbeat it no longer counts as
+    healthy."""
     sup = supervisor("--db", db_path, "--service-url", kg_service, "--workers", "2",
                       env={"KG_HANG_TIMEOUT": "600"})
     workers = sup.wait_workers(2)

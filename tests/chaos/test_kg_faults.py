@@ -6,7 +6,7 @@ then check_invariants() recomputes every document's rows. Faults are decided fro
 content_id and how many times the server has seen it (faultserver.Attempts), or from the request
 number, never from random, so a rerun injects the same faults into the same documents.
 
-What each fault must cost (README, "What happens to a document"):
+What each fault must cost (docs/document-lifecycle.md):
   service down / flapping, 429, connection cut mid-answer  -> nothing charged (retry_count 0)
   500 or read timeout while /health answers, invalid answer -> one attempt charged per fault
 and in every case: nothing lost, nothing duplicated, nothing stuck, no worker died.
@@ -310,7 +310,7 @@ def malformed(kind: str, payload: dict) -> tuple[int, bytes]:
 
 
 MALFORMED = ["not-json", "truncated", "success-false", "unknown-rowid", "wrong-types"]
-# What the worker's log says for each kind (the JSON path at fault, README).
+# What the worker's log says for each kind (the JSON path at fault, docs/document-lifecycle.md).
 MALFORMED_SAYS = {"not-json": "answer is not JSON", "truncated": "answer is not JSON",
                   "success-false": "answer.success is false", "unknown-rowid": "is not a chunk of document",
                   "wrong-types": "answer.entities_extracted must be an integer"}
