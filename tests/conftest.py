@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,33 +19,9 @@ from scripts.sampledata import add_documents
 
 from .faultserver import FaultServer
 from .pgserver import PostgresServer
-
-KGSUPERVISOR = [sys.executable, "-m", "kgsupervisor"]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
-             message: str = "condition") -> object:
-    """Poll `predicate` until it is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
-
-
-def wait_for_log(path: str | os.PathLike, text: str, count: int = 1, timeout: float = 30.0) -> str:
-    """Wait until the log file at `path` holds `text` at least `count` times; returns the log."""
-    def log_with_text() -> str | None:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                log = f.read()
-        except FileNotFoundError:
-            return None
-        return log if log.count(text) >= count else None
-    return wait_for(log_with_text, timeout, message=f"{text!r} (x{count}) in {path}")
+# The process helpers live in tests/processes.py; tests import these names from here too.
+from .processes import (KGSUPERVISOR, Processes, free_port, kill_groups, spawn,  # noqa: F401 - re-exported
+                        wait_for, wait_for_log)
 
 
 def held_until(gate: threading.Event, timeout: float = 60.0) -> Callable[[dict, int], None]:
@@ -59,18 +32,13 @@ def held_until(gate: threading.Event, timeout: float = 60.0) -> Callable[[dict, 
     return behaviour
 
 
-def kill_groups(procs) -> None:
-    """Teardown: SIGKILL the process group of every process still running, and reap it."""
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def processes(tmp_path) -> Iterator[Processes]:
+    """Starts real processes for one test, each logging to a file in tmp_path/processes (apart from
+    the files the test makes); whatever is still running at teardown is killed with its whole group."""
+    started = Processes(tmp_path / "processes")
+    yield started
+    started.kill_all()
 
 
 @pytest.fixture
@@ -160,16 +128,6 @@ def make_settings(db_path: str, service_url: str, **overrides) -> config.Setting
 
 def status_counts(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT status, COUNT(*) FROM kg_processing_queue GROUP BY status").fetchall())
-
-
-def spawn(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
-    """Start a kgsupervisor command as a real process in its own session."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if args[:1] == ["run"] and "--status-addr" not in args and "KG_STATUS_ADDR" not in (env or {}):
-        # Tests run supervisors side by side: each gets a free port unless it asks for one.
-        args = args + ["--status-addr", "127.0.0.1:0"]
-    return subprocess.Popen(KGSUPERVISOR + args, env=full_env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def pytest_addoption(parser) -> None:

@@ -6,14 +6,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import free_port, seed, spawn, status_counts, wait_for
+from .conftest import free_port, seed, status_counts, wait_for
+from .processes import run_to_exit
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -23,29 +23,17 @@ STATS_KEYS = {"total_workers", "manager_running", "manager_started_at", "workers
               "kg_service_enabled", "kg_service_status", "queue_size", "host", "database"}
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kgsupervisor", *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
-
-
-def stop(proc, timeout=30) -> str:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=timeout)
-    return err
-
-
 @pytest.fixture
-def running(conn, db_path, kg_service):
+def running(conn, db_path, kg_service, processes):
     """A supervisor with its status endpoint on a free loopback port; yields (proc, addr)."""
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2",
-                  "--poll-interval", "0.2", "--status-addr", addr], env=FAST)
+    proc = processes.kgsupervisor(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2",
+                                   "--poll-interval", "0.2", "--status-addr", addr], env=FAST)
     wait_for(lambda: _get(addr, "/health") is not None and _get(addr, "/health").status_code == 200, 20,
              message="status endpoint healthy")
     yield proc, addr
-    stop(proc)
+    proc.stop()
 
 
 def _get(addr: str, path: str):
@@ -88,32 +76,33 @@ def test_status_endpoint_health_stats_and_metrics(running, conn, kg_service):
 
 def test_status_and_health_commands(running, conn):
     proc, addr = running
-    out = cli("status", "--json", "--status-addr", addr)
+    out = run_to_exit("status", "--json", "--status-addr", addr)
     assert out.returncode == 0 and set(json.loads(out.stdout)) == STATS_KEYS
-    out = cli("status", "--status-addr", addr)
+    out = run_to_exit("status", "--status-addr", addr)
     assert out.returncode == 0 and "workers healthy" in out.stdout and "worker 0: pid" in out.stdout
     assert f"host {socket.gethostname()}, database " in out.stdout and "(sqlite;" in out.stdout
-    out = cli("health", "--json", "--status-addr", addr)
+    out = run_to_exit("health", "--json", "--status-addr", addr)
     assert out.returncode == 0 and json.loads(out.stdout)["healthy_workers"] == 2
-    stop(proc)
-    out = cli("health", "--status-addr", addr)
+    proc.stop()
+    out = run_to_exit("health", "--status-addr", addr)
     assert out.returncode == 2 and "no supervisor answering" in out.stderr and "Traceback" not in out.stderr
-    out = cli("status", "--status-addr", addr)
+    out = run_to_exit("status", "--status-addr", addr)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
 
 
-def test_a_kg_outage_does_not_make_the_supervisor_unhealthy(db_path, conn):
+def test_a_kg_outage_does_not_make_the_supervisor_unhealthy(db_path, conn, processes):
     addr = f"127.0.0.1:{free_port()}"
-    proc = spawn(["run", "--db", db_path, "--service-url", f"http://127.0.0.1:{free_port()}",
-                  "--workers", "1", "--status-addr", addr, "--poll-interval", "0.2"], env=FAST)
+    proc = processes.kgsupervisor(["run", "--db", db_path, "--service-url", f"http://127.0.0.1:{free_port()}",
+                                   "--workers", "1", "--status-addr", addr, "--poll-interval", "0.2"],
+                                  env=FAST)
     try:
         seed(conn, 1)
         wait_for(lambda: (_get(addr, "/stats") or None) and
                  _get(addr, "/stats").json()["kg_service_status"]["is_healthy"] is False, 30, message="KG down seen")
         assert _get(addr, "/health").status_code == 200
-        assert cli("health", "--status-addr", addr).returncode == 0
+        assert run_to_exit("health", "--status-addr", addr).returncode == 0
     finally:
-        stop(proc)
+        proc.stop()
 
 
 def test_a_busy_status_address_is_a_one_line_error_at_start(db_path, kg_service):
@@ -121,7 +110,8 @@ def test_a_busy_status_address_is_a_one_line_error_at_start(db_path, kg_service)
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        out = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", f"127.0.0.1:{port}")
+        out = run_to_exit("run", "--db", db_path, "--service-url", kg_service,
+                          "--status-addr", f"127.0.0.1:{port}")
     assert out.returncode == 1
     assert f"status address 127.0.0.1:{port} cannot be used" in out.stderr and "Traceback" not in out.stderr
 
@@ -129,8 +119,8 @@ def test_a_busy_status_address_is_a_one_line_error_at_start(db_path, kg_service)
 def test_print_config_shows_sources_and_masks_the_token(tmp_path, db_path):
     cfg = tmp_path / "kg.toml"
     cfg.write_text("batch_size = 9\n")
-    out = cli("run", "--config", str(cfg), "--db", db_path, "--workers", "3", "--print-config",
-              env={"KG_SERVICE_TOKEN": "hunter2", "KG_POLL_INTERVAL": "1.5"})
+    out = run_to_exit("run", "--config", str(cfg), "--db", db_path, "--workers", "3", "--print-config",
+                      env={"KG_SERVICE_TOKEN": "hunter2", "KG_POLL_INTERVAL": "1.5"})
     assert out.returncode == 0, out.stderr
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
     assert "(flag;" in lines["num_workers"] and " 3 " in lines["num_workers"]
@@ -140,13 +130,14 @@ def test_print_config_shows_sources_and_masks_the_token(tmp_path, db_path):
     assert "hunter2" not in out.stdout and "********" in lines["service_token"]
 
 
-def test_sd_notify_ready_status_watchdog_reloading_stopping_in_order(tmp_path, db_path, kg_service):
+def test_sd_notify_ready_status_watchdog_reloading_stopping_in_order(tmp_path, db_path, kg_service,
+                                                                      processes):
     path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(1.0)
-    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2"],
-                 env={**FAST, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
+    proc = processes.kgsupervisor(["run", "--db", db_path, "--service-url", kg_service, "--workers", "2"],
+                                  env={**FAST, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"})
     seen: list[str] = []
 
     def receive_until(word: str, since: int = 0, timeout: float = 30) -> int:
@@ -169,14 +160,14 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping_in_order(tmp_path, d
         first_ping = receive_until("WATCHDOG=1")
         receive_until("WATCHDOG=1", first_ping + 1)  # pinged again: a watchdog, not a one-off
         assert any(line.startswith("STATUS=2/2 workers") for line in seen)
-        os.kill(proc.pid, signal.SIGHUP)
+        proc.send_signal(signal.SIGHUP)
         reloading = receive_until("RELOADING=1")
         ready_again = receive_until("READY=1", reloading + 1)
         receive_until("WATCHDOG=1", ready_again + 1)  # the new workers heartbeat: pings go on
-        os.kill(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         receive_until("STOPPING=1", ready_again + 1)
     finally:
-        err = stop(proc)
+        err = proc.stop()
         sock.close()
     order = [line.split("=")[0] for line in seen if line.split("=")[0] in ("READY", "RELOADING", "STOPPING")]
     assert order[:4] == ["READY", "RELOADING", "READY", "STOPPING"], order
@@ -185,33 +176,32 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping_in_order(tmp_path, d
     assert proc.returncode == 0, err
 
 
-def test_log_file_is_reopened_on_sigusr1(tmp_path, db_path, conn, kg_service):
+def test_log_file_is_reopened_on_sigusr1(tmp_path, db_path, conn, kg_service, processes):
     log_path = tmp_path / "kg.log"
-    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
-                  "--log-file", str(log_path), "--log-format", "json", "--poll-interval", "0.2"], env=FAST)
+    proc = processes.kgsupervisor(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
+                                   "--log-file", str(log_path), "--log-format", "json",
+                                   "--poll-interval", "0.2"], env=FAST)
     try:
         wait_for(lambda: log_path.exists() and "worker started" in log_path.read_text(), 20, message="log")
         os.rename(log_path, tmp_path / "kg.log.1")  # what logrotate does
-        os.kill(proc.pid, signal.SIGUSR1)
+        proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: log_path.exists() and "log files reopened" in log_path.read_text()
                  and "] log file reopened" in log_path.read_text(), 10, message="supervisor and worker reopened")
         seed(conn, 2)
         wait_for(lambda: status_counts(conn) == {"completed": 2}, 20)
         wait_for(lambda: "completed:" in log_path.read_text(), 10, message="worker writes to the new file")
     finally:
-        stop(proc)
+        proc.stop()
     entries = [json.loads(line) for line in log_path.read_text().splitlines()]
     done = [e for e in entries if e["message"].endswith("relationships")]
     assert done and all(e["worker_id"] == 0 and e["content_id"] and e["pid"] for e in done)
 
 
-def test_a_non_loopback_status_address_warns(db_path, kg_service):
-    import psutil
-    proc = spawn(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
-                  "--status-addr", f"0.0.0.0:{free_port()}"], env=FAST)
-    wait_for(lambda: any(c.name() == "kgs-worker-0" for c in psutil.Process(proc.pid).children()), 20,
-             message="running")
-    assert "beyond this host; it has no authentication" in stop(proc)
+def test_a_non_loopback_status_address_warns(db_path, kg_service, processes):
+    proc = processes.kgsupervisor(["run", "--db", db_path, "--service-url", kg_service, "--workers", "1",
+                                   "--status-addr", f"0.0.0.0:{free_port()}"], env=FAST)
+    wait_for(lambda: proc.children("kgs-worker-0"), 20, message="running")
+    assert "beyond this host; it has no authentication" in proc.stop()
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:
@@ -224,15 +214,15 @@ def catches(pid: int, sig: signal.Signals) -> bool:
     return bool(int(caught.split()[1], 16) & (1 << (sig - 1)))
 
 
-def test_status_watch_shows_progress_and_the_worker_table(running, conn):
+def test_status_watch_shows_progress_and_the_worker_table(running, conn, processes):
     proc, addr = running
     seed(conn, 5)
-    watch = subprocess.Popen([sys.executable, "-m", "kgsupervisor", "status", "--watch", "--status-addr", addr,
-                              "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "COLUMNS": "160"})
+    watch = processes.kgsupervisor(["status", "--watch", "--status-addr", addr, "--interval", "0.3"],
+                                   env={"COLUMNS": "160"}, name="status-watch",
+                                   stdout=subprocess.PIPE, text=True)
     # SIGTERM is caught only once the view's stop handlers are in (SIGINT too, then).
     wait_for(lambda: catches(watch.pid, signal.SIGTERM), 30, message="status --watch running")
     watch.send_signal(signal.SIGINT)
-    out, err = watch.communicate(timeout=10)
-    assert watch.returncode == 0, err
+    out, _ = watch.popen.communicate(timeout=10)
+    assert watch.returncode == 0, watch.output
     assert "workers" in out and "done" in out and "docs/s" in out and "KG service" in out

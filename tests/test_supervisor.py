@@ -9,44 +9,10 @@ import time
 import psutil
 import pytest
 
-from .conftest import seed, spawn, status_counts, wait_for, wait_for_log
+from .conftest import seed, status_counts, wait_for, wait_for_log
+from .processes import worker_pids
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "KG_LEASE_SECONDS": "10"}
-
-
-def start_supervisor(db_path: str, url: str, *args: str, env: dict | None = None):
-    proc = spawn(["run", "--db", db_path, "--service-url", url, "--poll-interval", "0.2", *args],
-                 env={**FAST, **(env or {})})
-    return proc
-
-
-def worker_pids(proc) -> set[int]:
-    """The supervisor's worker processes, by the name the supervisor gives them."""
-    try:
-        children = psutil.Process(proc.pid).children()
-    except psutil.NoSuchProcess:
-        return set()
-    pids = set()
-    for child in children:
-        try:
-            if child.name().startswith("kgs-worker-") and child.status() != psutil.STATUS_ZOMBIE:
-                pids.add(child.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
-def stop(proc, sig=signal.SIGTERM, timeout=30):
-    if proc.poll() is None:
-        os.kill(proc.pid, sig)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except Exception:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-    return err
 
 
 def completed_once(conn, ids):
@@ -64,12 +30,13 @@ def completed_once(conn, ids):
     assert mismatch == []
 
 
-def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, db_path, fault_server):
+def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, db_path, fault_server,
+                                                                          processes):
     ids = seed(conn, 6)
     server = fault_server(lambda payload, n: time.sleep(0.5))
     # Leases far longer than the test: only the supervisor's reaping can release the claims.
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "3",
-                            env={"KG_LEASE_SECONDS": "600"})
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "3",
+                                env={"KG_LEASE_SECONDS": "600"})
     try:
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
         wait_for(lambda: conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE started_at IS NOT NULL").fetchone(),
@@ -83,29 +50,30 @@ def test_kill_9_of_a_worker_mid_document_is_replaced_and_nothing_is_lost(conn, d
         assert conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE lease_owner = ?", (owner,)).fetchone()[0] == 0
         wait_for(lambda: status_counts(conn) == {"completed": 6}, 30, message="drain")
     finally:
-        err = stop(proc)
+        err = proc.stop()
     completed_once(conn, ids)
     assert proc.returncode == 0, err
     assert f"(pid {victim}) killed by SIGKILL" in err
 
 
-def test_sigterm_lets_two_in_flight_documents_finish(conn, db_path, fault_server):
+def test_sigterm_lets_two_in_flight_documents_finish(conn, db_path, fault_server, processes):
     seed(conn, 2)
     server = fault_server(lambda payload, n: time.sleep(2.0))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1")
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
-    err = stop(proc)
+    err = proc.stop()
     assert proc.returncode == 0, err
     assert status_counts(conn) == {"completed": 2}
 
 
-def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(conn, db_path, fault_server):
+def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(conn, db_path, fault_server,
+                                                                                processes):
     seed(conn, 2)
     server = fault_server(lambda payload, n: time.sleep(30))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
-                            "--drain-timeout", "1.5")
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
+                                "--drain-timeout", "1.5")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
-    err = stop(proc)
+    err = proc.stop()
     assert proc.returncode == 0, err
     # The drain timeout ended it, not the answers (30 s away): they never came.
     assert "drain timeout: killing 2 worker(s)" in err
@@ -113,52 +81,53 @@ def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(
     assert conn.execute("SELECT MAX(retry_count), MAX(COALESCE(crash_count, 0)) FROM kg_processing_queue").fetchone() == (0, 0)
 
 
-def test_sighup_under_load_restarts_every_worker_and_processes_each_document_once(conn, db_path, fault_server):
+def test_sighup_under_load_restarts_every_worker_and_processes_each_document_once(conn, db_path, fault_server,
+                                                                                   processes):
     ids = seed(conn, 60)
     server = fault_server(lambda payload, n: time.sleep(0.05))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2")
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2")
     try:
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
         wait_for(lambda: status_counts(conn).get("completed", 0) >= 5, 20, message="load")
         old = worker_pids(proc)
-        os.kill(proc.pid, signal.SIGHUP)
+        proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(worker_pids(proc)) == 2 and not (worker_pids(proc) & old), 20, message="new workers")
         wait_for(lambda: status_counts(conn) == {"completed": 60}, 60, message="drain")
     finally:
-        err = stop(proc)
+        err = proc.stop()
     completed_once(conn, ids)
     assert len(server.requests) == 60, "no document was sent twice"
     assert "restart #1" in err
     assert proc.returncode == 0, err
 
 
-def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service, tmp_path):
+def test_ttin_and_ttou_change_the_worker_count(conn, db_path, kg_service, tmp_path, processes):
     log = tmp_path / "supervisor.log"
-    proc = start_supervisor(db_path, kg_service, "--workers", "2", "--log-file", str(log))
+    proc = processes.supervisor(db_path, kg_service, "--workers", "2", "--log-file", str(log))
     try:
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers")
-        os.kill(proc.pid, signal.SIGTTIN)
+        proc.send_signal(signal.SIGTTIN)
         wait_for(lambda: len(worker_pids(proc)) == 3, 20, message="three workers")
         # Two signals of one kind sent back to back may arrive as one (POSIX does not queue
         # them), so the second goes after the first has taken effect.
-        os.kill(proc.pid, signal.SIGTTOU)
+        proc.send_signal(signal.SIGTTOU)
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers again")
-        os.kill(proc.pid, signal.SIGTTOU)
+        proc.send_signal(signal.SIGTTOU)
         wait_for(lambda: len(worker_pids(proc)) == 1, 20, message="one worker")
         wait_for_log(log, "SIGTTOU: now 1 worker(s)")
-        os.kill(proc.pid, signal.SIGTTOU)  # never below one
+        proc.send_signal(signal.SIGTTOU)  # never below one
         wait_for_log(log, "SIGTTOU: now 1 worker(s)", count=2)
         # Had it gone to none, one more would make one, not two.
-        os.kill(proc.pid, signal.SIGTTIN)
+        proc.send_signal(signal.SIGTTIN)
         wait_for_log(log, "SIGTTIN: now 2 worker(s)")
         wait_for(lambda: len(worker_pids(proc)) == 2, 20, message="two workers after the last SIGTTIN")
     finally:
-        stop(proc)
+        proc.stop()
     assert proc.returncode == 0, log.read_text()
 
 
-def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_service):
-    proc = start_supervisor(db_path, kg_service, "--workers", "1", env={"KG_HANG_TIMEOUT": "2"})
+def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_service, processes):
+    proc = processes.supervisor(db_path, kg_service, "--workers", "1", env={"KG_HANG_TIMEOUT": "2"})
     try:
         (victim,) = wait_for(lambda: worker_pids(proc), 20, message="a worker")
         os.kill(victim, signal.SIGSTOP)
@@ -166,7 +135,7 @@ def test_a_sigstopped_worker_is_detected_as_hung_and_replaced(conn, db_path, kg_
         seed(conn, 3)
         wait_for(lambda: status_counts(conn) == {"completed": 3}, 20, message="work after the hang")
     finally:
-        err = stop(proc)
+        err = proc.stop()
     assert "hung: no heartbeat" in err
     assert proc.returncode == 0, err
 
@@ -187,17 +156,18 @@ def killing_the_sender(db_path: str, content_id: int, sig: int, kills: list[int]
     return behaviour
 
 
-def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_path, fault_server):
+def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_path, fault_server,
+                                                                        processes):
     ids = seed(conn, 8)
     poison = ids[3]
     kills = []
     server = fault_server(killing_the_sender(db_path, poison, signal.SIGKILL, kills))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "4",
-                            env={"KG_POISON_AFTER": "3"})
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "4",
+                                env={"KG_POISON_AFTER": "3"})
     try:
         wait_for(lambda: status_counts(conn) == {"completed": 7, "failed": 1}, 60, message="queue settled")
     finally:
-        err = stop(proc)
+        err = proc.stop()
     assert len(kills) == 3 and len(set(kills)) == 3, kills
     status, error, crashes = conn.execute("SELECT status, error_message, crash_count FROM kg_processing_queue "
                                           "WHERE content_id = ?", (poison,)).fetchone()
@@ -207,18 +177,18 @@ def test_a_poison_document_fails_after_k_crashes_and_the_rest_complete(conn, db_
     assert proc.returncode == 0, err
 
 
-def test_a_worker_killed_by_sigbus_charges_nothing(conn, db_path, fault_server):
+def test_a_worker_killed_by_sigbus_charges_nothing(conn, db_path, fault_server, processes):
     """SIGBUS is SQLite's -shm mapping failing to be written (an immutable file, a failing disk),
     never the document: however often it happens, the document is not poisoned."""
     ids = seed(conn, 4)
     kills = []
     server = fault_server(killing_the_sender(db_path, ids[1], signal.SIGBUS, kills, times=3))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2",
-                            env={"KG_POISON_AFTER": "2"})
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "2",
+                                env={"KG_POISON_AFTER": "2"})
     try:
         wait_for(lambda: status_counts(conn) == {"completed": 4}, 60, message="every document completed")
     finally:
-        err = stop(proc)
+        err = proc.stop()
     assert len(kills) == 3, kills
     assert conn.execute("SELECT MAX(COALESCE(crash_count, 0)), MAX(retry_count) FROM kg_processing_queue"
                         ).fetchone() == (0, 0)
@@ -227,21 +197,22 @@ def test_a_worker_killed_by_sigbus_charges_nothing(conn, db_path, fault_server):
     assert proc.returncode == 0, err
 
 
-def test_kill_9_of_the_supervisor_workers_exit_and_a_new_run_completes_everything(conn, db_path, fault_server):
+def test_kill_9_of_the_supervisor_workers_exit_and_a_new_run_completes_everything(conn, db_path, fault_server,
+                                                                                   processes):
     ids = seed(conn, 10)
     server = fault_server(lambda payload, n: time.sleep(0.4))
-    proc = start_supervisor(db_path, server.url, "--workers", "2", "--batch-size", "5")
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "5")
     wait_for(lambda: len(server.requests) >= 2, 20, message="work in flight")
     children = psutil.Process(proc.pid).children()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
     gone, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], f"orphans left: {alive}"
     # Whatever the dead tree still held is released by the next run on this host.
-    second = start_supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty")
+    second = processes.supervisor(db_path, server.url, "--workers", "2", "--exit-when-empty")
     try:
         second.wait(60)
     finally:
-        err = stop(second)
+        err = second.stop()
     assert second.returncode == 0, err
     completed_once(conn, ids)

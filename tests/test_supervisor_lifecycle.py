@@ -14,20 +14,17 @@ import textwrap
 import threading
 import time
 
-import psutil
 import pytest
 
 from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.pool.pidfile import running_pid
 from kgsupervisor.pool.supervisor import SECOND_SIGNAL_GRACE
 
-from .conftest import KGSUPERVISOR, held_until, kill_groups, seed, status_counts, wait_for, wait_for_log
-from .test_supervisor import completed_once, worker_pids
+from .conftest import held_until, seed, status_counts, wait_for
+from .processes import FAST, Process, children_named, run_to_exit, worker_pids
+from .test_supervisor import completed_once
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "KG_LEASE_SECONDS": "10",
-        "PYTHONUNBUFFERED": "1"}
 
 # A host program of the Python API that answers one command per stdin line with one JSON line,
 # so a test can ask the real API while it breaks things around the supervisor.
@@ -52,103 +49,48 @@ for line in sys.stdin:
 
 
 class ApiHost:
-    """A real host process running the Python API; its log (and the supervisor's) goes to a file."""
+    """A real host process running the Python API, answering on its stdout; its log (and the
+    supervisor's) is the harness's log of the process."""
 
-    def __init__(self, db_path: str, url: str, log: pathlib.Path, workers: int, env: dict | None = None) -> None:
-        self.log = log
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(API_HOST), db_path, str(workers)],
-                env={**os.environ, **FAST, "KG_SERVICE_URL": url, **(env or {})}, start_new_session=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out, text=True)
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.log = process.log
         self.supervisor_pid = self.read()["supervisor_pid"]
 
     def read(self) -> dict:
-        line = self.proc.stdout.readline()
+        line = self.process.popen.stdout.readline()
         assert line, f"the API host exited: {self.log.read_text()}"
         return json.loads(line)
 
     def ask(self, command: str) -> dict:
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
+        self.process.popen.stdin.write(command + "\n")
+        self.process.popen.stdin.flush()
         return self.read()
 
     def stop(self) -> int:
         """stop_kg_workers(); returns the supervisor's exit code."""
         exitcode = self.ask("stop")["exitcode"]
-        self.proc.communicate(timeout=10)
+        self.process.popen.communicate(timeout=10)
         return exitcode
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.communicate()
+
+@pytest.fixture
+def launch(processes):
+    """Starts `kgsupervisor run` with no status endpoint: these tests read its log and the database."""
+    def run(db_path: str, url: str, *args: str, env: dict | None = None, name: str = "supervisor") -> Process:
+        return processes.supervisor(db_path, url, "--status-addr", "off", *args, env=env, name=name)
+    return run
 
 
 @pytest.fixture
-def launch(tmp_path):
-    """Starts `kgsupervisor run` logging to a file the test reads while it runs; any still
-    running at teardown is killed with its whole process group."""
-    started: list[subprocess.Popen] = []
-
-    def run(db_path: str, url: str, *args: str, env: dict | None = None, name: str = "supervisor"):
-        log = tmp_path / f"{name}.log"
-        if "--status-addr" not in args:
-            args += ("--status-addr", "off")
-        with log.open("w") as out:
-            proc = subprocess.Popen(KGSUPERVISOR + ["run", "--db", db_path, "--service-url", url,
-                                                    "--poll-interval", "0.2", *args],
-                                    env={**os.environ, **FAST, **(env or {})}, start_new_session=True,
-                                    stdout=subprocess.DEVNULL, stderr=out)
-        proc.log = log
-        started.append(proc)
-        return proc
-
-    yield run
-    kill_groups(started)
-
-
-@pytest.fixture
-def api_host(tmp_path):
+def api_host(processes):
     """Starts ApiHost processes; any still running at teardown is killed with its supervisor."""
-    started: list[ApiHost] = []
-
     def start(db_path: str, url: str, workers: int, env: dict | None = None) -> ApiHost:
-        started.append(ApiHost(db_path, url, tmp_path / "api-host.log", workers, env))
-        return started[-1]
-
-    yield start
-    for host in started:
-        host.kill()
-
-
-def finish(proc, sig: int | None = signal.SIGTERM, timeout: float = 30) -> str:
-    """Send `sig` (None: send nothing), wait for the exit, return the log."""
-    if sig is not None and proc.poll() is None:
-        os.kill(proc.pid, sig)
-    proc.wait(timeout)
-    return proc.log.read_text()
-
-
-def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(KGSUPERVISOR + list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **FAST})
-
-
-def children_named(pid: int, prefix: str) -> set[int]:
-    """Live (not zombie) children of `pid` whose process name starts with `prefix`."""
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return set()
-    found = set()
-    for child in children:
-        try:
-            if child.name().startswith(prefix) and child.status() != psutil.STATUS_ZOMBIE:
-                found.add(child.pid)
-        except psutil.Error:
-            pass
-    return found
+        command = [sys.executable, "-c", textwrap.dedent(API_HOST), db_path, str(workers)]
+        env = {**FAST, "KG_SERVICE_URL": url, **(env or {})}
+        return ApiHost(processes.start(command, "api-host", env=env, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True))
+    return start
 
 
 def completed_count(conn) -> int:
@@ -189,11 +131,11 @@ def test_ctrl_c_to_the_whole_process_group_drains_instead_of_killing_workers(con
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
         workers = worker_pids(proc)
         in_flight = sorted(p["content_id"] for p in server.requests)
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        proc.signal_group(signal.SIGINT)  # what the terminal does on Ctrl-C
         # The answers come once the drain is under way: the documents were in flight throughout.
-        wait_for_log(proc.log, "draining (stop signal)")
+        proc.wait_for_log("draining (stop signal)")
         answers.set()
-        err = finish(proc, sig=None)
+        err = proc.stop(sig=None)
     finally:
         answers.set()
     assert proc.returncode == 0, err
@@ -215,14 +157,14 @@ def test_a_second_ctrl_c_stops_at_once_and_puts_in_flight_documents_back_uncharg
     proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1")
     try:
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
-        os.killpg(proc.pid, signal.SIGINT)
-        wait_for_log(proc.log, "draining (stop signal)")  # the first Ctrl-C is handled
+        proc.signal_group(signal.SIGINT)
+        proc.wait_for_log("draining (stop signal)")  # the first Ctrl-C is handled
         assert proc.poll() is None and status_counts(conn) == {"processing": 2}, "still draining"
         # The grace counts from the handling just seen; it is time itself, so only time ends it.
         time.sleep(SECOND_SIGNAL_GRACE + 0.2)
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.signal_group(signal.SIGINT)
         # Within the drain timeout (60 s) and before any answer: only the second Ctrl-C can end it.
-        err = finish(proc, sig=None, timeout=45)
+        err = proc.stop(sig=None, timeout=45)
     finally:
         answers.set()
     assert proc.returncode == 0, err
@@ -274,7 +216,7 @@ def test_workers_recycle_after_max_documents_and_each_document_completes_once(co
     server = fault_server()
     proc = launch(db_path, server.url, "--workers", "1", "--exit-when-empty",
                   env={"KG_MAX_DOCUMENTS_PER_WORKER": "5"})
-    log = finish(proc, sig=None, timeout=60)  # --exit-when-empty ends it
+    log = proc.stop(sig=None, timeout=60)  # --exit-when-empty ends it
     assert proc.returncode == 0, log
     pids = set(re.findall(r"worker 0 started \(pid (\d+)\)", log))
     assert len(pids) >= 5, f"30 documents at 5 or 6 per worker need >= 5 workers; log:\n{log}"
@@ -290,7 +232,7 @@ def test_workers_over_the_rss_limit_are_recycled_and_the_queue_still_drains(conn
                   env={"KG_MAX_WORKER_RSS_MB": "1"})
     # A drain's SIGTERM that lands in a worker's first instants must not be lost (it would
     # keep the supervisor waiting for the 60 s drain timeout).
-    log = finish(proc, sig=None, timeout=20)
+    log = proc.stop(sig=None, timeout=20)
     assert proc.returncode == 0, log
     assert "drain timeout" not in log
     recycled = re.findall(r"worker (\d) \(pid \d+\) uses \d+ MiB, over the limit: recycling it", log)
@@ -353,9 +295,9 @@ def test_two_supervisors_on_one_database_never_release_or_steal_each_others_clai
     wait_for(lambda: len(worker_pids(second)) == 2 and len(server.requests) >= 8, 20, message="both working")
     wait_for(lambda: completed_count(conn) >= 12, 20, message="half done")
     # The first stops mid-queue: it gives back only its own unstarted claims.
-    first_log = finish(first)
+    first_log = first.stop()
     wait_for(lambda: status_counts(conn) == {"completed": 24}, 30, message="the second finishes")
-    second_log = finish(second)
+    second_log = second.stop()
     assert first.returncode == 0, first_log
     assert second.returncode == 0, second_log
     assert "dead process" not in second_log
@@ -375,21 +317,22 @@ def test_pidfile_locks_out_a_second_supervisor_and_drives_reload_and_stop(conn, 
              message="the pidfile holds the supervisor's pid")
     old = wait_for(lambda: worker_pids(proc) if len(worker_pids(proc)) == 2 else None, 10, message="two workers")
 
-    second = cli("run", "--db", db_path, "--service-url", server.url, "--pidfile", pidfile, "--status-addr", "off")
+    second = run_to_exit("run", "--db", db_path, "--service-url", server.url, "--pidfile", pidfile,
+                         "--status-addr", "off", env=FAST)
     assert second.returncode == 1, second.stderr
     assert f"another supervisor (pid {proc.pid}) is running" in one_line(second)
     assert pid_in(pidfile) == str(proc.pid), "the loser leaves the pidfile alone"
 
-    reload = cli("reload", "--pidfile", pidfile)
+    reload = run_to_exit("reload", "--pidfile", pidfile)
     assert reload.returncode == 0, reload.stderr
     wait_for(lambda: len(worker_pids(proc)) == 2 and not worker_pids(proc) & old, 15, message="new workers")
-    wait_for(lambda: "restart #1" in proc.log.read_text(), 5, message="the reload logged")
+    proc.wait_for_log("restart #1", timeout=5)
 
     seed(conn, 2)
     wait_for(lambda: len(server.requests) == 2, 10, message="two documents in flight")
-    stop = cli("stop", "--pidfile", pidfile)
+    stop = run_to_exit("stop", "--pidfile", pidfile)
     assert stop.returncode == 0, stop.stderr
-    assert proc.wait(5) == 0, proc.log.read_text()
+    assert proc.wait(5) == 0, proc.output
     assert status_counts(conn) == {"completed": 2}, "stop drained the documents in flight"
     assert not os.path.exists(pidfile)
 
@@ -397,7 +340,7 @@ def test_pidfile_locks_out_a_second_supervisor_and_drives_reload_and_stop(conn, 
 def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_one_line(db_path, kg_service, launch, tmp_path):
     missing = str(tmp_path / "missing.pid")
     for command in ("reload", "stop"):
-        result = cli(command, "--pidfile", missing)
+        result = run_to_exit(command, "--pidfile", missing)
         assert result.returncode == 1 and "does not exist" in one_line(result)
 
     pidfile = str(tmp_path / "kgs.pid")
@@ -405,14 +348,14 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
     with open(pidfile, "w") as f:
         f.write(f"{gone}\n")
     for command in ("reload", "stop"):
-        result = cli(command, "--pidfile", pidfile)
+        result = run_to_exit(command, "--pidfile", pidfile)
         assert result.returncode == 1 and f"stale: no supervisor holds it (pid {gone} is gone)" in one_line(result)
     assert pid_in(pidfile) == str(gone), "reload and stop never rewrite a pidfile"
 
     first = launch(db_path, kg_service, "--workers", "1", "--pidfile", pidfile, name="first")
     wait_for(lambda: pid_in(pidfile) == str(first.pid), 10, message="the stale pidfile taken over")
     wait_for(lambda: worker_pids(first), 10, message="a worker")
-    os.kill(first.pid, signal.SIGKILL)
+    first.send_signal(signal.SIGKILL)
     first.wait(5)
     # Nothing the dead supervisor forked (stats Manager, workers) may keep its lock: the
     # pidfile is stale at once, so a restart by systemd is not refused.
@@ -422,9 +365,9 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
     second = launch(db_path, kg_service, "--workers", "1", "--pidfile", pidfile, name="second")
     wait_for(lambda: pid_in(pidfile) == str(second.pid), 10, message="taken over after kill -9")
     wait_for(lambda: worker_pids(second), 10, message="a worker")
-    stop = cli("stop", "--pidfile", pidfile)
+    stop = run_to_exit("stop", "--pidfile", pidfile)
     assert stop.returncode == 0, stop.stderr
-    assert second.wait(5) == 0, second.log.read_text()
+    assert second.wait(5) == 0, second.output
     assert not os.path.exists(pidfile)
 
 
@@ -433,7 +376,7 @@ def test_a_stale_pidfile_is_taken_over_and_reload_or_stop_on_a_bad_pidfile_is_on
 
 def test_exit_when_empty_with_nothing_queued_exits_0_by_itself(db_path, kg_service, launch):
     proc = launch(db_path, kg_service, "--workers", "2", "--exit-when-empty")
-    log = finish(proc, sig=None, timeout=60)
+    log = proc.stop(sig=None, timeout=60)
     assert proc.returncode == 0, log
     assert "draining (queue is empty)" in log and "drained: all workers stopped" in log, log
 
@@ -441,6 +384,6 @@ def test_exit_when_empty_with_nothing_queued_exits_0_by_itself(db_path, kg_servi
 def test_exit_when_empty_with_work_exits_0_after_everything_completed(conn, db_path, kg_service, launch):
     ids = seed(conn, 12)
     proc = launch(db_path, kg_service, "--workers", "2", "--exit-when-empty")
-    log = finish(proc, sig=None, timeout=30)
+    log = proc.stop(sig=None, timeout=30)
     assert proc.returncode == 0, log
     completed_once(conn, ids)

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from ..faultserver import FaultServer
-from .harness import RECORDED, TEST_CLOCK, write_recorded
+from ..processes import kill_groups
+from .harness import RECORDED, STARTED, TEST_CLOCK, write_recorded
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -21,11 +22,14 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def scenario(request) -> Iterator[None]:
-    """Time the scenario from here; write the rows it recorded only if its test passed."""
+    """Time the scenario from here; write the rows it recorded only if its test passed; kill
+    whatever supervisor it left running."""
     TEST_CLOCK["started"] = time.monotonic()
     RECORDED.clear()
     yield
     TEST_CLOCK["started"] = 0.0
+    kill_groups(STARTED)
+    STARTED.clear()
     call = getattr(request.node, "rep_call", None)
     write_recorded(passed=call is not None and call.passed)
 

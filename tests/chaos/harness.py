@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from typing import Any
 
@@ -15,8 +14,8 @@ import requests
 from kgsupervisor.store.postgres import PGConnection, is_postgres_url
 
 from .. import oracle
-from ..conftest import KGSUPERVISOR, free_port, wait_for
 from ..faultserver import Exchange, Journal
+from ..processes import KGSUPERVISOR, Process, free_port, wait_for
 
 FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.5", "KG_LEASE_SECONDS": "10",
         "KG_POLL_INTERVAL": "0.2", "KG_SERVICE_TIMEOUT": "10"}
@@ -27,6 +26,8 @@ TEST_CLOCK: dict[str, float] = {"started": 0.0}
 # The running scenario's rows of docs/reliability.md: the chaos conftest writes them only once
 # the whole test passed, every assertion after check_invariants() included.
 RECORDED: list[Outcome] = []
+# The running scenario's supervisors: the chaos conftest kills any still running at its end.
+STARTED: list[Process] = []
 
 
 @dataclasses.dataclass
@@ -52,22 +53,19 @@ class Supervisor:
     def __init__(self, db_path: str, service_url: str, *args: str, env: dict[str, str] | None = None,
                  log_path: str | None = None) -> None:
         self.addr = f"127.0.0.1:{free_port()}"
-        # The log goes to a file: a pipe nobody reads fills up and blocks every worker's logging.
-        # `log_path` puts it elsewhere than beside the database (a database on a full or
+        # `log_path` puts the log elsewhere than beside the database (a database on a full or
         # read-only filesystem must not take the log down with it).
         self.log_path = log_path or f"{db_path}.{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            KGSUPERVISOR + ["run", "--db", db_path, "--service-url", service_url, "--status-addr", self.addr,
-                            "--log-format", "json", *args],
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **FAST, **(env or {})}, start_new_session=True,
-            stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = Process(KGSUPERVISOR + ["run", "--db", db_path, "--service-url", service_url,
+                                            "--status-addr", self.addr, "--log-format", "json", *args],
+                            self.log_path, env={**FAST, **(env or {})}, name="supervisor")
+        STARTED.append(self.proc)
         self.started = time.monotonic()
 
     @property
     def stderr(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
+        """Its log so far (stdout and stderr)."""
+        return self.proc.output
 
     @property
     def pid(self) -> int:
@@ -96,26 +94,14 @@ class Supervisor:
         wait_for(lambda: (self.stats() or {}).get("manager_running"), timeout, message="supervisor up")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        """Signal it and wait for the exit; returns the exit code (the stderr is kept)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            raise AssertionError(f"supervisor did not exit within {timeout}s")
-        finally:
-            self._log.close()
+        """Signal it and wait for the exit; returns the exit code (the log is kept). One still
+        running after `timeout` seconds is killed with its group and fails the test."""
+        self.proc.stop(sig, timeout)
         return self.proc.returncode
 
     def kill_tree(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self._log.close()
+        """SIGKILL its whole process group and reap it."""
+        self.proc.kill()
 
 
 def drain_until_empty(db_path: str, server: Any, *args: str, env: dict[str, str] | None = None,

@@ -420,7 +420,6 @@ def test_not_sqlite_file_as_db(tmp_path, kind):
     finally:
         if sup.proc.poll() is None:
             sup.kill_tree()
-        sup._log.close()
     out = [line for line in sup.stderr.splitlines() if line.strip()]
     record(Outcome(f"--db is not SQLite ({kind})", 0, "run --db on a non-SQLite file",
                    exit_code=code, wall_seconds=round(time.monotonic() - started, 1),
@@ -466,7 +465,6 @@ def test_read_only_database_at_start(immutable_dir, tmp_path, what):
     finally:
         if sup.proc.poll() is None:
             sup.kill_tree()
-        sup._log.close()
         set_readonly(False)
     out = [line for line in sup.stderr.splitlines() if line.strip()]
     assert code == 1, out[-10:]

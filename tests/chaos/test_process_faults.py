@@ -119,8 +119,6 @@ def finish(db_path: str, url: str, timeout: float = 90) -> int:
     except Exception:
         sup.kill_tree()
         raise AssertionError(f"final supervisor did not drain within {timeout}s:\n{sup.stderr[-3000:]}")
-    finally:
-        sup._log.close()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -396,7 +394,6 @@ def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, 
         os.kill(sup.pid, signal.SIGKILL)  # the supervisor alone: its children must notice by themselves
         killed_at = time.monotonic()
         assert sup.proc.wait(10) == -signal.SIGKILL
-        sup._log.close()
         def all_gone() -> bool:
             for p in kids:
                 if p.pid not in gone_at and not alive(p):
@@ -418,7 +415,7 @@ def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, 
         recover_seconds=round(workers_gone, 2), exit_code=code), queue_rows=n, journal=server.journal)
     print(outcome)
     assert code == 0 and outcome.failed == 0
-    # Orphaned workers give their claims back before leaving (README: Signals).
+    # Orphaned workers give their claims back before leaving (docs/operating.md: Signals).
     assert left_processing == 0, f"{left_processing} row(s) left in processing by orphaned workers"
     assert charged(conn) == 0
 
@@ -536,7 +533,6 @@ def test_sigterm_while_documents_in_flight(conn, db_path, soak):
         answers.set()
         code = sup.proc.wait(60)
         took = time.monotonic() - t0
-        sup._log.close()
         assert_clean_stop(conn, sup, code, "in flight")
         # The document in flight finishes; the rest of its batch goes back untouched.
         states = dict(conn.execute(f"SELECT content_id, status FROM kg_processing_queue WHERE content_id IN "
@@ -613,7 +609,6 @@ def test_drain_timeout_shorter_than_requests(conn, db_path, soak):
         os.kill(sup.pid, signal.SIGTERM)
         code = sup.proc.wait(60)
         took = time.monotonic() - t0
-        sup._log.close()
         rows = conn.execute(f"SELECT content_id, status, retry_count, COALESCE(crash_count, 0) FROM "
                             f"kg_processing_queue WHERE content_id IN ({','.join('?' * len(flying))})",
                             flying).fetchall()
