@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import signal
 
 
 class JobStatus(str, enum.Enum):
@@ -47,3 +48,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_BOOT_ERROR = 3
+
+# The signals an operator sends the supervisor (docs/operating.md, Signals). The supervisor also
+# handles SIGCHLD; `run` holds these from its first instant until its handlers are in.
+OPERATOR_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)

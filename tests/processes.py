@@ -78,11 +78,13 @@ def spawn(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def run_to_exit(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+def run_to_exit(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0, user: int | None = None
                 ) -> subprocess.CompletedProcess:
-    """Run `kgsupervisor ARGS` to its exit; its output captured."""
-    return subprocess.run(KGSUPERVISOR + list(args), capture_output=True, text=True, timeout=timeout,
-                          env=process_env(env))
+    """Run `kgsupervisor ARGS` to its exit (as uid and gid `user`, through setpriv, when given);
+    its output captured."""
+    as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
+    return subprocess.run(as_user + KGSUPERVISOR + list(args), capture_output=True, text=True,
+                          timeout=timeout, env=process_env(env))
 
 
 def kill_group(proc: Process | subprocess.Popen) -> None:

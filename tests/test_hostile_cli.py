@@ -29,20 +29,15 @@ from scripts.sampledata import add_documents
 
 from .chaos.harness import record_hostile
 from .chaos.test_db_faults import _chattr_works
-from .conftest import KGSUPERVISOR, held_until, kill_groups, seed, status_counts, wait_for
-from .test_supervisor import worker_pids
+from .conftest import held_until, seed, status_counts, wait_for
+from .processes import FAST, Process, run_to_exit, worker_pids
 
 pytestmark = [pytest.mark.timeout(120)]
-
-FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "KG_LEASE_SECONDS": "10",
-        "PYTHONUNBUFFERED": "1"}
 
 
 def cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess:
     """A kgsupervisor command run to its end (as uid `user`, through setpriv, when given)."""
-    prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
-    return subprocess.run(prefix + KGSUPERVISOR + list(args), capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **FAST})
+    return run_to_exit(*args, env=FAST, user=user)
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
@@ -53,29 +48,10 @@ def one_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def start(db_path: str, url: str, *args: str, log: pathlib.Path) -> subprocess.Popen:
-    """`kgsupervisor run` in its own session (a process group of its own), logging to `log`."""
-    with log.open("w") as out:
-        return subprocess.Popen(
-            KGSUPERVISOR + ["run", "--db", db_path, "--service-url", url, "--poll-interval", "0.2", *args],
-            env={**os.environ, **FAST}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=out)
-
-
 @pytest.fixture
-def supervisors() -> Iterator[list[subprocess.Popen]]:
-    """Supervisors a test started; any still running at teardown is killed with its group."""
-    started: list[subprocess.Popen] = []
-    yield started
-    kill_groups(started)
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen]:
-    """A running process that is not kgsupervisor."""
-    proc = subprocess.Popen(["sleep", "300"])
-    yield proc
-    proc.kill()
-    proc.wait()
+def sleeper(processes) -> Process:
+    """A running process that is not kgsupervisor (killed at teardown by `processes`)."""
+    return processes.start(["sleep", "300"], "sleeper")
 
 
 def pid_in(path: pathlib.Path) -> str:
@@ -110,51 +86,47 @@ def test_a_file_that_is_not_a_pidfile_is_refused_and_left_byte_identical(db_path
 
 
 @pytest.mark.parametrize("stale", ["unrelated live pid", "empty"])
-def test_a_stale_pidfile_is_replaced_and_removed_at_exit(db_path, kg_service, tmp_path, sleeper, supervisors, stale):
+def test_a_stale_pidfile_is_replaced_and_removed_at_exit(db_path, kg_service, tmp_path, sleeper, processes,
+                                                         stale):
     pidfile = tmp_path / "kgs.pid"
     # An empty file holds nothing to lose: what a package pre-creates to give the pidfile its owner.
     pidfile.write_text(f"{sleeper.pid}\n" if stale == "unrelated live pid" else "")
-    proc = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
-                 log=tmp_path / "run.log")
-    supervisors.append(proc)
+    proc = processes.supervisor(db_path, kg_service, "--workers", "1", "--status-addr", "off",
+                                "--pidfile", str(pidfile))
     wait_for(lambda: pid_in(pidfile) == str(proc.pid), 20, message="the stale pidfile taken over")
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(30) == 0, (tmp_path / "run.log").read_text()
+    log = proc.stop(signal.SIGTERM, timeout=30)
+    assert proc.returncode == 0, log
     assert not pidfile.exists()
     assert sleeper.poll() is None, "the process the stale pidfile named was left alone"
 
 
 def test_the_live_pidfile_of_a_running_supervisor_is_refused_and_left_as_it_is(
-        db_path, kg_service, tmp_path, supervisors):
+        db_path, kg_service, tmp_path, processes):
     pidfile = tmp_path / "kgs.pid"
-    first = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
-                  log=tmp_path / "first.log")
-    supervisors.append(first)
+    first = processes.supervisor(db_path, kg_service, "--workers", "1", "--status-addr", "off",
+                                 "--pidfile", str(pidfile))
     wait_for(lambda: pid_in(pidfile) == str(first.pid), 20, message="the first supervisor's pidfile")
     second = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
                  "--pidfile", str(pidfile))
     assert f"another supervisor (pid {first.pid}) is running" in one_line(second)
     assert pid_in(pidfile) == str(first.pid)
-    os.kill(first.pid, signal.SIGTERM)
-    assert first.wait(30) == 0
+    first.stop(signal.SIGTERM, timeout=30)
+    assert first.returncode == 0
     assert not pidfile.exists()
 
 
 @pytest.mark.hostile
-def test_a_pidfile_naming_a_live_kgsupervisor_that_does_not_hold_it_is_refused(db_path, kg_service, tmp_path):
+def test_a_pidfile_naming_a_live_kgsupervisor_that_does_not_hold_it_is_refused(db_path, kg_service, tmp_path,
+                                                                                processes):
     # A kgsupervisor process (here a dev-service) whose pid the file names, without the lock.
-    other = subprocess.Popen(KGSUPERVISOR + ["dev-service", "--port", "0"], stderr=subprocess.PIPE, text=True)
-    try:
-        other.stderr.readline()  # listening: its command line is in place
-        pidfile = tmp_path / "kgs.pid"
-        pidfile.write_text(f"{other.pid}\n")
-        result = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
-                     "--pidfile", str(pidfile))
-        assert f"names pid {other.pid}, a running kgsupervisor that does not hold it" in one_line(result)
-        assert pid_in(pidfile) == str(other.pid)
-    finally:
-        other.kill()
-        other.wait()
+    other = processes.kgsupervisor(["dev-service", "--port", "0"], name="dev-service")
+    other.wait_for_log("dev-service listening on")  # its command line is in place
+    pidfile = tmp_path / "kgs.pid"
+    pidfile.write_text(f"{other.pid}\n")
+    result = cli("run", "--db", db_path, "--service-url", kg_service, "--status-addr", "off",
+                 "--pidfile", str(pidfile))
+    assert f"names pid {other.pid}, a running kgsupervisor that does not hold it" in one_line(result)
+    assert pid_in(pidfile) == str(other.pid)
     record_hostile("`--pidfile` naming a live kgsupervisor process that does not hold its lock",
                    "refused in one line naming that pid; the file still holds it", "— (refused at start)")
 
@@ -393,46 +365,45 @@ def test_queue_shows_statuses_it_does_not_know(db_path):
 
 
 @pytest.mark.hostile
-def test_sigterm_during_start_up_drains_exits_0_and_removes_the_pidfile(db_path, kg_service, tmp_path, supervisors):
+def test_sigterm_during_start_up_drains_exits_0_and_removes_the_pidfile(db_path, kg_service, tmp_path,
+                                                                        processes):
     pidfile = tmp_path / "kgs.pid"
-    log = tmp_path / "run.log"
     # A writer holding the database keeps the supervisor in its start-up checks, after the
     # pidfile and before its signal handlers: the SIGTERM lands exactly in that window.
     holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     try:
-        proc = start(db_path, kg_service, "--workers", "1", "--status-addr", "off", "--pidfile", str(pidfile),
-                     log=log)
-        supervisors.append(proc)
+        proc = processes.supervisor(db_path, kg_service, "--workers", "1", "--status-addr", "off",
+                                    "--pidfile", str(pidfile))
         wait_for(lambda: pid_in(pidfile) == str(proc.pid), 20, message="the pidfile written")
-        os.kill(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert proc.wait(30) == 0, log.read_text()
+    log = proc.stop(None, timeout=30)
+    assert proc.returncode == 0, log
     assert not pidfile.exists()
-    assert "draining (stop signal)" in log.read_text() and "Traceback" not in log.read_text()
+    assert "draining (stop signal)" in log and "Traceback" not in log
     record_hostile("SIGTERM during start-up (the database write-locked by another process)",
                    "drains, exits 0, pidfile removed, no traceback", "no")
 
 
 @pytest.mark.hostile
 def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight_completes(
-        db_path, fault_server, tmp_path, supervisors):
+        db_path, fault_server, processes):
     conn = connect(db_path)
     seed(conn, 6)
     answers = threading.Event()  # documents in flight until the TERM is sent
     server = fault_server(held_until(answers))
-    log = tmp_path / "run.log"
-    proc = start(db_path, server.url, "--workers", "2", "--batch-size", "1", "--status-addr", "off", log=log)
-    supervisors.append(proc)
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
+                                "--status-addr", "off")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
     workers = worker_pids(proc)
     in_flight = sorted(p["content_id"] for p in server.requests)
-    os.killpg(proc.pid, signal.SIGTERM)  # what GNU timeout and `kill -- -PGID` do
+    proc.signal_group(signal.SIGTERM)  # what GNU timeout and `kill -- -PGID` do
     answers.set()  # each worker has its TERM pending before its answer can arrive
-    assert proc.wait(30) == 0, log.read_text()
-    err = log.read_text()
+    err = proc.stop(None, timeout=30)
+    assert proc.returncode == 0, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err and "stopped at once" not in err, err
     assert len(workers) == 2
     for pid in workers:
@@ -449,14 +420,12 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
 @pytest.mark.parametrize("addr, shown", [pytest.param("[::1]:0", "status endpoint on http://[::1]:",
                                                       marks=pytest.mark.hostile),
                                          ("[::]:0", "status endpoint listens on [::]:")])
-def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, tmp_path, addr, shown):
-    log = tmp_path / "run.log"
-    proc = start(db_path, kg_service, "--workers", "1", "--status-addr", addr, "--exit-when-empty", log=log)
-    try:
-        assert proc.wait(30) == 0, log.read_text()
-    finally:
-        kill_groups([proc])
-    assert shown in log.read_text()
+def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, processes, addr, shown):
+    proc = processes.supervisor(db_path, kg_service, "--workers", "1", "--status-addr", addr,
+                                "--exit-when-empty")
+    log = proc.stop(None, timeout=30)
+    assert proc.returncode == 0, log
+    assert shown in log
     record_hostile(f"`run --status-addr {addr}` (IPv6)", f'logged in brackets: "{shown}…"', "no")
 
 

@@ -2,12 +2,9 @@
 new workers replace old ones."""
 from __future__ import annotations
 
-import os
-import pathlib
 import signal
-import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import requests
@@ -16,33 +13,29 @@ from kgsupervisor.kg.devservice import make_server
 from kgsupervisor.store.schema import init_db
 
 from .chaos.harness import record_hostile
-from .conftest import KGSUPERVISOR, free_port, kill_groups, seed, status_counts, wait_for
+from .conftest import seed, status_counts, wait_for
+from .processes import FAST, Process, Processes, free_port, worker_pids
 from .test_supervisor import completed_once
-from .test_supervisor_lifecycle import children_named
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
-FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2", "PYTHONUNBUFFERED": "1"}
 REFUSED = "reload refused, keeping the running configuration and workers"
 
 
 class Running:
-    """A `kgsupervisor run` logging to a file and serving its status on a free loopback port."""
+    """A `kgsupervisor run` started by the process harness (`proc`), and its status endpoint on a
+    free loopback port."""
 
-    def __init__(self, log: pathlib.Path, *args: str, env: dict | None = None) -> None:
-        self.log = log
+    def __init__(self, processes: Processes, *args: str, env: dict | None = None) -> None:
         self.addr = f"127.0.0.1:{free_port()}"
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(
-                KGSUPERVISOR + ["run", "--poll-interval", "0.2", "--status-addr", self.addr, *args],
-                env={**os.environ, **FAST, **(env or {})}, start_new_session=True,
-                stdout=subprocess.DEVNULL, stderr=out)
+        self.proc: Process = processes.kgsupervisor(
+            ["run", "--poll-interval", "0.2", "--status-addr", self.addr, *args], env={**FAST, **(env or {})})
 
     def text(self) -> str:
-        return self.log.read_text()
+        return self.proc.output
 
     def workers(self) -> set[int]:
-        return children_named(self.proc.pid, "kgs-worker-")
+        return worker_pids(self.proc)
 
     def stats(self) -> dict:
         """/stats, or {} while the endpoint does not answer yet."""
@@ -52,7 +45,7 @@ class Running:
             return {}
 
     def hup(self) -> None:
-        os.kill(self.proc.pid, signal.SIGHUP)
+        self.proc.send_signal(signal.SIGHUP)
 
     def wait_workers(self, count: int, other_than: set[int] = frozenset()) -> set[int]:
         """Wait until exactly `count` workers run, none of them in `other_than`; returns their pids."""
@@ -66,23 +59,18 @@ class Running:
 
     def stop(self) -> str:
         """SIGTERM, wait for the exit 0, return the log."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        assert self.proc.wait(30) == 0, self.text()
-        return self.text()
+        log = self.proc.stop(signal.SIGTERM, timeout=30)
+        assert self.proc.returncode == 0, log
+        return log
 
 
 @pytest.fixture
-def supervisor(tmp_path) -> Iterator:
-    """Starts Running supervisors; any still running at teardown is killed with its process group."""
-    started: list[Running] = []
-
+def supervisor(processes) -> Callable[..., Running]:
+    """Starts Running supervisors (`kgsupervisor run ARGS`) through the `processes` fixture, which
+    kills any still running at teardown with its process group."""
     def start(*args: str, env: dict | None = None) -> Running:
-        started.append(Running(tmp_path / f"supervisor-{len(started)}.log", *args, env=env))
-        return started[-1]
-
-    yield start
-    kill_groups(sup.proc for sup in started)
+        return Running(processes, *args, env=env)
+    return start
 
 
 @pytest.fixture
@@ -171,7 +159,7 @@ def test_a_worker_count_set_by_sigttin_survives_a_reload_unless_the_config_chang
     cfg.write_text("num_workers = 2\n")
     sup = supervisor("--config", str(cfg), "--db", db_path, "--service-url", kg_service)
     sup.wait_workers(2)
-    os.kill(sup.proc.pid, signal.SIGTTIN)
+    sup.proc.send_signal(signal.SIGTTIN)
     three = sup.wait_workers(3)
 
     sup.hup()  # the file still says 2: the count set by SIGTTIN stays

@@ -16,17 +16,16 @@ from kgsupervisor.ops import cli_queue, cli_status
 from kgsupervisor.ops.cli_options import FiniteRange, pidfile_option, settings_options
 from kgsupervisor.ops.control import signal_supervisor, wait_for_exit
 from kgsupervisor.pool.pidfile import Pidfile
-from kgsupervisor.states import EXIT_USAGE
+from kgsupervisor.states import EXIT_USAGE, OPERATOR_SIGNALS
 from kgsupervisor.store import backend
 
 # The supervisor, worker, HTTP client, dev service and rich views are imported by the commands
 # that use them: `queue`, `enqueue` and `health` are called from scripts and cron, and each call
 # would otherwise pay ~0.3 s of imports it never uses.
 
-# The signals the supervisor handles (worker.main.HANDLED_SIGNALS but SIGCHLD), held from the
-# first instant of `run` until its handlers are in: a stop during start-up then drains like
-# any other (exit 0, pidfile removed) instead of killing it with its pidfile left behind.
-STARTUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+# Held from the first instant of `run` until its handlers are in: a stop during start-up then
+# drains like any other (exit 0, pidfile removed) instead of killing it with its pidfile left behind.
+STARTUP_SIGNALS = OPERATOR_SIGNALS
 
 
 class KGGroup(click.Group):

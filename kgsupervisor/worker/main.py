@@ -13,13 +13,12 @@ from kgsupervisor.errors import ConfigError, DatabaseError
 from kgsupervisor.lifeline import close_fds
 from kgsupervisor.masking import secrets_of
 from kgsupervisor.procname import set_process_name
-from kgsupervisor.states import EXIT_BOOT_ERROR
+from kgsupervisor.states import EXIT_BOOT_ERROR, OPERATOR_SIGNALS
 from kgsupervisor.worker.counters import SharedCounters
 from kgsupervisor.worker.kgworker import KGWorker
 
 # The signals the supervisor handles; its workers get their own handlers for them.
-HANDLED_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU,
-                   signal.SIGUSR1, signal.SIGCHLD)
+HANDLED_SIGNALS = OPERATOR_SIGNALS + (signal.SIGCHLD,)
 
 
 @contextmanager
