@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kgsupervisor.errors import DatabaseError
 from kgsupervisor.store.commitwatch import QUEUE_CHANNEL
+from kgsupervisor.store.owntables import POSTGRES_SPELLING, create_own_tables, lacking_own
 from kgsupervisor.store.postgres import PGConnection
 from kgsupervisor.store.schema import (QUEUE_COLUMNS, STATUS_COUNTS_TABLE, SUPERVISOR_INDEXES,
                                        UPSTREAM_INDEXES, USED_COLUMNS, require_schema)
@@ -188,6 +189,7 @@ def migrate_pg(conn: PGConnection) -> list[str]:
                 conn.execute(ddl)
                 changes.append(f"created index {name}")
         changes += [change for change in (_install_status_counts(conn), _install_notify(conn)) if change]
+        changes += create_own_tables(conn, *_tables_and_indexes(conn), POSTGRES_SPELLING)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -303,6 +305,13 @@ def _install_notify(conn: PGConnection) -> str | None:
     return f"created the NOTIFY {QUEUE_CHANNEL} triggers"
 
 
+def _tables_and_indexes(conn: PGConnection) -> tuple[set[str], set[str]]:
+    """The names of the tables and of the indexes in the current schema."""
+    return (_names(conn, "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"),
+            _names(conn, "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()"))
+
+
 def check_schema_pg(conn: PGConnection, label: str) -> None:
     """Fail with one line when the database lacks a table or column kgsupervisor uses."""
-    require_schema({table: table_columns(conn, table) for table in USED_COLUMNS}, label, "URL")
+    require_schema({table: table_columns(conn, table) for table in USED_COLUMNS}, label, "URL",
+                   lacking=lacking_own(*_tables_and_indexes(conn)))

@@ -7,6 +7,7 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 from kgsupervisor.errors import DatabaseError
+from kgsupervisor.store.owntables import SQLITE_SPELLING, create_own_tables, lacking_own
 from kgsupervisor.store.sqlite import connect, transaction
 
 if TYPE_CHECKING:
@@ -248,6 +249,7 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
                 changes.append(f"created index {name}")
         if _install_status_counts(conn):
             changes.append(f"created {STATUS_COUNTS_TABLE} and its triggers")
+        changes += create_own_tables(conn, *_tables_and_indexes(conn), SQLITE_SPELLING)
     # No ANALYZE here: statistics of a still-empty queue would mislead the planner later.
     return changes
 
@@ -263,16 +265,26 @@ def init_db(path: str) -> list[str]:
         conn.close()
 
 
+def _tables_and_indexes(conn: sqlite3.Connection) -> tuple[set[str], set[str]]:
+    """The names of the database's tables and of its indexes."""
+    tables: set[str] = set()
+    indexes: set[str] = set()
+    for kind, name in conn.execute("SELECT type, name FROM sqlite_master WHERE type IN ('table', 'index')"):
+        (tables if kind == "table" else indexes).add(name)
+    return tables, indexes
+
+
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
     """Fail with one line when the database lacks a table, column or index kgsupervisor uses."""
     have = {table: table_columns(conn, table) for table in USED_COLUMNS}
-    indexes = {row[1] for row in conn.execute("PRAGMA index_list(kg_processing_queue)")}
+    tables, indexes = _tables_and_indexes(conn)
     # The claim names its index (INDEXED BY): without it every claim fails.
-    require_schema(have, repr(path), path, [name for name in SUPERVISOR_INDEXES if name not in indexes])
+    require_schema(have, repr(path), path, [name for name in SUPERVISOR_INDEXES if name not in indexes],
+                   lacking_own(tables, indexes))
 
 
 def require_schema(have: dict[str, set[str]], label: str, db_arg: str,
-                   lacking_indexes: list[str] | None = None) -> None:
+                   lacking_indexes: list[str] | None = None, lacking: list[str] | None = None) -> None:
     """One line naming every table, column and index the database lacks, and the init-db that
     adds them (either backend); `have` holds each table's columns, empty when it is missing."""
     hint = f"(run: kgsupervisor init-db --db {db_arg})"
@@ -287,5 +299,6 @@ def require_schema(have: dict[str, set[str]], label: str, db_arg: str,
         elif missing:
             problems.append(f"{table} lacks {', '.join(missing)}")
     problems += [f"kg_processing_queue lacks index {name}" for name in lacking_indexes or []]
+    problems += lacking or []
     if problems:
         raise DatabaseError(f"{label} needs migrating: {'; '.join(problems)} {hint}")
