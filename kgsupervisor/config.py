@@ -78,6 +78,8 @@ class Settings:
     hang_timeout: float = _setting(60.0, "KG_HANG_TIMEOUT", "a worker silent this long is killed and replaced, "
                                    "seconds (at most 86400)", _positive_up_to(DAY, "1 day"))
     poison_after: int = _setting(3, "KG_POISON_AFTER", "worker crashes on one document before it is failed as a poison pill", _between(1, 1000))
+    history_days: int = _setting(30, "KG_HISTORY_DAYS", "days the attempt history keeps (0: all; at most 36500)",
+                                 _between(0, 36500))
     max_documents_per_worker: int = _setting(0, "KG_MAX_DOCUMENTS_PER_WORKER", "recycle a worker after this many documents (0: never)", _at_least(0))
     max_worker_rss_mb: float = _setting(0.0, "KG_MAX_WORKER_RSS_MB", "recycle a worker above this resident memory, "
                                         "MiB (0: never; at most 1048576)",

@@ -115,7 +115,7 @@ def test_the_api_from_a_plain_script(conn, db_path, kg_service):
     seed(conn, 10)
     out = run_host(PLAIN, db_path, kg_service)
     health, stats = out["health"], out["stats"]
-    assert set(health) == HEALTH_KEYS | {"host", "database"} and health["healthy_workers"] == 2
+    assert set(health) == HEALTH_KEYS | {"host", "database", "paused"} and health["healthy_workers"] == 2
     assert health["database"] == {"backend": "sqlite", "name": db_path} and health["host"] == socket.gethostname()
     detail = health["worker_details"][0]
     assert {"worker_id", "pid", "running", "stats"} <= set(detail)

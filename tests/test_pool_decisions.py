@@ -13,6 +13,7 @@ import pytest
 
 from kgsupervisor.pool.slots import BACKOFF_FIRST, SlotState, WorkerProcess
 from kgsupervisor.pool.snapshot import PoolSnapshot
+from kgsupervisor.pool.stacks import CapturedStack
 from kgsupervisor.pool.supervisor import SECOND_SIGNAL_GRACE, Supervisor
 from kgsupervisor.pool.workers import BOOT_ERROR_BACKOFF
 from kgsupervisor.queue.leased import queue_for
@@ -58,6 +59,9 @@ class FakeWorker(WorkerProcess):
         self.received.append(signum)
         if signum == signal.SIGKILL:
             self.process.exit(-signal.SIGKILL)
+
+    def capture_stack(self, timeout: float) -> CapturedStack:
+        return CapturedStack("none", f"no stack: pid {self.pid} is a stand-in")
 
 
 class FakeLauncher:

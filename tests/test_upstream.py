@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from kgsupervisor.queue import documents, sql, writeback
+from kgsupervisor.queue import documents, outcomes, sql, writeback
 from kgsupervisor.queue import leased as queue
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.owntables import OWN_TABLES
@@ -184,7 +184,7 @@ def test_the_declared_columns_are_the_ones_the_sql_of_the_workers_names():
     """A statement added later is held to USED_COLUMNS too, before any database meets it."""
     known = {c for columns in UPSTREAM_COLUMNS.values() for c in columns} | set(QUEUE_COLUMNS)
     used = {c for columns in USED_COLUMNS.values() for c in columns}
-    statements = [s for m in (documents, queue, sql, writeback) for s in sql_texts(m)]
+    statements = [s for m in (documents, queue, outcomes, sql, writeback) for s in sql_texts(m)]
     assert len(statements) > 20
     named = {word for s in statements for word in re.findall(r"[a-z_][a-z0-9_]*", s)} & known
     assert named - used == set(), "columns the workers use that USED_COLUMNS does not list"

@@ -124,6 +124,9 @@ class KGClient:
         self.max_answer_bytes = max_answer_bytes
         self.max_retry_after = max_retry_after
         self.health_status = ServiceHealth(url=self.url)
+        # The last ingest's answer as the attempt history records it: its HTTP status and size.
+        self.last_status: int | None = None
+        self.last_answer_bytes: int | None = None
         self._watchdog = Watchdog()
         self._session = _session_with_environment_read_once(self.url)
         self._session.headers["User-Agent"] = "kgsupervisor"
@@ -162,11 +165,15 @@ class KGClient:
 
     def _post_once(self, body: bytes) -> bytes:
         """One POST, all of it (sending, the headers, the whole answer) within read_timeout."""
+        self.last_status = self.last_answer_bytes = None
         with self._watchdog.deadline(self.read_timeout) as deadline:
             resp = self._send(body, deadline)
+            self.last_status = resp.status_code
             with resp:
                 self._raise_for_status(resp)
-                return self._read_limited(resp, deadline)
+                answer = self._read_limited(resp, deadline)
+            self.last_answer_bytes = len(answer)
+            return answer
 
     def _send(self, body: bytes, deadline: Deadline) -> requests.Response:
         """POST the document; the answer's status and headers, its body left to read.

@@ -1,10 +1,12 @@
 """Sending one document to the KG service: the next healthy endpoint, the next again on its outage."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Protocol
 
+from kgsupervisor.addresses import mask_urls
 from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
 from kgsupervisor.kg.client import HealthVerdict
 from kgsupervisor.kg.endpoints import Endpoint, EndpointPool
@@ -12,6 +14,16 @@ from kgsupervisor.kg.result import IngestResult
 
 # A document a not-yet-proven endpoint failed waits this long, so that others go first.
 UNPROVEN_FAILURE_HOLD_BACK = 2.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exchange:
+    """The last request of a send, as the attempt history records it."""
+
+    endpoint: str               # the endpoint's URL, credentials masked
+    sent_at: float              # wall-clock time the request went
+    http_status: int | None     # None: no answer came (refused, cut, timed out before headers)
+    answer_bytes: int | None    # the whole answer's size, when one was read
 
 
 class LatencySink(Protocol):
@@ -28,6 +40,7 @@ class Dispatcher:
         self.endpoints = endpoints
         self.counters = counters
         self.log = log
+        self.last_exchange: Exchange | None = None  # of the last send, answered or not
 
     def send(self, content_id: int, body: bytes, rowids: set[int]) -> tuple[IngestResult, float]:
         """POST to the next healthy endpoint, and on that endpoint's outage to the next one.
@@ -38,9 +51,10 @@ class Dispatcher:
         """
         tried: list[Endpoint] = []
         outage = ServiceUnavailable("every KG service endpoint is down")
+        self.last_exchange = None
         while (endpoint := self.endpoints.choose(exclude=tried)) is not None:
             tried.append(endpoint)
-            sent = time.monotonic()
+            sent, sent_at = time.monotonic(), time.time()
             try:
                 # A blip is retried inline only where there is no other endpoint to go to.
                 result = endpoint.client.ingest(content_id, body, rowids,
@@ -62,9 +76,17 @@ class Dispatcher:
             else:
                 endpoint.answered_since_failure = True
                 return result, self.observe(endpoint, sent, ok=True)
+            finally:
+                self.note_exchange(endpoint, sent_at)
             endpoint.answered_since_failure = False
             self.endpoint_down(endpoint, outage)
         raise outage
+
+    def note_exchange(self, endpoint: Endpoint, sent_at: float) -> None:
+        """Keep what the history records of the request just made to `endpoint`."""
+        client = endpoint.client
+        self.last_exchange = Exchange(mask_urls(endpoint.url), sent_at, client.last_status,
+                                      client.last_answer_bytes)
 
     def blame(self, endpoint: Endpoint, exc: ItemFailure) -> ServiceUnavailable | None:
         """Whose fault is a 500 or a timeout: None when the document's (charge it), else the outage.

@@ -12,7 +12,7 @@ import click
 from kgsupervisor import config, logs
 from kgsupervisor.addresses import parse_addr
 from kgsupervisor.errors import ConfigError, KGSupervisorError, NotReachable
-from kgsupervisor.ops import cli_queue, cli_status
+from kgsupervisor.ops import cli_control, cli_dump, cli_history, cli_queue, cli_status
 from kgsupervisor.ops.cli_options import FiniteRange, pidfile_option, settings_options
 from kgsupervisor.ops.control import signal_supervisor, wait_for_exit
 from kgsupervisor.pool.pidfile import Pidfile
@@ -48,7 +48,8 @@ def main() -> None:
     """Supervise workers that drain the knowledge-graph ingest queue of a crawl database."""
 
 
-for command in (*cli_queue.COMMANDS, *cli_status.COMMANDS):
+for command in (*cli_queue.COMMANDS, *cli_status.COMMANDS, *cli_history.COMMANDS, *cli_control.COMMANDS,
+                *cli_dump.COMMANDS):
     main.add_command(command)
 
 

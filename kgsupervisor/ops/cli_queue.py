@@ -122,15 +122,39 @@ def queue_command(db_path: str, as_json: bool) -> None:
 @click.option("--skipped", is_flag=True, help="Every skipped row.")
 @click.option("--pending", is_flag=True, help="Every pending row told to wait (Retry-After, backoff): due now.")
 @click.option("--id", "ids", type=int, multiple=True, help="A queue row id (repeatable).")
-def retry(db_path: str, failed: bool, skipped: bool, pending: bool, ids: tuple[int, ...]) -> None:
+@click.option("--error", "error_text", metavar="TEXT",
+              help="The failed rows whose message or error class contains TEXT (any case), "
+                   "as `failed` finds them.")
+@click.option("--since", metavar="DURATION",
+              help="The failed rows that failed within the last DURATION: 90s, 15m, 2h, 7d.")
+@click.option("--dry-run", is_flag=True,
+              help="Print how many failed rows would go back to pending; change nothing.")
+def retry(db_path: str, failed: bool, skipped: bool, pending: bool, ids: tuple[int, ...],
+          error_text: str | None, since: str | None, dry_run: bool) -> None:
     """Put failed or skipped rows back to pending with a fresh attempt budget; pending rows
-    (--pending, or by --id) that wait for a later time become due now."""
-    if not (failed or skipped or pending or ids):
-        raise click.UsageError("give --failed, --skipped, --pending or --id N")
+    (--pending, or by --id) that wait for a later time become due now. --error and --since
+    choose among the failed rows (both: rows that match both)."""
+    from kgsupervisor.queue.inspection import FailureFilter, retry_failures
+    filtered = error_text is not None or since is not None
+    if not (failed or skipped or pending or ids or filtered):
+        raise click.UsageError("give --failed, --skipped, --pending, --id N, --error TEXT "
+                               "or --since DURATION")
+    if dry_run and (skipped or pending or ids):
+        raise click.UsageError("--dry-run counts failed rows: use it with --failed, --error or --since, "
+                               "not with --skipped, --pending or --id")
+    chosen = FailureFilter.of_options(error_text, since, time.time())
     with database_errors(db_path):
         queue = open_queue(db_path)
+        if dry_run:
+            n = retry_failures(queue, chosen, dry_run=True)
+            click.echo(f"{n} row(s) would go back to pending (dry run: nothing changed)")
+            return
+        n = 0
+        if filtered:
+            with progress_bar("back to pending") as progress:
+                n += retry_failures(queue, chosen, progress=progress)
         with progress_bar("back to pending") as progress:
-            n = queue.retry(failed=failed, skipped=skipped, ids=ids, progress=progress)
+            n += queue.retry(failed=failed and not filtered, skipped=skipped, ids=ids, progress=progress)
         with progress_bar("due now") as progress:
             due = queue.make_due(time.time(), every_pending=pending, ids=ids, progress=progress)
     click.echo(f"{n} row(s) back to pending")

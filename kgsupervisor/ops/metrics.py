@@ -26,6 +26,7 @@ class SnapshotCollector:
         yield from self._queue(stats)
         yield from self._service(stats, extra)
         yield from self._workers(stats, details)
+        yield from self._pause(stats)
 
     def _documents(self, stats: dict, extra: dict) -> Iterator[Metric]:
         for key, name, doc in (("total_processed", "processed", "Documents that reached an outcome"),
@@ -86,6 +87,11 @@ class SnapshotCollector:
             rss.add_metric([str(d["worker_id"])], d.get("rss_bytes", 0))
         yield respawns
         yield rss
+
+    def _pause(self, stats: dict) -> Iterator[Metric]:
+        yield GaugeMetricFamily("kgsupervisor_paused", "1 while an operator has paused claiming "
+                                "(kgsupervisor pause): workers finish what they hold and claim nothing",
+                                value=1 if stats.get("paused") else 0)
 
 
 def render(snapshot: dict[str, Any]) -> bytes:

@@ -86,6 +86,16 @@ def endpoint_lines(kg: dict[str, Any]) -> list[str]:
             for e in endpoints]
 
 
+def pause_lines(stats: dict[str, Any]) -> list[str]:
+    """The operator's pause, when there is one, on a line of its own."""
+    paused = stats.get("paused")
+    if not paused:
+        return []
+    reason = f" (reason: {paused['reason']})" if paused.get("reason") else ""
+    return [f"PAUSED since {paused['since']} by {paused.get('set_by') or '?'}{reason}: workers finish what "
+            f"they hold and claim nothing until `kgsupervisor resume`"]
+
+
 def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
     """The `status --watch` screen: progress bar, queue and service line, worker table."""
     stats, health = snapshot["stats"], snapshot["health"]
@@ -97,7 +107,8 @@ def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
     summary = Text(f"queue: {q.get('pending', 0)} pending, {q.get('processing', 0)} processing, "
                    f"{q.get('completed', 0)} completed, {q.get('failed', 0)} failed    "
                    f"KG service {kg.get('url')}: {service}    restarts (HUP): {stats.get('workers_restarted', 0)}")
-    return Group(ProgressBar(total=max(total, 1), completed=done, width=60), Text(line), summary,
+    return Group(ProgressBar(total=max(total, 1), completed=done, width=60), Text(line),
+                 *(Text(p, style="bold yellow") for p in pause_lines(stats)), summary,
                  *(Text(e) for e in endpoint_lines(kg)), worker_table(health))
 
 
@@ -119,6 +130,7 @@ def status_text(snapshot: dict[str, Any]) -> str:
         f"supervisor: {'running' if stats.get('manager_running') else 'stopping'}, "
         f"{health.get('healthy_workers', 0)}/{health.get('total_workers', 0)} workers healthy, "
         f"started {stats.get('manager_started_at')}, {stats.get('workers_restarted', 0)} reload(s)",
+        *pause_lines(stats),
         f"host {stats.get('host', '?')}, database {(stats.get('database') or {}).get('name', '?')} "
         f"({(stats.get('database') or {}).get('backend', '?')}; the queue below is everyone's, the workers "
         f"this host's)",
@@ -135,3 +147,39 @@ def status_text(snapshot: dict[str, Any]) -> str:
                      f"processed={s.get('total_processed', 0)} restarts={d.get('restarts', 0)} "
                      f"rss={(d.get('rss_bytes') or 0) / 2**20:.0f}MiB doc={d.get('current_content_id')}")
     return "\n".join(lines)
+
+
+HOST_COLUMNS = ("host", "pid", "state", "workers", "version", "status address", "started", "heartbeat")
+
+
+def host_cells(h: dict[str, Any]) -> tuple[str, ...]:
+    """One row of the hosts table: workers as running/wanted, the heartbeat's age."""
+    age = h.get("heartbeat_age")
+    return (str(h["host"]), str(h["pid"]), str(h["state"]),
+            f"{h.get('workers_running') if h.get('workers_running') is not None else '-'}"
+            f"/{h.get('workers_wanted') if h.get('workers_wanted') is not None else '-'}",
+            str(h.get("version") or "-"), str(h.get("status_addr") or "off"), str(h.get("started_at") or "-"),
+            "-" if age is None else f"{age:.1f}s ago" if age < 60 else f"{_duration(age)} ago")
+
+
+def aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells as left-aligned plain-text columns: no terminal width involved, pipes get it whole."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def hosts_text(document: dict[str, Any]) -> str:
+    """`kgsupervisor status --all`: the database, every supervisor's row, the queue."""
+    hosts = document["hosts"]
+    states: dict[str, int] = {}
+    for h in hosts:
+        states[h["state"]] = states.get(h["state"], 0) + 1
+    database = document["database"]
+    summary = ", ".join(f"{n} {state}" for state, n in states.items())
+    lines = [f"database {database['name']} ({database['backend']}): {len(hosts)} supervisor(s)"
+             + (f", {summary}" if summary else "")
+             + f"; gone = no heartbeat for {document['lease_seconds']:g}s",
+             "queue: " + ", ".join(f"{n} {status}" for status, n in queue_statuses(document["queue_size"]))]
+    if not hosts:
+        return "\n".join(lines + ["no supervisor is registered in this database"])
+    return "\n".join(lines + aligned([HOST_COLUMNS] + [host_cells(h) for h in hosts]))

@@ -58,7 +58,7 @@ class Reporter:
                           workers_restarted=snapshot.workers_restarted,
                           last_health_check=snapshot.taken_at, url=snapshot.service_url,
                           enabled=snapshot.service_enabled, queue_size=dict(snapshot.queue_size))
-        stats.update(whereabouts(snapshot))
+        stats.update(whereabouts(snapshot), **pause_view(snapshot))
         self.latest = {"stats": stats, "health": health, "extra": extra(snapshot, health["worker_details"])}
         self.notify_systemd(snapshot, health, stats)
         self.show_progress(stats)
@@ -93,11 +93,7 @@ class Reporter:
     def notify_systemd(self, snapshot: PoolSnapshot, health: dict[str, Any], stats: dict[str, Any]) -> None:
         if not self.notifier.enabled:
             return
-        q = stats["queue_size"]
-        states = [f"STATUS={health['healthy_workers']}/{health['total_workers']} workers, "
-                  f"{stats['total_success']} completed, {stats['total_failed']} failed; queue: "
-                  f"{q.get('pending', 0)} pending, {q.get('processing', 0)} processing; KG service "
-                  f"{'up' if stats['kg_service_status']['is_healthy'] else 'down or unknown'}"]
+        states = [f"STATUS={systemd_status(health, stats)}"]
         if not self.ready_sent and snapshot.running and self.workers_checked_in(health):
             states.insert(0, "READY=1")
             self.ready_sent = True
@@ -124,15 +120,34 @@ class Reporter:
         self.notifier.notify(*states)
 
 
+def systemd_status(health: dict[str, Any], stats: dict[str, Any]) -> str:
+    """The STATUS= line `systemctl status` shows: a pause first, then workers, outcomes, queue, service."""
+    q = stats["queue_size"]
+    paused = stats.get("paused")
+    reason = f" (reason: {paused['reason']})" if paused and paused["reason"] else ""
+    return ((f"PAUSED since {paused['since']}{reason}, claiming nothing; " if paused else "")
+            + f"{health['healthy_workers']}/{health['total_workers']} workers, "
+            f"{stats['total_success']} completed, {stats['total_failed']} failed; queue: "
+            f"{q.get('pending', 0)} pending, {q.get('processing', 0)} processing; KG service "
+            f"{'up' if stats['kg_service_status']['is_healthy'] else 'down or unknown'}")
+
+
 def check_worker_health(snapshot: PoolSnapshot) -> dict[str, Any]:
-    """check_worker_health() (CONTRACT §7), with where the pool runs."""
-    return {**worker_health(list(snapshot.workers), snapshot.running), **whereabouts(snapshot)}
+    """check_worker_health() (CONTRACT §7), with where the pool runs and whether it is paused."""
+    return {**worker_health(list(snapshot.workers), snapshot.running), **whereabouts(snapshot),
+            **pause_view(snapshot)}
 
 
 def whereabouts(snapshot: PoolSnapshot) -> dict[str, Any]:
     """Which host this supervisor runs on and which database it drains: with several hosts
     on one PostgreSQL queue, the workers are this host's and the queue counts everyone's."""
     return {"host": snapshot.host, "database": dict(snapshot.database)}
+
+
+def pause_view(snapshot: PoolSnapshot) -> dict[str, Any]:
+    """`paused`: the operator's pause as /stats and /health show it (reason, since, set_by), or
+    None. A paused pool is healthy: its workers run, they only claim nothing."""
+    return {"paused": snapshot.paused.as_dict() if snapshot.paused else None}
 
 
 def extra(snapshot: PoolSnapshot, details: list[dict[str, Any]]) -> dict[str, Any]:

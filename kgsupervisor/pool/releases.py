@@ -3,16 +3,48 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from contextlib import closing
 
 from kgsupervisor.lifeline import pid_alive
+from kgsupervisor.queue.history import Attempt, Outcome
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.backend import connect_to
 
 log = logging.getLogger("kgsupervisor.supervisor")
 
 RETRY_EVERY = 2.0  # a refused release is tried again this often, until it goes through
+# The kill reasons (WorkerProcess.kill_reason) of a worker the supervisor stopped, not lost: its
+# claims were released on a drain or a shutdown ("" from kill_all, which stops them all).
+DRAIN_KILLS = ("", "drain timeout", "supervisor stopping")
+
+
+def death_outcome(cause: str) -> Outcome:
+    """How a gone worker's claims ended: hung (killed for a missed heartbeat), drained (killed as
+    a drain or shutdown ran out of time), or crashed."""
+    if cause.startswith("hung"):
+        return Outcome.HUNG
+    return Outcome.DRAINED if cause in DRAIN_KILLS else Outcome.CRASHED
+
+
+def death_class(cause: str) -> str:
+    """The history's error_class of a worker's death: the signal that killed it, exit_N, or the reason."""
+    if cause.startswith("hung"):
+        return "no_heartbeat"
+    signal_name = re.search(r"\bSIG[A-Z0-9]+\b", cause)
+    if signal_name:
+        return signal_name.group()
+    status = re.search(r"exited with status (-?\d+)", cause)
+    if status:
+        return f"exit_{status.group(1)}"
+    return cause.replace(" ", "_") if cause else "stopped"
+
+
+def death_attempt(pid: int, cause: str, worker: int | None, stack: str | None) -> Attempt:
+    """What the supervisor knows of the tries a dead worker's claims were on."""
+    return Attempt(worker=worker, error_class=death_class(cause), stack=stack,
+                   error_message=f"worker pid {pid}: {cause or 'stopped with the supervisor'}")
 
 
 @dataclasses.dataclass
@@ -22,6 +54,7 @@ class RefusedRelease:
     pid: int
     charge: bool
     cause: str
+    attempt: Attempt
 
 
 class ClaimReleaser:
@@ -38,13 +71,18 @@ class ClaimReleaser:
         self.refused: dict[str, RefusedRelease] = {}
         self.next_retry = 0.0
 
-    def release_gone_worker(self, owner: str, pid: int, charge: bool, cause: str, poison_after: int) -> None:
+    def release_gone_worker(self, owner: str, pid: int, charge: bool, cause: str, poison_after: int,
+                            stack: str | None = None, worker: int | None = None) -> None:
+        """Give back the claims of worker `owner`, which is gone; each is recorded in the attempt
+        history as crashed, hung (with `stack`, captured before the kill) or drained, or as a
+        poison pill; `worker` is its number in the pool."""
+        attempt = death_attempt(pid, cause, worker, stack)
         try:
-            released = self._release(owner, charge, cause, poison_after)
+            released = self._release(owner, charge, cause, poison_after, attempt)
         except Exception as exc:  # kept and retried; the lease expiry is the last backstop
             log.error("could not release claims of %s (%s); retrying every %.0fs while running (or "
                       "they return when their lease expires)", owner, exc, RETRY_EVERY)
-            self.refused[owner] = RefusedRelease(owner, pid, charge, cause)
+            self.refused[owner] = RefusedRelease(owner, pid, charge, cause, attempt)
             self.next_retry = time.monotonic() + RETRY_EVERY
             return
         if released:
@@ -61,7 +99,8 @@ class ClaimReleaser:
                 del self.refused[owner]
                 continue
             try:
-                released = self._release(owner, refused.charge, refused.cause, poison_after)
+                released = self._release(owner, refused.charge, refused.cause, poison_after,
+                                         refused.attempt)
             except Exception:  # still refused: the first failure was logged
                 return
             del self.refused[owner]
@@ -75,15 +114,19 @@ class ClaimReleaser:
             for owner in q.owners_with_claims(f"{self.host}:"):
                 pid = int(owner.rsplit(":", 1)[1]) if owner.rsplit(":", 1)[1].isdigit() else 0
                 if pid and not pid_alive(pid):
-                    n = q.release_owner(owner)
+                    gone = Attempt(error_class="orphaned",
+                                   error_message=f"{owner} was gone when the supervisor started")
+                    n = q.release_owner(owner, outcome=Outcome.CRASHED, attempt=gone)
                     log.warning("released %d claim(s) of dead process %s left by an earlier run", n, owner)
 
-    def _release(self, owner: str, charge: bool, cause: str, poison_after: int) -> int:
+    def _release(self, owner: str, charge: bool, cause: str, poison_after: int, attempt: Attempt) -> int:
+        outcome = death_outcome(cause)
         with closing(connect_to(self.db_path)) as conn:
             q = queue_for(conn)
             if not charge:
-                return q.release_owner(owner)
-            result = q.release_crashed(owner, cause, poison_after, time.time())
+                return q.release_owner(owner, outcome=outcome, attempt=attempt)
+            result = q.release_crashed(owner, cause, poison_after, time.time(), outcome=outcome,
+                                       attempt=attempt)
         for cid in result.poisoned:
             log.error("content_id %d failed as a poison pill: it killed %d worker(s)", cid, poison_after)
         return result.released

@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 
+from kgsupervisor.pool.stacks import CapturedStack, capture_stack
 from kgsupervisor.states import EXIT_ERROR, EXIT_OK
 from kgsupervisor.worker.counters import COUNTS, SharedCounters
 from kgsupervisor.worker.stats import iso_now
@@ -62,6 +63,7 @@ class WorkerProcess:
     ps: psutil.Process | None = None
     rss_bytes: int = 0
     cpu_percent: float = 0.0
+    stack: str | None = None         # where it was stuck, captured before a hang kill
 
     @property
     def pid(self) -> int:
@@ -97,6 +99,10 @@ class WorkerProcess:
     def exit_hint(self) -> str:
         """A likely cause of its exit, when we did not kill it ourselves."""
         return "" if self.kill_reason else EXIT_HINTS.get(self.process.exitcode, "")
+
+    def capture_stack(self, timeout: float) -> CapturedStack:
+        """The stacks of its threads, within `timeout` seconds (see pool.stacks)."""
+        return capture_stack(self.pid, timeout)
 
     def signal(self, signum: int) -> None:
         try:

@@ -17,6 +17,8 @@ from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.lifeline import parent_gone
 from kgsupervisor.pool.manager import StatsManager
 from kgsupervisor.pool.ports import Reporter, StatsStore, StatusServer
+from kgsupervisor.pool.pruning import HistoryPruner
+from kgsupervisor.pool.registry import HostRegistry
 from kgsupervisor.pool.releases import ClaimReleaser
 from kgsupervisor.pool.reload import check_startable, reloaded_settings, warn_start_only, worker_count
 from kgsupervisor.pool.slots import WorkerProcess, describe_exit
@@ -63,6 +65,8 @@ class Supervisor:
         self.stop_signal_at: float | None = None
         self.host = socket.gethostname()
         self.releaser = ClaimReleaser(self.db_path, self.host)
+        self.registry = HostRegistry(self.db_path, self.host, self.pid)
+        self.pruner = HistoryPruner(self.db_path)
         self.pool = WorkerPool(settings, launch or self.fork_worker, self.releaser)
         self.queue_counter = QueueCounter(self.db_path)
         self.wakeups = Wakeups()
@@ -98,6 +102,9 @@ class Supervisor:
             self.spawn_status_process()
         self.pool.manage(now)
         self.change_state(SupervisorState.RUNNING)  # STARTING -> RUNNING
+        if self.status is not None:
+            self.registry.status_addr = self.status.server.address()
+        self.refresh_registry(now)
         log.info("supervisor started: pid %d, %d worker(s), db=%s, service=%s", self.pid,
                  self.pool.num_workers, describe(self.db_path), self.settings.service_url)
 
@@ -121,6 +128,7 @@ class Supervisor:
     def halt(self) -> None:
         """Last resort and normal end alike: no worker left behind, no claim left held."""
         self.pool.kill_all()
+        self.registry.stop()
         if self.status is not None:
             self.status.stop()
         self.reporter.notify("STOPPING=1")
@@ -156,8 +164,15 @@ class Supervisor:
         elif self.state is SupervisorState.STOPPING:
             self.check_drain(now)
         self.watch_status_process()
+        self.refresh_registry(now)
+        self.pruner.prune_if_due(self.settings.history_days, now)
         if self.reporter.wants_snapshot(now):
             self.reporter.publish(self.snapshot(now))
+
+    def refresh_registry(self, now: float) -> None:
+        """This supervisor's row in the registry of hosts, when due (status --all reads it)."""
+        self.registry.refresh(now, self.state, self.pool, self.settings.lease_seconds,
+                              paused=self.queue_counter.paused is not None)
 
     def snapshot(self, now: float) -> PoolSnapshot:
         """The pool as it is this turn, for the reporter."""
@@ -170,7 +185,8 @@ class Supervisor:
             hang_timeout=self.settings.hang_timeout,
             workers=describe_slots(self.pool.slots, self.pool.num_workers, self.stats.snapshot(),
                                    time.time()),
-            totals=sum_counts(self.pool.slots.values()), queue_size=self.queue_counter.counts(now))
+            totals=sum_counts(self.pool.slots.values()), queue_size=self.queue_counter.counts(now),
+            paused=self.queue_counter.paused)  # after the counts: read with them
 
     # -- signals -----------------------------------------------------------------------------
 

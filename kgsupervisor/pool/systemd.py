@@ -35,7 +35,9 @@ class Notifier:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sock.set_inheritable(False)
-            self._sock.sendto("\n".join(states).encode(), _address(self.address))
+            # Never wait on a listener that does not read: a full socket drops this status
+            # (systemd always reads; a stalled loop would stop the supervisor's own work).
+            self._sock.sendto("\n".join(states).encode(), socket.MSG_DONTWAIT, _address(self.address))
         except OSError:
             return False
         return True

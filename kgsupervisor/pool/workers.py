@@ -10,6 +10,7 @@ from collections.abc import Callable
 from kgsupervisor.config import Settings
 from kgsupervisor.pool.releases import ClaimReleaser
 from kgsupervisor.pool.slots import WorkerProcess, WorkerSlot, describe_exit, exit_level
+from kgsupervisor.pool.stacks import CAPTURE_TIMEOUT
 from kgsupervisor.states import EXIT_BOOT_ERROR
 
 log = logging.getLogger("kgsupervisor.supervisor")
@@ -98,7 +99,8 @@ class WorkerPool:
         charged = worker.crashed and code != -signal.SIGBUS and worker.had_document_in_hand()
         # Release before respawn: the replacement must find the documents pending.
         self.releaser.release_gone_worker(worker.owner, worker.pid, charged, cause,
-                                          self.settings.poison_after)
+                                          self.settings.poison_after, worker=slot.worker_id,
+                                          stack=worker.stack)
         was_current = worker is slot.current
         slot.exited(worker, cause)
         backoff = ""
@@ -125,11 +127,21 @@ class WorkerPool:
             if age > self.settings.hang_timeout and worker.kill_reason is None:
                 worker.kill_reason = f"hung: no heartbeat for {age:.0f}s"
                 log.error("worker %d (pid %d) %s; killing it", slot.worker_id, worker.pid, worker.kill_reason)
+                self.keep_stack(slot.worker_id, worker)
                 worker.signal(signal.SIGKILL)
             elif limit and worker.rss_bytes > limit:
                 over_limit.append(slot)
         if recycle:
             self.recycle_one(over_limit)
+
+    def keep_stack(self, worker_id: int, worker: WorkerProcess) -> None:
+        """Before a hung worker is killed: log where it is stuck, and keep it for its history."""
+        captured = worker.capture_stack(CAPTURE_TIMEOUT)  # bounded: the loop waits for it
+        worker.stack = captured.text
+        held = worker.counters.current()
+        document = f"holding content_id {held}" if held is not None else "holding no document"
+        log.error("worker %d (pid %d) hung %s; its stack (%s):\n%s", worker_id, worker.pid, document,
+                  captured.source, captured.text)
 
     def recycle_one(self, over_limit: list[WorkerSlot]) -> None:
         """Retire the oldest worker over the memory limit; one at a time keeps the pool working."""

@@ -17,6 +17,7 @@ class Claim:
     token: str
     # Why this row cannot be processed (a content_id that is not a document id), or None.
     problem: str | None = None
+    claimed_at: float | None = None  # unix seconds of the claim, for the attempt history
 
 
 def _whole(value: object) -> int | None:
@@ -24,7 +25,7 @@ def _whole(value: object) -> int | None:
     return value if type(value) is int else None
 
 
-def claim_from_row(row: Sequence, owner: str, token: str) -> Claim:
+def claim_from_row(row: Sequence, owner: str, token: str, claimed_at: float | None = None) -> Claim:
     """A Claim for a claimed row; a row whose values no worker could use carries its problem.
 
     SQLite stores whatever the upstream wrote: one row with text in content_id must fail alone,
@@ -36,7 +37,8 @@ def claim_from_row(row: Sequence, owner: str, token: str) -> Claim:
     if _whole(content_id) is None:
         problem = (f"queue row {qid} has content_id {str(content_id)[:60]!r} "
                    f"({type(content_id).__name__}), not a crawled_content id")
-    return Claim(qid, content_id, _whole(retry_count) or 0, _whole(priority) or 0, owner, token, problem)
+    return Claim(qid, content_id, _whole(retry_count) or 0, _whole(priority) or 0, owner, token, problem,
+                 claimed_at)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

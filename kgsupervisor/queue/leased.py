@@ -1,17 +1,15 @@
 """The leased queue: claim, extend, release, retry, fail, requeue and count rows, on SQLite or PostgreSQL."""
 from __future__ import annotations
 
-import random
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from kgsupervisor.errors import ConfigError, DatabaseError
-from kgsupervisor.masking import hide_credentials
-from kgsupervisor.queue.claims import Claim, CrashRelease, EnqueueResult, claim_from_row
-from kgsupervisor.queue.sql import (BACK_TO_PENDING, FENCED, HELD, NO_LEASE, OWNED, claim_sql, db_timestamp,
-                                    live, marks)
-from kgsupervisor.states import ALL_JOB_STATUSES, JobStatus
+from kgsupervisor.queue.claims import Claim, EnqueueResult, claim_from_row
+from kgsupervisor.queue.outcomes import ClaimOutcomes
+from kgsupervisor.queue.sql import HELD, claim_sql, db_timestamp, live, marks
+from kgsupervisor.states import ALL_JOB_STATUSES
 from kgsupervisor.store.backend import POSTGRESQL, SQLITE, Backend, backend_of, open_database
 from kgsupervisor.store.schema import CLAIMABLE, STATUS_COUNTS_TABLE
 from kgsupervisor.store.sqlite import transaction
@@ -54,13 +52,9 @@ def insert_refusals(backend: Backend) -> Iterator[None]:
                             f"kgsupervisor does not set it (give it a DEFAULT, or drop NOT NULL)") from None
 
 
-def backoff_delay(retry_count: int, base: float, cap: float) -> float:
-    """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**retry_count)]."""
-    return random.uniform(0, min(cap, base * (2 ** min(retry_count, 30))))
-
-
-class LeasedQueue:
-    """kg_processing_queue as a leased queue; every method is one short transaction.
+class LeasedQueue(ClaimOutcomes):
+    """kg_processing_queue as a leased queue; every method is one short transaction. How claims
+    end (retried, failed, released) is ClaimOutcomes', each recorded in the attempt history.
 
     One body of SQL for both backends (a PostgreSQL connection takes SQLite's spelling, see
     store.postgres.PGConnection), so their semantics cannot drift; what differs (the claim's
@@ -82,7 +76,7 @@ class LeasedQueue:
             self.claim_sql,
             (db_timestamp(now), owner, token, now + lease_seconds, now, limit),
         ).fetchall()
-        claims = [claim_from_row(r, owner, token) for r in rows]
+        claims = [claim_from_row(r, owner, token, now) for r in rows]
         # RETURNING does not promise the subquery's order.
         claims.sort(key=lambda c: (-c.priority, c.id))
         return claims
@@ -106,41 +100,6 @@ class LeasedQueue:
                                 (now + lease_seconds, token))
         return cur.rowcount
 
-    def release(self, claims: Iterable[Claim], not_before: float | None = None) -> int:
-        """PROCESSING -> PENDING without charging an attempt (drain, outage, unstarted rows)."""
-        params = [(not_before, c.id, c.token) for c in claims]
-        if not params:
-            return 0
-        with transaction(self.conn):
-            cur = self.conn.executemany(
-                f"UPDATE kg_processing_queue SET {BACK_TO_PENDING}, not_before = ? WHERE {FENCED}", params)
-            return cur.rowcount
-
-    def release_owner(self, owner: str) -> int:
-        """Every claim of a dead owner back to pending at once, no attempt charged."""
-        cur = self.conn.execute(f"UPDATE kg_processing_queue SET {BACK_TO_PENDING} WHERE {OWNED}", (owner,))
-        return cur.rowcount
-
-    def release_crashed(self, owner: str, cause: str, poison_after: int, now: float) -> CrashRelease:
-        """Every claim of a worker that died, back at once: unstarted rows untouched, the row it
-        was working on charged one crash, and failed as a poison pill after `poison_after` crashes.
-        """
-        with transaction(self.conn):
-            in_flight = self.conn.execute(
-                "UPDATE kg_processing_queue SET crash_count = COALESCE(crash_count, 0) + 1 "
-                f"WHERE {OWNED} AND started_at IS NOT NULL RETURNING id, content_id, crash_count",
-                (owner,)).fetchall()
-            poisoned = [(qid, cid, n) for qid, cid, n in in_flight if n >= poison_after]
-            for qid, cid, n in poisoned:
-                # PROCESSING -> FAILED (poison pill)
-                self.conn.execute(
-                    "UPDATE kg_processing_queue SET status = 'failed', processed_at = ?, error_message = ?, "
-                    f"{NO_LEASE}, started_at = NULL WHERE id = ?",
-                    (db_timestamp(now), f"poison pill: a worker died {n} times while processing this "
-                     f"document (last: {cause}); not retried", qid))
-            released = self.release_owner(owner)
-        return CrashRelease(released, [cid for _, cid, _ in in_flight], [cid for _, cid, _ in poisoned])
-
     def owners_with_claims(self, prefix: str) -> list[str]:
         """Lease owners starting with `prefix` (a host) that hold rows in processing."""
         return [r[0] for r in self.conn.execute(
@@ -157,36 +116,9 @@ class LeasedQueue:
         """The backstop for owners that vanished with their host: expired leases to pending,
         `batch_rows` at a time (a host that held a million claims does not lock them all at once);
         then, as periodic upkeep, the backend's tidying of the counts table."""
-        expired = "status = 'processing' AND lease_expires_at IS NOT NULL AND lease_expires_at < ?"
-        count = self._update_in_batches(
-            BACK_TO_PENDING, expired, [now],
-            self._ids(f"SELECT id FROM kg_processing_queue WHERE {expired}", [now]), batch_rows)
+        count = self.requeue_expired_rows(now, batch_rows)
         self.backend.fold_count_rows(self.conn)
         return count
-
-    def retry_later(self, claim: Claim, error: str, now: float, max_attempts: int,
-                    backoff_base: float, backoff_cap: float) -> JobStatus | None:
-        """Charge one attempt: PENDING again after a backoff, or FAILED when attempts run out;
-        None when the lease was lost meanwhile (nothing changed: the row is someone else's)."""
-        attempts = claim.retry_count + 1
-        if attempts >= max_attempts:
-            failed = self.fail(claim, f"gave up after {attempts} attempts: {error}", now, attempts=attempts)
-            return JobStatus.FAILED if failed else None
-        not_before = now + backoff_delay(claim.retry_count, backoff_base, backoff_cap)
-        cur = self.conn.execute(
-            f"UPDATE kg_processing_queue SET {BACK_TO_PENDING}, retry_count = ?, error_message = ?, "
-            f"not_before = ? WHERE {FENCED}",
-            (attempts, hide_credentials(error), not_before, claim.id, claim.token))
-        return JobStatus.PENDING if cur.rowcount == 1 else None
-
-    def fail(self, claim: Claim, error: str, now: float, attempts: int | None = None) -> bool:
-        """PROCESSING -> FAILED with the reason in error_message (credentials a reason quotes hidden)."""
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET status = 'failed', error_message = ?, processed_at = ?, "
-            f"retry_count = ?, {NO_LEASE}, not_before = NULL WHERE {FENCED}",
-            (hide_credentials(error), db_timestamp(now), claim.retry_count if attempts is None else attempts,
-             claim.id, claim.token))
-        return cur.rowcount == 1
 
     def counts(self) -> dict[str, int]:
         """Rows by status plus `total`; a pure read of the trigger-kept counts table."""
@@ -294,9 +226,11 @@ class LeasedQueue:
         return changed
 
     def retry(self, *, failed: bool = False, skipped: bool = False, ids: Sequence[int] = (),
+              id_statuses: Sequence[str] = ("failed", "skipped", "completed"),
               batch_rows: int = BULK_BATCH_ROWS, progress: Progress | None = None) -> int:
-        """Put failed / skipped rows (or rows by queue id) back to pending with a fresh attempt
-        budget, `batch_rows` a statement; returns how many."""
+        """Put failed / skipped rows (or rows by queue id, while their status is one of
+        `id_statuses`) back to pending with a fresh attempt budget, `batch_rows` a statement;
+        returns how many."""
         check_int64("queue id", ids)
         clauses, params = [], []
         if failed:
@@ -304,8 +238,8 @@ class LeasedQueue:
         if skipped:
             clauses.append("status = 'skipped'")
         if ids:
-            clauses.append(f"(id IN ({marks(ids)}) AND status IN ('failed', 'skipped', 'completed'))")
-            params.extend(ids)
+            clauses.append(f"(id IN ({marks(ids)}) AND status IN ({marks(id_statuses)}))")
+            params.extend([*ids, *id_statuses])
         if not clauses:
             return 0
         chosen = f"({' OR '.join(clauses)})"

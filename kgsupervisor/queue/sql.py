@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from kgsupervisor.store.backend import Backend
+from kgsupervisor.store.owntables import CONTROL_TABLE
 from kgsupervisor.store.schema import CLAIMABLE
 
 # SET list: the row is held by no one (its lease owner, token and expiry gone).
@@ -20,20 +21,41 @@ HELD = "lease_token = ? AND status = 'processing'"
 FENCED = f"id = ? AND {HELD}"
 # WHERE: the rows a lease owner holds (parameter: the owner).
 OWNED = "status = 'processing' AND lease_owner = ?"
+# The claims a bulk release is about to give back, as the attempt history records them
+# (history.held_from_row); append a WHERE condition.
+HELD_ROWS = ("SELECT id, content_id, retry_count, lease_owner, lease_token, processing_started_at, "
+             "started_at FROM kg_processing_queue WHERE ")
+# The name of the pause flag's row in the control table (`kgsupervisor pause`).
+PAUSED_FLAG = "paused"
+# A row of the control table says an operator has paused the queue: claims take nothing.
+PAUSE_SET = f"EXISTS (SELECT 1 FROM {CONTROL_TABLE} WHERE name = '{PAUSED_FLAG}')"
+
+
+def pause_terms(backend: Backend) -> tuple[str, str]:
+    """The claim's pause test, as (a WHERE term, the LIMIT), in the spelling with which `backend`
+    looks it up once and skips the index scan while paused. In the claim statement itself, every
+    worker of every host obeys a pause at its next claim, atomically and with no round trip of
+    its own. PostgreSQL turns an uncorrelated WHERE term into a one-time filter over the scan;
+    SQLite would test it on every row the scan passes (a paused claim would read the whole
+    queue), but knows a LIMIT of 0 before the scan starts. The LIMIT's `?` is the batch size."""
+    if backend.name == "postgresql":
+        return f"AND NOT {PAUSE_SET}", "?"
+    return "", f"(CASE WHEN {PAUSE_SET} THEN 0 ELSE ? END)"
 
 
 @functools.cache
 def claim_sql(backend: Backend) -> str:
     """Take the due rows in `priority DESC, id ASC` order in one statement, as `backend` spells it
-    (SQLite names the claim index; PostgreSQL passes over rows another claimer has locked).
-    Parameters: started at, owner, token, lease expiry, now, limit."""
+    (SQLite names the claim index; PostgreSQL passes over rows another claimer has locked);
+    nothing while the queue is paused. Parameters: started at, owner, token, lease expiry, now, limit."""
+    unpaused, limit = pause_terms(backend)
     return f"""
             UPDATE kg_processing_queue
                SET status = 'processing', processing_started_at = ?, lease_owner = ?,
                    lease_token = ?, lease_expires_at = ?, started_at = NULL
              WHERE id IN (SELECT id FROM kg_processing_queue {backend.claim_index}
-                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?)
-                           ORDER BY priority DESC, id ASC LIMIT ? {backend.claim_locking})
+                           WHERE {CLAIMABLE} AND (not_before IS NULL OR not_before <= ?) {unpaused}
+                           ORDER BY priority DESC, id ASC LIMIT {limit} {backend.claim_locking})
             RETURNING id, content_id, retry_count, priority"""
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from kgsupervisor.errors import LeaseLost
 from kgsupervisor.kg.answer import IngestResult
+from kgsupervisor.queue.history import Attempt, Outcome, record_attempt
 from kgsupervisor.queue.leased import Claim, db_timestamp
 from kgsupervisor.queue.sql import FENCED, NO_LEASE
 from kgsupervisor.store.backend import backend_of
@@ -98,17 +99,24 @@ class Answered:
     notes: list[str] | None = None
     at: float = 0.0    # time.monotonic() when the answer came
     took: float = 0.0  # seconds the service took for it
+    attempt: Attempt | None = None  # for the attempt history
 
 
 def write_back(conn: sqlite3.Connection, claim: Claim, result: IngestResult, now: float,
-               notes: list[str] | None = None) -> dict:
+               notes: list[str] | None = None, attempt: Attempt | None = None) -> dict:
     """Replace the document's KG rows with `result` and complete its queue row, all or nothing.
 
     The queue row is completed first and only if `claim.token` still holds it: a worker whose
-    lease was taken over commits nothing (LeaseLost) instead of writing a second copy.
+    lease was taken over commits nothing (LeaseLost) instead of writing a second copy, but the
+    attempt history's lease_lost row.
     """
     with transaction(conn):
-        return _write_one(conn, claim, result, db_timestamp(now), notes)
+        try:
+            return _write_one(conn, Answered(claim, result, notes, attempt=attempt), now)
+        except LeaseLost as exc:
+            lost = exc
+            _record_lost(conn, claim, now, attempt)
+    raise lost
 
 
 def write_back_group(conn: sqlite3.Connection, answered: Sequence[Answered],
@@ -119,30 +127,39 @@ def write_back_group(conn: sqlite3.Connection, answered: Sequence[Answered],
     One commit for a claimed batch instead of one per document: the ten upstream indexes make
     each commit write ~220 pages, many of them the same pages from one document to the next.
     """
-    stamp = db_timestamp(now)
     outcomes: list[dict | LeaseLost] = []
     with transaction(conn):
         for item in answered:
             conn.execute("SAVEPOINT document")
             try:
-                outcomes.append(_write_one(conn, item.claim, item.result, stamp, item.notes))
+                outcomes.append(_write_one(conn, item, now))
             except LeaseLost as exc:
                 conn.execute("ROLLBACK TO document")
+                _record_lost(conn, item.claim, now, item.attempt)
                 outcomes.append(exc)
             conn.execute("RELEASE document")
     return outcomes
 
 
-def _write_one(conn: sqlite3.Connection, claim: Claim, result: IngestResult, stamp: str,
-               notes: list[str] | None) -> dict:
-    """The statements of one write-back, inside the caller's transaction."""
+def _record_lost(conn: sqlite3.Connection, claim: Claim, now: float, attempt: Attempt | None) -> None:
+    """A fenced-out write-back is the claim's outcome only if nobody else recorded one for it
+    (whoever took the row over, a crash release or the lease-expiry backstop, usually has)."""
+    record_attempt(conn, claim, Outcome.LEASE_LOST, now, attempt,
+                   "lease lost: the row was no longer held by this worker; its answer was dropped")
+
+
+def _write_one(conn: sqlite3.Connection, item: Answered, now: float) -> dict:
+    """The statements of one write-back and its attempt row, inside the caller's transaction."""
+    claim, result, stamp = item.claim, item.result, db_timestamp(now)
     summary = result.summary()
-    if notes:
-        summary["notes"] = notes
+    if item.notes:
+        summary["notes"] = item.notes
     cur = conn.execute(COMPLETE_SQL, (stamp, json.dumps(summary), claim.id, claim.token))
     if cur.rowcount != 1:
         raise LeaseLost(f"queue row {claim.id} (content_id {claim.content_id}) is no longer "
                         f"held by this worker; its answer was dropped")
+    record_attempt(conn, claim, Outcome.COMPLETED, now, dataclasses.replace(
+        item.attempt or Attempt(), entities=len(result.entities), relationships=len(result.relationships)))
     # Replace, never append: a retried document must not leave a second set of rows.
     conn.execute("DELETE FROM chunk_entities WHERE content_id = ?", (claim.content_id,))
     conn.execute("DELETE FROM chunk_relationships WHERE content_id = ?", (claim.content_id,))

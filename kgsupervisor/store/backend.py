@@ -9,7 +9,7 @@ from typing import Any
 
 from kgsupervisor.errors import DatabaseBusy, DatabaseError
 from kgsupervisor.masking import redact
-from kgsupervisor.store.commitwatch import DataVersionWatch, NotifyWatch
+from kgsupervisor.store.commitwatch import QUEUE_CHANNEL, DataVersionWatch, NotifyWatch
 from kgsupervisor.store.pgschema import FOLD_COUNT_ROWS_SQL, check_schema_pg, migrate_pg
 from kgsupervisor.store.postgres import PGConnection, is_postgres_url
 from kgsupervisor.store.schema import check_schema, init_db
@@ -79,6 +79,11 @@ class Backend:
     def commit_watch(self, conn: Any) -> DataVersionWatch | NotifyWatch:
         """What notices a commit by someone else (an enqueue, a release) on `conn`."""
         raise NotImplementedError
+
+    def wake_claimers(self, conn: Any) -> None:
+        """Wake every idle claimer on `conn`'s database, on every host, with the commit of the
+        transaction under way (a change no queue row shows, such as a lifted pause). SQLite's
+        watchers notice any commit by themselves."""
 
     def lenient_text(self, column: str) -> str:
         """`column` as a read that must survive text which is not UTF-8 spells it."""
@@ -239,6 +244,10 @@ class PostgresBackend(Backend):
 
     def commit_watch(self, conn: Any) -> NotifyWatch:
         return NotifyWatch(conn)
+
+    def wake_claimers(self, conn: Any) -> None:
+        """A NOTIFY on the channel every idle worker LISTENs on, as the queue's triggers send."""
+        conn.execute("SELECT pg_notify(?, '')", (QUEUE_CHANNEL,))
 
     def storable(self, rows: list[tuple]) -> list[tuple]:
         """PostgreSQL text cannot hold NUL: an answer with one gets U+FFFD there, as undecodable

@@ -17,7 +17,7 @@ ATTEMPT_COLUMNS: dict[str, str] = {
     "queue_id": "INTEGER NOT NULL",
     "content_id": "INTEGER",
     "attempt": "INTEGER NOT NULL",          # 1 for the first claim of this queue row, ...
-    "lease_token": "TEXT NOT NULL",
+    "claim_key": "TEXT NOT NULL",            # the claim: its lease token and queue row, TOKEN/ID
     "owner": "TEXT",                         # host:pid of the worker
     "worker": "INTEGER",                     # its worker number in the pool
     "endpoint": "TEXT",                      # the KG service URL, credentials stripped
@@ -58,7 +58,7 @@ OWN_TABLES: dict[str, dict[str, str]] = {
     ATTEMPTS_TABLE: ATTEMPT_COLUMNS, CONTROL_TABLE: CONTROL_COLUMNS, HOSTS_TABLE: HOST_COLUMNS,
 }
 OWN_INDEXES: dict[str, str] = {
-    "idx_kga_token": f"CREATE UNIQUE INDEX IF NOT EXISTS idx_kga_token ON {ATTEMPTS_TABLE} (lease_token)",
+    "idx_kga_claim": f"CREATE UNIQUE INDEX IF NOT EXISTS idx_kga_claim ON {ATTEMPTS_TABLE} (claim_key)",
     "idx_kga_queue": f"CREATE INDEX IF NOT EXISTS idx_kga_queue ON {ATTEMPTS_TABLE} (queue_id, id)",
     "idx_kga_content": f"CREATE INDEX IF NOT EXISTS idx_kga_content ON {ATTEMPTS_TABLE} (content_id, id)",
     "idx_kga_finished": f"CREATE INDEX IF NOT EXISTS idx_kga_finished ON {ATTEMPTS_TABLE} (finished_at)",

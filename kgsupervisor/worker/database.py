@@ -5,6 +5,7 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from kgsupervisor.queue.history import Attempt, Outcome
 from kgsupervisor.queue.leased import LeasedQueue, queue_for
 from kgsupervisor.store.backend import commit_watch, connect_to, open_database
 from kgsupervisor.store.faults import DatabasePause, LockRetry, describe_database_fault, is_database_fault
@@ -33,14 +34,16 @@ class WorkerDatabase:
         self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
         self.pause = DatabasePause(log)
         self.claims_held = False  # claims left behind by a failed iteration, to give back
+        self.fault = ""  # what the last database fault was, for the history of those claims
         self.stale = False  # after a database fault, retry on a fresh connection
 
     def retrying(self, step: Callable[[LeasedQueue], T]) -> T:
         """`step` on the queue, run again while another writer holds the lock."""
         return self.lock_retry(lambda: step(self.queue))
 
-    def failed(self) -> None:
+    def failed(self, exc: BaseException | None = None) -> None:
         """After a database fault: roll back, note the claims to give back and the connection to renew."""
+        self.fault = describe_database_fault(exc) if exc is not None else "a database error"
         try:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
@@ -76,7 +79,10 @@ class WorkerDatabase:
     def give_back_claims(self) -> None:
         """After a database failure: every claim this worker still holds back to pending,
         uncharged (the document whose write-back failed, the rest of its batch)."""
-        released = self.retrying(lambda q: q.release_owner(self.owner))
+        attempt = Attempt(worker=self.stats.worker_id, error_class="database",
+                          error_message=f"given back uncharged after a database error: {self.fault}")
+        released = self.retrying(lambda q: q.release_owner(self.owner, outcome=Outcome.OUTAGE,
+                                                           attempt=attempt))
         self.claims_held = False
         self.stats.record_released(released)
         if released:
@@ -87,7 +93,8 @@ class WorkerDatabase:
         try:
             if self.stale:
                 self.reopen()
-            return self.queue.release_owner(self.owner)
+            attempt = Attempt(worker=self.stats.worker_id, error_message="given back as the worker stopped")
+            return self.queue.release_owner(self.owner, outcome=Outcome.DRAINED, attempt=attempt)
         except Exception as exc:
             if not is_database_fault(exc):
                 raise

@@ -157,7 +157,7 @@ class KGWorker:
 
     def pause_for_database(self, exc: BaseException) -> float:
         """Roll back, note the claims to give back, pause; returns how long."""
-        self.db.failed()
+        self.db.failed(exc)
         self.set_state(WorkerState.PAUSED)
         return self.db.pause.failed(exc)
 
@@ -230,7 +230,7 @@ class KGWorker:
             for i, claim in enumerate(claims):
                 if not self.alive or self.endpoints.all_down:
                     self.documents.write_answered(answered)
-                    self.stats.record_released(self.db.retrying(lambda q: q.release(claims[i:])))
+                    self.documents.release_unstarted(claims[i:], stopping=not self.alive)
                     break
                 # A row with a problem has no usable content_id: it is failed with no document held.
                 with self.holding(None if claim.problem else claim.content_id):

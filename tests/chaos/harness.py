@@ -1,6 +1,7 @@
 """The fault suite's harness: drain a queue through a real `kgsupervisor run`, then prove the invariants."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -138,7 +139,7 @@ def check_invariants(target: str, ids: list[int], outcome: Outcome, journal: Jou
             assert len(rows) == queue_rows, f"queue row count changed: {len(rows)} != {queue_rows}"
         outcome.stuck = sum(1 for _, status, _ in rows if status == "processing")
         outcome.failed = sum(1 for _, status, _ in rows if status == "failed")
-        problems = wrong_requests(conn, sent)
+        problems = wrong_requests(conn, sent) + history_problems(conn, poison)
         for cid in ids:
             status, error = by_doc.get(cid, (None, None))
             if cid in poison:
@@ -159,6 +160,26 @@ def check_invariants(target: str, ids: list[int], outcome: Outcome, journal: Jou
         f"{outcome}\n{len(problems)} problem(s):\n" + "\n".join(problems[:10])
     record(outcome)
     return outcome
+
+
+def history_problems(conn: Any, poison: dict[int, str]) -> list[str]:
+    """What the attempt history gets wrong: an attempt of no queue row, a claim recorded twice,
+    a completed row whose last attempt is not `completed`, a poison pill's not `poison_pill`."""
+    statuses = {qid: (cid, status) for qid, cid, status in
+                conn.execute("SELECT id, content_id, status FROM kg_processing_queue").fetchall()}
+    attempts = conn.execute("SELECT queue_id, claim_key, outcome FROM kg_processing_attempts "
+                            "ORDER BY id").fetchall()
+    problems = [f"attempt of queue row {qid} ({outcome}): no such queue row"
+                for qid, _, outcome in attempts if qid not in statuses]
+    claims = collections.Counter(token for _, token, _ in attempts)
+    problems += [f"claim {token} recorded {n} times" for token, n in sorted(claims.items()) if n > 1]
+    last = {qid: outcome for qid, _, outcome in attempts}  # ordered by id: the last one stays
+    for qid, (cid, status) in statuses.items():
+        want = "poison_pill" if cid in poison else "completed" if status == "completed" else None
+        if want and last.get(qid) != want:
+            problems.append(f"queue row {qid} (content_id {cid}) is {status}, yet its last attempt is "
+                            f"{last.get(qid) or 'missing'}, not {want}")
+    return problems
 
 
 def wrong_requests(conn: Any, sent: dict[Any, list[Exchange]]) -> list[str]:

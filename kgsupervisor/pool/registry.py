@@ -1,0 +1,92 @@
+"""This supervisor's row in the registry of hosts (kg_supervisor_hosts): written at start,
+refreshed every few seconds from the loop, marked stopped at the exit. A database that refuses
+is logged once and tried again at the next refresh: the registry never stops the supervisor."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import closing
+from typing import Any
+
+from kgsupervisor import __version__
+from kgsupervisor.pool.workers import WorkerPool
+from kgsupervisor.states import SupervisorState
+from kgsupervisor.store.faults import describe_database_fault
+from kgsupervisor.store.hosts import HostRow, mark_stopped, prune_hosts, registry_connection, upsert_host
+
+log = logging.getLogger("kgsupervisor.supervisor")
+
+REFRESH_EVERY = 5.0  # at most; a third of the lease when that is shorter, so a live host never looks gone
+PRUNE_EVERY = 3600.0
+KEEP_UNHEARD = 86400.0  # rows of supervisors not heard of for a day are deleted
+STATE_NAMES = {SupervisorState.STARTING: "starting", SupervisorState.RUNNING: "running",
+               SupervisorState.STOPPING: "draining", SupervisorState.STOPPED: "stopped"}
+
+
+def host_state(state: SupervisorState, paused: bool = False) -> str:
+    """The registry's word for a supervisor's state; a running one honouring the pause flag is paused."""
+    return "paused" if paused and state is SupervisorState.RUNNING else STATE_NAMES[state]
+
+
+def running_workers(pool: WorkerPool) -> int:
+    """Worker processes alive now, retiring ones included."""
+    return sum(1 for worker in pool.processes() if worker.process.is_alive())
+
+
+class HostRegistry:
+    """Keeps one supervisor's row; `refresh` is called every turn of the loop and writes when due."""
+
+    def __init__(self, db_path: str, host: str, pid: int) -> None:
+        self.db_path = db_path
+        self.host = host
+        self.pid = pid
+        self.started_at = time.time()
+        self.status_addr: str | None = None  # set once the status port is bound
+        self.next_refresh: float | None = None  # monotonic; None: due now
+        self.next_prune: float | None = None
+        self.state_written: str | None = None
+        self.refused = False  # the last write failed (and was logged)
+
+    def refresh(self, now: float, state: SupervisorState, pool: WorkerPool, lease: float,
+                paused: bool = False) -> None:
+        """Write this supervisor's row if a refresh is due at monotonic time `now`, or at once
+        when its state changed (a drain shows as it begins)."""
+        shown = host_state(state, paused)
+        if self.next_refresh is not None and now < self.next_refresh and shown == self.state_written:
+            return
+        self.next_refresh = now + min(REFRESH_EVERY, lease / 3)
+        self.state_written = shown
+        wall = time.time()
+        row = HostRow(self.host, self.pid, self.started_at, wall, pool.num_workers, running_workers(pool),
+                      __version__, self.status_addr, shown)
+        prune = self.next_prune is None or now >= self.next_prune
+        if self.write(lambda conn: self.upsert(conn, row, wall - KEEP_UNHEARD if prune else None)) and prune:
+            self.next_prune = now + PRUNE_EVERY
+
+    @staticmethod
+    def upsert(conn: Any, row: HostRow, prune_before: float | None) -> None:
+        """The row, and (when due) the rows of supervisors not heard of for a day deleted."""
+        upsert_host(conn, row)
+        if prune_before is not None:
+            prune_hosts(conn, prune_before)
+
+    def stop(self) -> None:
+        """The exit: the row says stopped."""
+        self.write(lambda conn: mark_stopped(conn, self.host, self.pid, time.time()))
+
+    def write(self, action: Callable[[Any], None]) -> bool:
+        """Run `action` on a registry connection; a refusal is logged once, until one succeeds."""
+        try:
+            with closing(registry_connection(self.db_path)) as conn:
+                action(conn)
+        except Exception as exc:  # locked, read-only, full, unreachable: try again next time
+            if not self.refused:
+                log.warning("could not write this supervisor's row in the registry of hosts (%s); "
+                            "trying again every few seconds", describe_database_fault(exc))
+            self.refused = True
+            return False
+        if self.refused:
+            log.info("registry of hosts written again")
+        self.refused = False
+        return True
