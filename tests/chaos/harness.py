@@ -162,23 +162,34 @@ def check_invariants(target: str, ids: list[int], outcome: Outcome, journal: Jou
     return outcome
 
 
+# How a document that fails on purpose may end: failed (rejected, or out of attempts), a poison
+# pill (worker deaths), or a queue row that could not be processed at all.
+FAILED_FOR_GOOD = ("failed", "poison_pill", "bad_row")
+
+
 def history_problems(conn: Any, poison: dict[int, str]) -> list[str]:
     """What the attempt history gets wrong: an attempt of no queue row, a claim recorded twice,
-    a completed row whose last attempt is not `completed`, a poison pill's not `poison_pill`."""
+    a completed row whose last attempt is not `completed`, a document failed on purpose whose
+    last attempt is no failure for good (`poison_pill` for a poison pill)."""
     statuses = {qid: (cid, status) for qid, cid, status in
                 conn.execute("SELECT id, content_id, status FROM kg_processing_queue").fetchall()}
     attempts = conn.execute("SELECT queue_id, claim_key, outcome FROM kg_processing_attempts "
                             "ORDER BY id").fetchall()
     problems = [f"attempt of queue row {qid} ({outcome}): no such queue row"
                 for qid, _, outcome in attempts if qid not in statuses]
-    claims = collections.Counter(token for _, token, _ in attempts)
-    problems += [f"claim {token} recorded {n} times" for token, n in sorted(claims.items()) if n > 1]
+    claims = collections.Counter(key for _, key, _ in attempts)
+    problems += [f"claim {key} recorded {n} times" for key, n in sorted(claims.items()) if n > 1]
     last = {qid: outcome for qid, _, outcome in attempts}  # ordered by id: the last one stays
     for qid, (cid, status) in statuses.items():
-        want = "poison_pill" if cid in poison else "completed" if status == "completed" else None
-        if want and last.get(qid) != want:
+        if status == "completed":
+            wanted: tuple[str, ...] = ("completed",)
+        elif cid in poison and status == "failed":
+            wanted = ("poison_pill",) if "poison pill" in poison[cid] else FAILED_FOR_GOOD
+        else:
+            continue
+        if last.get(qid) not in wanted:
             problems.append(f"queue row {qid} (content_id {cid}) is {status}, yet its last attempt is "
-                            f"{last.get(qid) or 'missing'}, not {want}")
+                            f"{last.get(qid) or 'missing'}, not {' or '.join(wanted)}")
     return problems
 
 
