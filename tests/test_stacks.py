@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import json
+import math
 import os
 import re
 import signal
@@ -13,12 +15,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
 import requests
 
+from kgsupervisor.kg.answer import parse_answer
 from kgsupervisor.pool.stacks import capture_stack, find_py_spy
 
 from .conftest import held_until, seed, status_counts
@@ -167,8 +171,9 @@ def thread_stopped(tid: int) -> Iterator[None]:
 
 def test_a_worker_whose_heartbeat_thread_stopped_leaves_its_stack_in_the_log(conn, db_path, fault_server,
                                                                              processes):
-    """The heartbeat comes from the lease keeper thread: a worker is hung when that thread stops
-    while the main thread can still run Python, and its faulthandler answers."""
+    """While the main thread waits in a request, only the lease keeper thread beats (the main
+    thread beats as it makes progress): when the keeper stops, the worker is hung though its
+    main thread can still run Python, so its faulthandler answers."""
     gate = threading.Event()
     server = fault_server(held_until(gate))
     (content_id,) = seed(conn, 1)
@@ -207,3 +212,111 @@ def test_without_py_spy_a_stopped_process_gets_a_line_saying_why_there_is_no_sta
     with_it = capture_stack(sleeper.pid)
     assert with_it.source == "py-spy" and f"Thread {sleeper.pid} (idle)" in with_it.text, with_it.text
     assert "<module> (<string>:1)" in with_it.text, with_it.text
+
+
+HANG_TIMEOUT = 2.0
+# The spinning worker's: json's decoding of the answer (a C call holding the GIL, about a fifth
+# of its parse) must end well within it, the validation loop after it well outlast it.
+SPIN_HANG_TIMEOUT = 3.0
+
+
+def answer_with_places(content_id: int, rowid: int, places: int) -> bytes:
+    """A valid answer whose one entity appears `places` times in chunk `rowid`: quick to decode
+    (json's C code), slow to validate (a Python loop over the places, answer._parse_appearances)."""
+    head = json.dumps({"success": True, "content_id": content_id, "neo4j_document_id": "d",
+                       "relationships": []})[:-1].encode()
+    place = b'{"vector_rowid": %d}' % rowid
+    return (head + b', "entities": [{"text": "everywhere", "chunk_appearances": ['
+            + b", ".join([place] * places) + b"]}]}")
+
+
+def places_to_parse_for(seconds: float) -> int:
+    """How many places make parse_answer take `seconds` on this machine now: a calibration,
+    grown until it does (a worker under the same load takes about as long)."""
+    places = 100_000
+    while True:
+        body = answer_with_places(1, 1, places)
+        started = time.perf_counter()
+        parse_answer(body, content_id=1, chunk_rowids={1}, max_bytes=len(body))
+        took = time.perf_counter() - started
+        if took >= seconds:
+            return places
+        places = int(places * min(10.0, max(1.5, 1.2 * seconds / took)))
+
+
+def test_a_worker_spinning_in_python_is_killed_as_hung_and_leaves_its_stack(conn, db_path, fault_server,
+                                                                           processes):
+    """Its lease keeper goes on beating, but with the main thread's progress: an answer whose
+    validation keeps the main thread in a Python loop past the hang timeout ages the heartbeat,
+    and the worker is killed as hung with the stack of that loop."""
+    places = places_to_parse_for(2 * SPIN_HANG_TIMEOUT)
+    size_mb = math.ceil(len(answer_with_places(1, 1, places)) / 2**20) + 1
+
+    def slow_to_validate_once(payload: dict, n: int):
+        if n == 0:
+            rowid = payload["chunks"][0]["vector_rowid"]
+            return 200, answer_with_places(payload["content_id"], rowid, places)
+        return None  # the replacement worker gets the reference answer
+
+    server = fault_server(slow_to_validate_once)
+    (content_id,) = seed(conn, 1)
+    sup = processes.supervisor(db_path, server.url, "--workers", "1",
+                               env={"KG_HANG_TIMEOUT": f"{SPIN_HANG_TIMEOUT:g}",
+                                    "KG_MAX_ANSWER_MB": str(size_mb)})
+    try:
+        wait_for(lambda: len(server.requests) == 1, 20, message="the document in flight")
+        holder = holder_of(db_path, content_id)
+        header = f"worker 0 (pid {holder}) hung holding content_id {content_id}; its stack (faulthandler):\n"
+        sup.wait_for_log(f"released 1 claim(s) of worker pid {holder}", timeout=90)
+        wait_for(lambda: status_counts(conn) == {"completed": 1}, 30, message="the document completed")
+    finally:
+        log = sup.stop()
+    assert f"worker 0 (pid {holder}) hung: no heartbeat for" in log
+    stack = logged_stack(log, header)
+    # Caught in the validation loop (json's decoding, a C call that would stop the keeper's
+    # beats too, is over by then), with the keeper thread beside it.
+    assert re.search(r'File ".*kgsupervisor/kg/answer\.py", line \d+ in _parse_appearances', stack), stack
+    assert re.search(r'File ".*kgsupervisor/worker/document\.py", line \d+ in process', stack), stack
+    assert re.search(r'File ".*kgsupervisor/worker/lease\.py", line \d+ in run', stack), stack
+    assert hung_attempt_stack(conn, content_id) == stack.rstrip("\n")
+
+
+def heartbeat_ages(status_addr: str) -> list[float]:
+    """The heartbeat age of each worker, as the status endpoint shows it (empty while it cannot)."""
+    try:
+        details = requests.get(f"http://{status_addr}/health", timeout=5).json()["worker_details"]
+    except requests.RequestException:
+        return []
+    return [d["heartbeat_age"] for d in details if d["heartbeat_age"] is not None]
+
+
+def test_a_worker_waiting_on_a_long_request_keeps_its_heartbeat_and_is_not_killed(conn, db_path, fault_server,
+                                                                                  processes):
+    """A request is a wait bounded by its own deadline (KG_SERVICE_TIMEOUT): held for three hang
+    timeouts, the worker's heartbeat stays fresh and it keeps its document."""
+    gate = threading.Event()
+    server = fault_server(held_until(gate))
+    (content_id,) = seed(conn, 1)
+    status_addr = f"127.0.0.1:{free_port()}"
+    sup = processes.supervisor(db_path, server.url, "--workers", "1", "--status-addr", status_addr,
+                               env={"KG_HANG_TIMEOUT": f"{HANG_TIMEOUT:g}"})
+    ages: list[float] = []
+    try:
+        wait_for(lambda: len(server.requests) == 1, 20, message="the document in flight")
+        holder = holder_of(db_path, content_id)
+        held_since = time.monotonic()
+
+        def watched_for_three_hang_timeouts() -> bool:
+            ages.extend(heartbeat_ages(status_addr))
+            return time.monotonic() - held_since > 3 * HANG_TIMEOUT
+        wait_for(watched_for_three_hang_timeouts, 30, interval=0.2,
+                 message="three hang timeouts in the request")
+        assert worker_pids(sup) == {holder} and holder_of(db_path, content_id) == holder
+        gate.set()
+        wait_for(lambda: status_counts(conn) == {"completed": 1}, 20, message="the held document completed")
+    finally:
+        gate.set()
+        log = sup.stop()
+    assert sup.returncode == 0, log
+    assert f"(pid {holder}) hung" not in log
+    assert ages and max(ages) < HANG_TIMEOUT, ages

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.worker import kgworker as worker_module
+from kgsupervisor.worker.counters import Progress
 from kgsupervisor.worker.kgworker import KGWorker
 
 from .conftest import (drive, free_port, held_until, make_settings, seed, spawn, status_counts, wait_for,
@@ -437,3 +439,92 @@ def test_run_pauses_on_a_full_database_gives_the_claims_back_and_resumes(conn, d
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
     assert (w.stats.total_success, w.stats.total_failed, w.stats.total_released) == (2, 0, 1)
     assert w.stats.counters.current() is None
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_ages_outside_a_park_and_not_inside_one():
+    clock = Clock()
+    beats: list[float] = []
+    progress = Progress(clock, beat=lambda: beats.append(clock.now))
+    clock.now += 5
+    assert progress.stuck_for() == 5
+    progress.mark()
+    assert progress.stuck_for() == 0 and beats == [1005.0]
+    with progress.parked():
+        clock.now += 3600  # a long request: a wait, not a hang
+        assert progress.stuck_for() == 0
+        progress.mark()  # a mark inside a park leaves the park in place (the keeper beats)
+        clock.now += 10
+        assert progress.stuck_for() == 0 and beats == [1005.0]
+    assert progress.stuck_for() == 0, "leaving a park is progress"
+    assert beats == [1005.0, 4615.0], "and beats at once: a C call holding the GIL may follow"
+    clock.now += 7
+    assert progress.stuck_for() == 7
+
+
+def test_a_bounded_park_counts_as_progress_for_its_bound_only_and_nested_parks_restore():
+    clock = Clock()
+    progress = Progress(clock)
+    with progress.parked(up_to=10):
+        clock.now += 4
+        assert progress.stuck_for() == 0
+        clock.now += 9
+        assert progress.stuck_for() == 3, "stuck since the bound ran out"
+    with progress.parked():
+        with progress.parked(up_to=10):
+            clock.now += 60
+        assert progress.stuck_for() == 0, "back in the enclosing park"
+        clock.now += 60
+        assert progress.stuck_for() == 0
+
+
+def test_the_heartbeat_is_now_while_progressing_and_the_last_progress_once_stuck():
+    clock = Clock()
+    progress = Progress(clock)
+    clock.now += 0.5
+    assert progress.heartbeat(1.0, now=50_000.0) == 50_000.0
+    clock.now += 2.5
+    assert progress.heartbeat(1.0, now=50_000.0) == 50_000.0 - 3.0
+    with progress.parked():
+        clock.now += 100
+        assert progress.heartbeat(1.0, now=50_000.0) == 50_000.0
+
+
+def test_the_worker_is_parked_while_its_request_is_in_flight_and_while_it_waits_for_work(
+        conn, db_path, fault_server, worker_factory):
+    """What the lease keeper beats with, seen from other threads while the worker's main thread
+    waits: in a request, and in the wait for work (woken by the test)."""
+    seed(conn, 1)
+    server = fault_server()
+    w = worker_factory(make_settings(db_path, server.url))
+    in_request: list[float] = []
+    server.behaviour = lambda payload, n: in_request.append(w.progress.until)
+    drive(w, lambda: status_counts(conn) == {"completed": 1})
+    assert in_request == [math.inf]
+    assert w.progress.until < math.inf, "out of the request, progress is a time again"
+
+    idle: list[float] = []
+    seen = threading.Event()
+
+    def wake_once_waiting() -> None:
+        wait_for(lambda: w.progress.until == math.inf, 20, message="the worker waiting for work")
+        idle.append(w.progress.stuck_for())
+        seen.set()
+        w.handle_usr1(signal.SIGUSR1, None)  # wakes the wait, as a logrotate would
+
+    waker = threading.Thread(target=wake_once_waiting)
+    waker.start()
+    while not seen.is_set() and waker.is_alive():  # a commit seen may end a wait early: wait again
+        w.wait_for_work(60)
+    waker.join()
+    assert idle == [0.0]
+    assert w.progress.until < math.inf

@@ -9,7 +9,8 @@ import math
 import os
 import re
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -127,6 +128,9 @@ class KGClient:
         # The last ingest's answer as the attempt history records it: its HTTP status and size.
         self.last_status: int | None = None
         self.last_answer_bytes: int | None = None
+        # Wraps each network wait (an ingest's exchange, inline retries included; a health check),
+        # all bounded by their timeouts: a worker's hang check does not count them. Not the parse.
+        self.waiting: Callable[[], AbstractContextManager[object]] = nullcontext
         self._watchdog = Watchdog()
         self._session = _session_with_environment_read_once(self.url)
         self._session.headers["User-Agent"] = "kgsupervisor"
@@ -154,7 +158,8 @@ class KGClient:
         has another endpoint to try.
         """
         try:
-            answer = self._retrying(self._post_once, body) if retry_blips else self._post_once(body)
+            with self.waiting():
+                answer = self._retrying(self._post_once, body) if retry_blips else self._post_once(body)
             return parse_answer(answer, content_id=content_id, chunk_rowids=chunk_rowids,
                                 max_bytes=self.max_answer_bytes)
         except (ServiceUnavailable, ItemFailure, DocumentRejected) as exc:
@@ -250,8 +255,9 @@ class KGClient:
         Bounded like an ingest: a total deadline (a /health trickled byte by byte must not hold
         the worker) and a size limit; either one exceeded, or a redirect, says DOWN.
         """
+        wait = self.connect_timeout + self.health_timeout
         try:
-            with self._watchdog.deadline(self.connect_timeout + self.health_timeout) as deadline:
+            with self.waiting(), self._watchdog.deadline(wait) as deadline:
                 with self._session.get(self.url + HEALTH_PATH, allow_redirects=False, stream=True,
                                        timeout=(self.connect_timeout, self.health_timeout)) as resp:
                     body = resp.raw.read(HEALTH_MAX_BYTES + 1, decode_content=True)

@@ -1,8 +1,11 @@
 """Per-worker counters and heartbeat in shared memory: they outlive a dead Manager process."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 # Upper bounds (seconds) of the KG request latency histogram; +Inf is the count itself.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -56,6 +59,61 @@ class SharedCounters:
     def counts(self) -> dict[str, float]:
         return {name: self._array[_INDEX[name]] if name == "latency_sum" else int(self._array[_INDEX[name]])
                 for name in COUNTS}
+
+
+class Progress:
+    """When the worker's main thread last got anywhere: what its heartbeat says.
+
+    The main thread marks progress at each step, and parks around each wait that is bounded by
+    something of its own (a KG request's deadline, the wait for work, a lock wait): parked, it
+    counts as making progress. The lease keeper beats with what this says, so the heartbeat's
+    age is how long the main thread has been stuck outside a bounded wait (a spin in Python, a
+    call that never returns). One float written by the main thread alone: no lock, no IPC.
+    Each mark, and each end of a wait, also beats (`beat`, a store to shared memory): a C call
+    holding the GIL right after a short wait keeps the keeper from beating, and the heartbeat
+    must then say when the main thread last got somewhere, not when the keeper last ran.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self._clock = clock
+        self._beat = beat
+        # Monotonic time up to which the main thread counts as progressing: its last mark, the
+        # end of a park bounded here, or infinity inside a wait bounded elsewhere.
+        self.until = clock()
+
+    def mark(self) -> None:
+        """The main thread got somewhere (inside a park, the park still holds)."""
+        now = self._clock()
+        if self.until < now:
+            self.until = now
+            self._beat()
+
+    @contextmanager
+    def parked(self, up_to: float | None = None) -> Iterator[None]:
+        """For the block the main thread waits, and counts as progressing: for `up_to` seconds
+        at most, or for as long as it takes when the wait has a bound of its own."""
+        before = self.until
+        self.until = math.inf if up_to is None else max(before, self._clock() + up_to)
+        try:
+            yield
+        finally:
+            # Back to the enclosing park, if any; else progress now.
+            now = self._clock()
+            self.until = max(before, now)
+            if self.until == now:
+                self._beat()
+
+    def stuck_for(self) -> float:
+        """Seconds the main thread has made no progress (0 while parked)."""
+        return max(0.0, self._clock() - self.until)
+
+    def heartbeat(self, grace: float, now: float | None = None) -> float:
+        """The wall-clock time to beat with: `now` if the main thread progressed within `grace`
+        seconds (a worker at work shows a heartbeat as fresh as the beats), else when it last did."""
+        now = time.time() if now is None else now
+        stuck = self.stuck_for()
+        return now if stuck < grace else now - stuck
 
 
 def latency_histogram(counts: dict[str, float]) -> list[tuple[str, float]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -9,9 +10,15 @@ from kgsupervisor.queue.history import Attempt, Outcome
 from kgsupervisor.queue.leased import LeasedQueue, queue_for
 from kgsupervisor.store.backend import commit_watch, connect_to, open_database
 from kgsupervisor.store.faults import DatabasePause, LockRetry, describe_database_fault, is_database_fault
+from kgsupervisor.worker.counters import Progress
 from kgsupervisor.worker.stats import WorkerStats
 
 T = TypeVar("T")
+
+# A database call counts as a wait (not hung) for this long: SQLite waits up to its busy timeout
+# (5 s) for another writer's lock, PostgreSQL up to its connect timeout (10 s) to reconnect.
+# Longer, it counts as stuck, as a PostgreSQL statement blocked on a lock for ever would be.
+DB_WAIT = 10.0
 
 
 class WorkerDatabase:
@@ -22,24 +29,30 @@ class WorkerDatabase:
     its batch) to pending, uncharged. No document is failed because of the database.
     """
 
-    def __init__(self, db_path: str, owner: str, log: logging.LoggerAdapter, stats: WorkerStats) -> None:
+    def __init__(self, db_path: str, owner: str, log: logging.LoggerAdapter, stats: WorkerStats,
+                 progress: Progress | None = None) -> None:
         self.db_path = db_path
         self.owner = owner
         self.log = log
         self.stats = stats
+        self.progress = progress or Progress()
         self.conn = open_database(db_path)
         self.queue: LeasedQueue = queue_for(self.conn)
         # A commit by anyone else (an enqueue) wakes an idle worker at once, not after poll_interval.
         self.commits = commit_watch(self.conn)
-        self.lock_retry = LockRetry(on_retry=self._count_lock_retry)
+        self.lock_retry = LockRetry(on_retry=self._count_lock_retry, sleep=self._wait_for_lock)
         self.pause = DatabasePause(log)
         self.claims_held = False  # claims left behind by a failed iteration, to give back
         self.fault = ""  # what the last database fault was, for the history of those claims
         self.stale = False  # after a database fault, retry on a fresh connection
 
     def retrying(self, step: Callable[[LeasedQueue], T]) -> T:
-        """`step` on the queue, run again while another writer holds the lock."""
-        return self.lock_retry(lambda: step(self.queue))
+        """`step` on the queue, run again while another writer holds the lock; each try counts
+        as a wait for DB_WAIT seconds at most, so a long lock wait never looks hung."""
+        def one_try() -> T:
+            with self.progress.parked(up_to=DB_WAIT):
+                return step(self.queue)
+        return self.lock_retry(one_try)
 
     def failed(self, exc: BaseException | None = None) -> None:
         """After a database fault: roll back, note the claims to give back and the connection to renew."""
@@ -71,7 +84,8 @@ class WorkerDatabase:
             self.conn.close()
         except Exception:  # noqa: BLE001 - the fault that brought us here may break this too
             pass
-        self.conn = connect_to(self.db_path)
+        with self.progress.parked(up_to=DB_WAIT):
+            self.conn = connect_to(self.db_path)
         self.queue = queue_for(self.conn)
         self.commits = commit_watch(self.conn)
         self.stale = False
@@ -94,7 +108,8 @@ class WorkerDatabase:
             if self.stale:
                 self.reopen()
             attempt = Attempt(worker=self.stats.worker_id, error_message="given back as the worker stopped")
-            return self.queue.release_owner(self.owner, outcome=Outcome.DRAINED, attempt=attempt)
+            with self.progress.parked(up_to=DB_WAIT):
+                return self.queue.release_owner(self.owner, outcome=Outcome.DRAINED, attempt=attempt)
         except Exception as exc:
             if not is_database_fault(exc):
                 raise
@@ -108,3 +123,9 @@ class WorkerDatabase:
 
     def _count_lock_retry(self) -> None:
         self.stats.db_lock_retries += 1
+        self.progress.mark()
+
+    def _wait_for_lock(self, seconds: float) -> None:
+        """LockRetry's pause between tries: a wait, not a hang."""
+        with self.progress.parked():
+            time.sleep(seconds)

@@ -14,6 +14,7 @@ from kgsupervisor.queue.leased import Claim
 from kgsupervisor.queue.writeback import Answered, write_back_group
 from kgsupervisor.states import JobStatus
 from kgsupervisor.store.faults import describe_database_fault, is_corruption, is_database_fault
+from kgsupervisor.worker.counters import Progress
 from kgsupervisor.worker.database import WorkerDatabase
 from kgsupervisor.worker.stats import WorkerStats
 from kgsupervisor.worker.worklog import WorkerLog, holding
@@ -39,13 +40,15 @@ class DocumentProcessor:
     in hand, and writes the answers in hand back together."""
 
     def __init__(self, settings: Settings, db: WorkerDatabase, dispatch: Dispatcher, stats: WorkerStats,
-                 log: WorkerLog, busy: Callable[[], None]) -> None:
+                 log: WorkerLog, busy: Callable[[], None], progress: Progress | None = None) -> None:
         self.settings = settings
         self.db = db
         self.dispatch = dispatch
         self.stats = stats
         self.log = log
         self._busy = busy
+        # Marked after each step: the hang check counts the longest step, not the document.
+        self.progress = progress or Progress()
 
     def process(self, claim: Claim) -> Answered | None:
         """One document from claimed to an outcome, or to an answer returned for the group write-back."""
@@ -58,8 +61,14 @@ class DocumentProcessor:
         self.db.retrying(lambda q: q.mark_started(claim, time.time()))
         try:
             payload, notes = self.read_document(claim)
-            result, took = self.dispatch.send(claim.content_id, encode_payload(payload),
+            self.progress.mark()
+            body = encode_payload(payload)
+            self.progress.mark()
+            # The request is parked (a wait bounded by KG_SERVICE_TIMEOUT); the answer's parse is
+            # work, not a wait: a few seconds at most within KG_MAX_ANSWER_MB, and a spin in it hangs.
+            result, took = self.dispatch.send(claim.content_id, body,
                                               {c["vector_rowid"] for c in payload["chunks"]})
+            self.progress.mark()
         except DocumentRejected as exc:
             self.fail(claim, str(exc), self.tried(claim, exc))
         except InvalidAnswer as exc:
@@ -117,7 +126,7 @@ class DocumentProcessor:
             return
         # Until written the answers are in hand: the stats and counters name a document meanwhile.
         with holding(self.log, self.stats, answered[-1].claim.content_id):
-            outcomes = self.db.lock_retry(lambda: write_back_group(self.db.conn, answered, time.time()))
+            outcomes = self.db.retrying(lambda _: write_back_group(self.db.conn, answered, time.time()))
         # Count every outcome before logging any: a log write can block (a full pipe), and the
         # totals must not trail the committed rows meanwhile.
         for outcome in outcomes:
@@ -126,6 +135,7 @@ class DocumentProcessor:
             else:
                 self.stats.record_outcome(True)
         for item, outcome in zip(answered, outcomes):
+            self.progress.mark()
             with holding(self.log, self.stats, item.claim.content_id):
                 if isinstance(outcome, LeaseLost):
                     self.log.warning("%s", outcome)

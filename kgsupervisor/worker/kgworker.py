@@ -21,10 +21,10 @@ from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import WorkerState
 from kgsupervisor.store.backend import describe
 from kgsupervisor.store.faults import is_database_fault
-from kgsupervisor.worker.counters import SharedCounters
+from kgsupervisor.worker.counters import Progress, SharedCounters
 from kgsupervisor.worker.database import WorkerDatabase
 from kgsupervisor.worker.document import DocumentProcessor
-from kgsupervisor.worker.lease import LeaseKeeper
+from kgsupervisor.worker.lease import BEAT_INTERVAL, LeaseKeeper
 from kgsupervisor.worker.stats import StatsPublisher, WorkerStats
 from kgsupervisor.worker.worklog import WorkerLog, holding
 
@@ -61,6 +61,8 @@ class KGWorker:
         self.stats = WorkerStats(worker_id=worker_id, counters=counters or SharedCounters())
         self.publisher = StatsPublisher(stats_map)
         self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
+        # What the heartbeat says: the main thread's progress, marked at each step (counters.Progress).
+        self.progress = Progress(beat=self.stats.counters.beat)
         # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
         self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._last_requeue = 0.0
@@ -71,12 +73,16 @@ class KGWorker:
         """Open this process's own connection, HTTP session and lease keeper."""
         self.stats.pid = os.getpid()
         self.owner = owner_name()
-        self.db = WorkerDatabase(self.db_path, self.owner, self.log, self.stats)
+        self.db = WorkerDatabase(self.db_path, self.owner, self.log, self.stats, self.progress)
         s = self.settings
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
+        for endpoint in self.endpoints.endpoints:  # a request waits on its deadline: not hung
+            endpoint.client.waiting = self.progress.parked
         self.dispatch = Dispatcher(self.endpoints, self.stats.counters, self.log)
         self.documents = DocumentProcessor(s, self.db, self.dispatch, self.stats, self.log,
-                                           busy=lambda: self.set_state(WorkerState.BUSY))
+                                           busy=lambda: self.set_state(WorkerState.BUSY),
+                                           progress=self.progress)
+        self.progress.mark()
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
                                   parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
         self.keeper.start()
@@ -132,6 +138,7 @@ class KGWorker:
         crashed = False
         try:
             while self.alive:
+                self.progress.mark()
                 try:
                     self.db.recover()
                     wait = self.loop_once(time.time())
@@ -228,6 +235,7 @@ class KGWorker:
         answered: list[Answered] = []
         try:
             for i, claim in enumerate(claims):
+                self.progress.mark()
                 if not self.alive or self.endpoints.all_down:
                     self.documents.write_answered(answered)
                     self.documents.release_unstarted(claims[i:], stopping=not self.alive)
@@ -273,6 +281,10 @@ class KGWorker:
 
     def wait_for_work(self, timeout: float) -> None:
         """Sleep up to `timeout`, waking early on a stop signal or on a commit by anyone else."""
+        with self.progress.parked():  # bounded by `timeout`: idle is not hung
+            self._wait_for_work(timeout)
+
+    def _wait_for_work(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         # Watch for commits whenever the worker would claim next (idle, or after a partial
         # batch); not while paused, when a commit is no reason to call a service that is down.
@@ -297,8 +309,9 @@ class KGWorker:
             self.publish()
 
     def publish(self) -> None:
-        """Beat, and copy the stats to the shared map when they changed (or every 10 s)."""
-        self.stats.counters.beat()
+        """Beat with the main thread's progress (the heartbeat ages while it is stuck outside a
+        bounded wait), and copy the stats to the shared map when they changed (or every 10 s)."""
+        self.stats.counters.beat(self.progress.heartbeat(BEAT_INTERVAL))
         if hasattr(self, "endpoints"):
             self.stats.kg_service = self.endpoints.status(self.settings.service_url, self.settings.service_enabled)
         self.publisher.publish_if_changed(self.stats)

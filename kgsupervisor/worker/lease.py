@@ -20,10 +20,13 @@ BEAT_INTERVAL = 1.0
 class LeaseKeeper(threading.Thread):
     """Beats every second and renews every held token every `lease_seconds / 3`.
 
-    It runs beside the main thread, so a 30-minute request keeps both its claim and the
-    worker's heartbeat; a SIGSTOP or a stuck C call holding the GIL stops both, as it should.
-    It opens its own connection for each renewal: statements on the worker's connection would
-    otherwise land inside the worker's open write-back transaction.
+    It runs beside the main thread, so a 30-minute request keeps its claim whatever the main
+    thread does. The beat publishes the main thread's progress (`beat`, see counters.Progress):
+    a request, parked in its bounded wait, keeps the heartbeat fresh too, while a main thread
+    spinning in Python lets it age and is killed as hung. A SIGSTOP or a stuck C call holding
+    the GIL stops the beats altogether, as it should. It opens its own connection for each
+    renewal: statements on the worker's connection would otherwise land inside the worker's
+    open write-back transaction.
     """
 
     def __init__(self, db_path: str, owner: str, lease_seconds: float, beat: Callable[[], None],
