@@ -262,6 +262,13 @@ def test_inspect_wants_one_name_for_the_document(db_path):
     assert cli("inspect", "--db", db_path, "3", "--queue-id", "4")[0] == 2
 
 
+@pytest.mark.parametrize("args", [["2" + "0" * 19], ["--queue-id", "-" + "9" * 20]])
+def test_an_id_beyond_the_databases_range_is_one_line_and_exit_2(db_path, args):
+    proc = run_to_exit("inspect", "--db", db_path, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "64-bit range" in proc.stderr, proc.stderr
+
+
 def test_an_unknown_content_id_is_one_line_and_exit_1_as_a_real_process(db_path):
     proc = run_to_exit("inspect", "--db", db_path, "4711")
     assert proc.returncode == 1

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kgsupervisor.errors import ConfigError
-from kgsupervisor.queue.leased import BULK_BATCH_ROWS, LeasedQueue, Progress
+from kgsupervisor.queue.leased import BULK_BATCH_ROWS, LeasedQueue, Progress, check_int64
 from kgsupervisor.queue.sql import db_timestamp, live, marks
 from kgsupervisor.store.backend import backend_of
 from kgsupervisor.store.owntables import ATTEMPTS_TABLE
@@ -254,6 +254,8 @@ def document_of(conn: Any, content_id: int) -> dict[str, Any] | None:
 def story_of(conn: Any, *, content_id: int | None = None, queue_id: int | None = None) -> Story | None:
     """The story of a document, named by its content id or by one of its queue rows; None when
     the database has neither such a document nor such a queue row."""
+    check_int64("content id", [content_id] if content_id is not None else [])
+    check_int64("--queue-id", [queue_id] if queue_id is not None else [])
     columns = ", ".join(QUEUE_ROW_COLUMNS)
     lone_row: list[dict[str, Any]] = []
     if queue_id is not None:
