@@ -312,9 +312,15 @@ def command_lines(pid: int) -> dict[int, bytes]:
 
 
 def error_messages(db) -> str:
+    """Every error message the database stores: the queue's and the attempt history's (with its
+    endpoints)."""
     c = db.connect()
     try:
-        return "\n".join(r[0] or "" for r in c.execute("SELECT error_message FROM kg_processing_queue"))
+        queue = [r[0] or "" for r in c.execute("SELECT error_message FROM kg_processing_queue")]
+        attempts = [f"{r[0] or ''} {r[1] or ''}" for r in
+                    c.execute("SELECT error_message, endpoint FROM kg_processing_attempts")]
+        assert attempts, "the history recorded the failures too"
+        return "\n".join(queue + attempts)
     finally:
         c.close()
 
