@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from kgsupervisor.errors import ConfigError
@@ -162,11 +162,12 @@ def failed_rows(conn: Any, chosen: FailureFilter, batch_rows: int = BULK_BATCH_R
                 yield row
 
 
-def failure_classes(conn: Any, chosen: FailureFilter) -> list[FailureClass]:
-    """The failed documents `chosen` takes by error class, the class that failed last first,
-    each with its newest failure as the example (and that document's url)."""
+def failure_classes(conn: Any, chosen: FailureFilter,
+                    rows: Iterable[FailedRow] | None = None) -> list[FailureClass]:
+    """The failed documents `chosen` takes (or `rows`, read by the caller) by error class, the
+    class that failed last first, each with its newest failure as the example (and its url)."""
     classes: dict[str, FailureClass] = {}
-    for row in failed_rows(conn, chosen):
+    for row in failed_rows(conn, chosen) if rows is None else rows:
         group = classes.get(row.error_class)
         if group is None:
             classes[row.error_class] = FailureClass(row.error_class, 1, row)

@@ -1,5 +1,6 @@
 """The tables kgsupervisor keeps for itself beside the upstream's: the attempt history, the
-pause flag and the registry of supervisors; one declaration for SQLite and PostgreSQL."""
+pause flag, the registry of supervisors and the console's audit log; one declaration for SQLite
+and PostgreSQL."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 ATTEMPTS_TABLE = "kg_processing_attempts"
 CONTROL_TABLE = "kg_supervisor_control"
 HOSTS_TABLE = "kg_supervisor_hosts"
+AUDIT_TABLE = "kg_supervisor_audit"
 
 # One row per outcome of a claim (docs/history.md): the lease token is the claim's, so a claim
 # has at most one outcome recorded (a unique index), whoever records it.
@@ -54,9 +56,22 @@ HOST_COLUMNS: dict[str, str] = {
     "status_addr": "TEXT",
     "state": "TEXT",                         # starting, running, paused, draining, stopped
 }
+# One row per operator action taken in the console (queue.audit).
+AUDIT_COLUMNS: dict[str, str] = {
+    "id": "{id}",
+    "at": "{real} NOT NULL",
+    "who": "TEXT",                           # the name given at login and the client address
+    "action": "TEXT NOT NULL",
+    "detail": "TEXT",                        # bounded, secrets masked
+    "rows": "INTEGER",                       # queue rows the action changed
+}
 OWN_TABLES: dict[str, dict[str, str]] = {
     ATTEMPTS_TABLE: ATTEMPT_COLUMNS, CONTROL_TABLE: CONTROL_COLUMNS, HOSTS_TABLE: HOST_COLUMNS,
+    AUDIT_TABLE: AUDIT_COLUMNS,
 }
+# Tables init-db creates that the start check does not ask for: their writer creates them when
+# missing, so a database migrated by an older version keeps running without init-db.
+OPTIONAL_TABLES = {AUDIT_TABLE}
 OWN_INDEXES: dict[str, str] = {
     "idx_kga_claim": f"CREATE UNIQUE INDEX IF NOT EXISTS idx_kga_claim ON {ATTEMPTS_TABLE} (claim_key)",
     "idx_kga_queue": f"CREATE INDEX IF NOT EXISTS idx_kga_queue ON {ATTEMPTS_TABLE} (queue_id, id)",
@@ -94,5 +109,5 @@ def create_own_tables(conn: Any, have: set[str], indexes: set[str], spelling: di
 
 def lacking_own(have: set[str], indexes: set[str]) -> list[str]:
     """What of ours a database lacks, as require_schema words it."""
-    return ([f"no {table} table" for table in OWN_TABLES if table not in have]
+    return ([f"no {table} table" for table in OWN_TABLES if table not in have | OPTIONAL_TABLES]
             + [f"lacks index {name}" for name in OWN_INDEXES if name not in indexes])
