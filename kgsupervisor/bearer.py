@@ -26,10 +26,10 @@ def _token_problem(token: str) -> str | None:
     return None
 
 
-def read_token_file(path: str) -> str:
-    """The token file's text; a ConfigError if it is unreadable, oversized or not UTF-8."""
+def read_token_file(path: str, setting: str = "service_token_file", what: str = "the bearer token") -> str:
+    """The token file's text; a ConfigError naming `setting` if it is unreadable, oversized or not UTF-8."""
     def refused(why: str) -> ConfigError:
-        return ConfigError("service_token_file", path, f"a readable file holding the bearer token ({why})")
+        return ConfigError(setting, path, f"a readable file holding {what} ({why})")
     try:
         with open(path, "rb") as f:
             data = f.read(TOKEN_FILE_LIMIT + 1)

@@ -18,6 +18,7 @@ from kgsupervisor.masking import redact
 MASK = "********"
 HOUR, DAY, WEEK = 3600.0, 86400.0, 604800.0
 SECRET_KEY = re.compile(r"token|passw|secret|credential", re.I)
+SECRET_SETTINGS = ("service_token", "console_token")  # shown as MASK wherever a value is shown
 
 
 def _positive_up_to(hi: float, note: str) -> Callable[[float], str | None]:
@@ -86,6 +87,10 @@ class Settings:
                                         lambda v: None if 0 <= v <= 1048576 else "a number >= 0 and <= 1048576 (1 TiB)")
     pidfile: str | None = _setting(None, "KG_PIDFILE", "pidfile of `run`, used by `reload` and `stop`", _path)
     status_addr: str = _setting("127.0.0.1:9188", "KG_STATUS_ADDR", "status endpoint HOST:PORT, or off", addr_problem)
+    console_token: str | None = _setting(None, "KG_CONSOLE_TOKEN", "operator token of the web console: its "
+                                         "login, and so every action (never logged)")
+    console_token_file: str | None = _setting(None, "KG_CONSOLE_TOKEN_FILE", "file holding the console's "
+                                              "operator token", _path)
     log_format: str = _setting("text", "KG_LOG_FORMAT", "text or json", lambda v: None if v in ("text", "json") else "text or json")
     log_file: str | None = _setting(None, "KG_LOG_FILE", "log to this file (reopened on SIGUSR1) instead of stderr", _path)
 
@@ -99,6 +104,17 @@ class Settings:
             return checked_token(read_token_file(path), "service_token_file", path)
         return None
 
+    def console_key(self) -> str | None:
+        """The console's operator token, from the setting or the file it names, cleaned and
+        checked as the bearer token is; None when neither is set (the console then acts on nothing)."""
+        if self.console_token:
+            return checked_token(self.console_token, "console_token", MASK)
+        if self.console_token_file:
+            path = self.console_token_file
+            text = read_token_file(path, "console_token_file", "the operator token")
+            return checked_token(text, "console_token_file", path)
+        return None
+
     def service_urls(self) -> list[str]:
         """Every KG service endpoint, in the order given."""
         return split_urls(self.service_url)
@@ -106,7 +122,7 @@ class Settings:
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with the token, URL credentials and a database password hidden, for display."""
         values = dataclasses.asdict(self)
-        for name in ("service_token", "service_url", "db_path"):
+        for name in ("service_token", "console_token", "service_url", "db_path"):
             values[name] = _shown(name, values[name])
         return values
 
@@ -121,7 +137,7 @@ def _shown(name: str, value: Any) -> Any:
     """`value` of setting `name` as a message or display may show it: secrets hidden."""
     if isinstance(value, list):
         return [_shown(name, item) for item in value]
-    if name == "service_token" and value:
+    if name in SECRET_SETTINGS and value:
         return MASK
     if not isinstance(value, str):
         return value
@@ -220,7 +236,7 @@ def read_file(path: str) -> dict[str, Any]:
 def _unknown_key(path: str, key: str, value: Any) -> ConfigError:
     """The error for a key that is no setting: the likely one named, a mistyped token's value hidden."""
     close = difflib.get_close_matches(key, FIELDS, n=1)
-    secret = SECRET_KEY.search(key) or close == ["service_token"]
+    secret = SECRET_KEY.search(key) or any(name in SECRET_SETTINGS for name in close)
     known = f"did you mean {close[0]}?" if close else ", ".join(FIELDS)
     return ConfigError(f"{path}: {key}", MASK if secret else value, f"a known setting ({known})")
 

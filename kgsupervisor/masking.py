@@ -90,19 +90,24 @@ class HoldsSecrets(Protocol):
     """What secrets_of reads of a configuration (config.Settings has it)."""
 
     service_token: str | None
+    console_token: str | None
     db_path: str | None
     service_url: str
 
     def token(self) -> str | None: ...
 
+    def console_key(self) -> str | None: ...
+
 
 def secrets_of(settings: HoldsSecrets) -> list[str]:
-    """The secrets of a configuration: its bearer token and every password its URLs carry."""
-    found = [settings.service_token or ""]
-    try:
-        found.append(settings.token() or "")
-    except KGSupervisorError:  # an unreadable or refused token is reported where it is used
-        pass
+    """The secrets of a configuration: its bearer token, the console's operator token and every
+    password its URLs carry."""
+    found = [settings.service_token or "", settings.console_token or ""]
+    for read in (settings.token, settings.console_key):
+        try:
+            found.append(read() or "")
+        except KGSupervisorError:  # an unreadable or refused token is reported where it is used
+            pass
     for text in (settings.db_path or "", settings.service_url or ""):
         found += secrets_in(text)
     return [s for s in dict.fromkeys(found) if len(s) >= MIN_SECRET]

@@ -421,8 +421,9 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
                                                       marks=pytest.mark.hostile),
                                          ("[::]:0", "status endpoint listens on [::]:")])
 def test_ipv6_status_addresses_are_logged_in_brackets(db_path, kg_service, processes, addr, shown):
+    # [::] listens beyond this host: its console needs an operator token to start.
     proc = processes.supervisor(db_path, kg_service, "--workers", "1", "--status-addr", addr,
-                                "--exit-when-empty")
+                                "--exit-when-empty", env={"KG_CONSOLE_TOKEN": "ipv6-test-operator-token"})
     log = proc.stop(None, timeout=30)
     assert proc.returncode == 0, log
     assert shown in log

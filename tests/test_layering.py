@@ -25,6 +25,7 @@ ALLOWED = {
     "pool": [VOCABULARY, "store", "kg", "queue", "worker", "pool"],
 }
 UI_LIBRARIES = ("click", "rich")  # terminal drawing belongs to ops/ alone
+WEB_LIBRARIES = ("flask", "jinja2", "waitress", "werkzeug")  # so does the web console
 MAX_FILE_LINES = 400
 MAX_CLASS_LINES = 300
 
@@ -142,8 +143,9 @@ def _where(module: Module, package_dir: Path, line: int | None = None) -> str:
 
 def _import_problem(imp: Import, layer: str, modules: dict[str, Module]) -> str | None:
     """What is wrong with one import of a module in `layer`, or None."""
-    if imp.target in UI_LIBRARIES and layer != "ops":
-        return f"{layer} imports {imp.target}; only ops/ may import {' or '.join(UI_LIBRARIES)}"
+    for libraries in (UI_LIBRARIES, WEB_LIBRARIES):
+        if imp.target in libraries and layer != "ops":
+            return f"{layer} imports {imp.target}; only ops/ may import {' or '.join(libraries)}"
     if imp.target not in modules or layer not in ALLOWED:
         return None
     reached = target_layer(imp, modules)
@@ -288,6 +290,7 @@ TOY_PACKAGE = {
         """,
     "kg/__init__.py": "",
     "kg/client.py": "import click\nfrom toy import __version__\nfrom .answer import parse\n",
+    "kg/web.py": "def page():\n    from flask import render_template\n",
     "kg/answer.py": """
         import json
 
@@ -320,6 +323,7 @@ TOY_PACKAGE = {
         from toy.pool.supervisor import Supervisor
         """,
     "ops/api.py": "from toy.pool.supervisor import Supervisor\nfrom toy.worker.kgworker import KGWorker\n",
+    "ops/console.py": "import waitress\nfrom flask import Flask\nfrom werkzeug.exceptions import HTTPException\n",
     "ops/reporting.py": """
         from typing import TYPE_CHECKING
 
@@ -340,6 +344,7 @@ def test_the_checker_reports_each_fault_of_a_toy_package_and_nothing_else(tmp_pa
         "toy/extras/thing.py: in no layer: extras/ is none of store, kg, queue, worker, pool, ops",
         "toy/kg/answer.py:4: kg imports rich; only ops/ may import click or rich",
         "toy/kg/client.py:1: kg imports click; only ops/ may import click or rich",
+        "toy/kg/web.py:2: kg imports flask; only ops/ may import flask or jinja2 or waitress or werkzeug",
         "toy/pool/supervisor.py:2: pool imports toy.ops.reporting (ops); "
         "pool may import only vocabulary, store, kg, queue, worker, pool",
         "toy/queue/leased.py:3: queue imports toy.worker.kgworker (worker); "

@@ -330,3 +330,17 @@ def test_the_snapshot_is_a_value(pool, db_path):
     assert snapshot.clock == T0 + 1 and snapshot.queue_size["pending"] == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         snapshot.state = SupervisorState.STOPPED
+
+
+def test_a_worker_reports_how_long_it_has_held_its_document():
+    """held_seconds in the worker details counts from when the document was taken: naming it
+    again (a nested block) keeps the time, a new document restarts it, none clears it."""
+    counters = SharedCounters()
+    assert counters.held_for(100.0) is None
+    counters.set_current(7, now=100.0)
+    counters.set_current(7, now=105.0)
+    assert counters.held_for(112.5) == 12.5
+    counters.set_current(8, now=120.0)
+    assert counters.held_for(121.0) == 1.0
+    counters.set_current(None, now=122.0)
+    assert counters.held_for(130.0) is None

@@ -12,7 +12,7 @@ import click
 from kgsupervisor import config, logs
 from kgsupervisor.addresses import parse_addr
 from kgsupervisor.errors import ConfigError, KGSupervisorError, NotReachable
-from kgsupervisor.ops import cli_control, cli_dump, cli_history, cli_queue, cli_status
+from kgsupervisor.ops import cli_console, cli_control, cli_dump, cli_history, cli_queue, cli_status
 from kgsupervisor.ops.cli_options import FiniteRange, pidfile_option, settings_options
 from kgsupervisor.ops.control import signal_supervisor, wait_for_exit
 from kgsupervisor.pool.pidfile import Pidfile
@@ -49,7 +49,7 @@ def main() -> None:
 
 
 for command in (*cli_queue.COMMANDS, *cli_status.COMMANDS, *cli_history.COMMANDS, *cli_control.COMMANDS,
-                *cli_dump.COMMANDS):
+                *cli_dump.COMMANDS, *cli_console.COMMANDS):
     main.add_command(command)
 
 
@@ -139,18 +139,19 @@ def run(exit_when_empty: bool, print_config: bool, **kwargs: Any) -> None:
     with closing(backend.open_database(db_path)):  # closed: no connection may cross the fork
         pass
     setup_logging(settings)
+    from kgsupervisor.ops.statusd import StatusEndpoint
+    status_addr = parse_addr(settings.status_addr)
+    # Its console refuses to listen beyond this host without a token: one line, before the pidfile.
+    status_server = StatusEndpoint(status_addr, settings) if status_addr else None
     pidfile = Pidfile(settings.pidfile) if settings.pidfile else None
     if pidfile:
         pidfile.acquire()
     from kgsupervisor.ops.reporting import Reporter
-    from kgsupervisor.ops.statusd import StatusEndpoint
     from kgsupervisor.pool.reload import reloader
     from kgsupervisor.pool.supervisor import Supervisor
     flags = {k: v for k, v in kwargs.items() if k in config.FIELDS}
-    status_addr = parse_addr(settings.status_addr)
     supervisor = Supervisor(
-        settings, Reporter(), exit_when_empty=exit_when_empty,
-        status_server=StatusEndpoint(status_addr) if status_addr else None,
+        settings, Reporter(), exit_when_empty=exit_when_empty, status_server=status_server,
         reload_settings=reloader(flags, kwargs.get("config_file")),
         extra_close_fds=[pidfile.fd] if pidfile else [])
     try:

@@ -1,37 +1,45 @@
-"""The status endpoint: /health, /stats and /metrics, served by a child process of its own."""
+"""The status endpoint: /health, /stats and /metrics, and the operator console under every other
+path, served by waitress in a child process of its own.
+
+This module is imported by the supervisor before it forks: it imports no web library itself.
+waitress and the console (Flask) are imported in the child alone, so the supervisor's memory
+and start-up time do not grow with them."""
 from __future__ import annotations
 
-import ipaddress
+import dataclasses
 import json
 import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.lifeline import exit_with_parent
 from kgsupervisor.logs import host_port
 from kgsupervisor.ops import metrics
+from kgsupervisor.ops.console.settings import ConsoleSettings, console_settings, is_loopback
 from kgsupervisor.procname import become_helper_child
+
+if TYPE_CHECKING:
+    from kgsupervisor.config import Settings
 
 log = logging.getLogger("kgsupervisor.statusd")
 
 Fetch = Callable[[], "dict[str, Any] | None"]
+WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
+
+STATUS_PATHS = ("/health", "/stats", "/metrics")
+SERVER_IDENT = "kgsupervisor-status"  # the Server header: how `health` knows a 503 is ours
+SERVE_THREADS = 8  # a few console pages slowed by a busy database leave threads for /health
+REASONS = {200: "OK", 404: "Not Found", 501: "Not Implemented", 503: "Service Unavailable"}
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def bind(addr: tuple[str, int]) -> socket.socket:
-    """Bind and listen in the supervisor, before any fork, so a busy port is an error at start."""
+def bind(addr: tuple[str, int], what: str = "status address",
+         hint: str = "choose another with --status-addr, or --status-addr off") -> socket.socket:
+    """Bind and listen before serving (the supervisor: before any fork): a busy port fails the start."""
     host, port = addr
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -40,54 +48,91 @@ def bind(addr: tuple[str, int]) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise KGSupervisorError(f"status address {host_port(host, port)} cannot be used: {exc.strerror} "
-                                f"(choose another with --status-addr, or --status-addr off)") from None
+        raise KGSupervisorError(f"{what} {host_port(host, port)} cannot be used: {exc.strerror} "
+                                f"({hint})") from None
     sock.listen(64)
-    if not is_loopback(host):
-        log.warning("status endpoint listens on %s, beyond this host; it has no authentication", host_port(host, port))
     return sock
 
 
-class StatusServer(ThreadingHTTPServer):
-    """An HTTP server around a socket the supervisor bound; `fetch()` returns the latest snapshot."""
+# -- /health, /stats, /metrics: the same answers as ever -----------------------------------------
 
-    daemon_threads = True
+def status_answer(path: str, snapshot: dict[str, Any] | None) -> tuple[int, str, bytes]:
+    """The status code, content type and body of a GET of `path`, from the latest snapshot."""
+    if snapshot is None:
+        return 503, "application/json", b'{"error": "supervisor is not answering"}'
+    if path == "/health":
+        health = snapshot["health"]
+        ok = health.get("manager_running") and health.get("healthy_workers", 0) > 0
+        return 200 if ok else 503, "application/json", json.dumps(health).encode()
+    if path == "/stats":
+        return 200, "application/json", json.dumps(snapshot["stats"]).encode()
+    if path == "/metrics":
+        return 200, metrics.CONTENT_TYPE, metrics.render(snapshot)
+    return 404, "application/json", b'{"error": "try /health, /stats or /metrics"}'
 
-    def __init__(self, sock: socket.socket, fetch: Fetch) -> None:
-        super().__init__(sock.getsockname()[:2], StatusHandler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
+
+def status_app(fetch: Fetch, console: WSGIApp | None = None) -> WSGIApp:
+    """One WSGI app: the three status paths answered from `fetch()`, every other path by the
+    console (or a 404 naming the three, without one)."""
+    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if console is not None and path not in STATUS_PATHS:
+            return console(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "GET":
+            status, content_type, body = 501, "application/json", b'{"error": "only GET is answered here"}'
+        else:
+            status, content_type, body = status_answer(path, fetch())
+        start_response(f"{status} {REASONS[status]}", [("Content-Type", content_type),
+                                                        ("Content-Length", str(len(body)))])
+        return [body]
+    return app
+
+
+class WSGIServer:
+    """waitress serving `app` on a socket bound already; serve_forever, shutdown and
+    server_close as socketserver names them (tests stop it as they stop any server)."""
+
+    def __init__(self, sock: socket.socket, app: WSGIApp, ident: str) -> None:
+        from waitress.server import create_server
+        self.server_address = sock.getsockname()[:2]
+        # No proxy header is trusted or cleared: the console reads their presence itself.
+        self.server = create_server(app, sockets=[sock], ident=ident, threads=SERVE_THREADS,
+                                    clear_untrusted_proxy_headers=False, expose_tracebacks=False)
+        self._stopping = threading.Event()
+        self._idle = threading.Event()  # set while no serve_forever loop runs
+        self._idle.set()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until shutdown(); `poll_interval` bounds how late a shutdown is noticed."""
+        from waitress import wasyncore
+        self._idle.clear()
+        try:
+            while not self._stopping.is_set():
+                wasyncore.loop(timeout=poll_interval, map=self.server._map, count=1)
+        finally:
+            self._idle.set()
+
+    def shutdown(self) -> None:
+        """Stop serving and wait until the loop has ended, as socketserver's shutdown does."""
+        self._stopping.set()
+        self.server.pull_trigger()
+        self._idle.wait()
+
+    def server_close(self) -> None:
+        """Close the listening socket, every connection, and the serving threads."""
+        from waitress import wasyncore
+        self.shutdown()
+        self.server.task_dispatcher.shutdown()
+        wasyncore.close_all(self.server._map)
+
+
+class StatusServer(WSGIServer):
+    """The status endpoint on a socket the supervisor bound: status_app over `fetch()`, which
+    returns the latest snapshot, with the console (a WSGI app) under every other path."""
+
+    def __init__(self, sock: socket.socket, fetch: Fetch, console: WSGIApp | None = None) -> None:
         self.fetch = fetch
-
-
-class StatusHandler(BaseHTTPRequestHandler):
-    server: StatusServer
-    server_version = "kgsupervisor-status"  # how `health` knows its 503 "not answering" is ours
-
-    def log_message(self, *args: Any) -> None:  # scrapes every few seconds are not news
-        pass
-
-    def do_GET(self) -> None:
-        snapshot = self.server.fetch()
-        if snapshot is None:
-            return self.send(503, "application/json", b'{"error": "supervisor is not answering"}')
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            health = snapshot["health"]
-            ok = health.get("manager_running") and health.get("healthy_workers", 0) > 0
-            return self.send(200 if ok else 503, "application/json", json.dumps(health).encode())
-        if path == "/stats":
-            return self.send(200, "application/json", json.dumps(snapshot["stats"]).encode())
-        if path == "/metrics":
-            return self.send(200, metrics.CONTENT_TYPE, metrics.render(snapshot))
-        self.send(404, "application/json", b'{"error": "try /health, /stats or /metrics"}')
-
-    def send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        super().__init__(sock, status_app(fetch, console), SERVER_IDENT)
 
 
 def pipe_fetcher(conn: Any, timeout: float = 5.0) -> Fetch:
@@ -104,27 +149,51 @@ def pipe_fetcher(conn: Any, timeout: float = 5.0) -> Fetch:
     return fetch
 
 
-def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list[int]) -> None:
+def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list[int],
+                console: ConsoleSettings | None = None) -> None:
     """Entry point of the forked status process: serve until the supervisor stops or is gone."""
     signal.set_wakeup_fd(-1)
     become_helper_child("kgs-status", parent_pid, close_fds)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # The supervisor blocked its signals around our fork; our own dispositions are set now.
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    server = StatusServer(sock, pipe_fetcher(conn))
+    fetch = pipe_fetcher(conn)
+    console_app = started_console(console, fetch, parent_pid) if console is not None else None
+    server = StatusServer(sock, fetch, console_app)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
+    if console_app is not None:
+        log.info("console on http://%s/ (%s)", host_port(*server.server_address), console.access())
     exit_with_parent(parent_pid)
 
 
-class StatusEndpoint:
-    """The status endpoint as the supervisor's StatusServer: bound in it, served by its child."""
+def started_console(console: ConsoleSettings, fetch: Fetch, parent_pid: int) -> WSGIApp | None:
+    """The console app with its sampler running, or None (logged) if it cannot be built: the
+    status paths are served either way."""
+    try:
+        from kgsupervisor.ops.console.app import create_app  # here, in the child alone
+        app = create_app(dataclasses.replace(console, supervisor_pid=parent_pid), fetch)
+        app.extensions["kgsupervisor"].start()
+    except Exception as exc:
+        log.error("console not served (/health, /stats and /metrics are): %s: %s", type(exc).__name__, exc)
+        return None
+    return app
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+
+class StatusEndpoint:
+    """The status endpoint as the supervisor's StatusServer: bound in it, served by its child,
+    with the console under `/` when `settings` are given."""
+
+    def __init__(self, addr: tuple[str, int], settings: Settings | None = None) -> None:
         self.addr = addr
+        self.console = console_settings(settings, addr) if settings is not None else None
         self.sock: socket.socket | None = None
 
     def bind(self) -> int:
         self.sock = bind(self.addr)
+        if not is_loopback(self.addr[0]):
+            log.warning("status endpoint listens on %s, beyond this host: /health, /stats and /metrics are "
+                        "open to anyone who reaches it; the console asks for the operator token",
+                        self.address())
         return self.sock.fileno()
 
     def address(self) -> str:
@@ -132,4 +201,4 @@ class StatusEndpoint:
         return host_port(host, port)
 
     def serve(self, conn: Connection, parent_pid: int, fds: list[int]) -> None:
-        status_main(self.sock, conn, parent_pid, fds)
+        status_main(self.sock, conn, parent_pid, fds, self.console)

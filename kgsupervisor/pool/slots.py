@@ -232,7 +232,13 @@ class WorkerSlot:
             "started_at": w.started_at if w else None,
             "heartbeat_age": round(w.counters.heartbeat_age(now_wall), 3) if w else None,
             "current_content_id": w.counters.current() if w else None,
+            "held_seconds": _tenths(w.counters.held_for(now_wall)) if w else None,
             "rss_bytes": w.rss_bytes if w else 0,
             "cpu_percent": w.cpu_percent if w else 0.0,
             "stats": stats,
         }
+
+
+def _tenths(seconds: float | None) -> float | None:
+    """Seconds to a tenth, as the stats show durations; None stays None."""
+    return None if seconds is None else round(seconds, 1)

@@ -115,7 +115,8 @@ class Supervisor:
     def spawn_status_process(self) -> None:
         """Fork the status endpoint's process; the reporter answers its requests."""
         self.reporter.controls.append(self.status.start(self.child_fds()))
-        log.info("status endpoint on http://%s (/health /stats /metrics)", self.status.server.address())
+        log.info("status endpoint on http://%s (the console at /, /health /stats /metrics)",
+                 self.status.server.address())
 
     def watch_status_process(self) -> None:
         """Restart a dead status process, while running only: a drain does not need one."""

@@ -14,7 +14,8 @@ _BUCKET_FIELDS = tuple(f"latency_le_{b:g}" for b in LATENCY_BUCKETS)
 # Cumulative fields: a slot adds them up over every process that ran in it.
 COUNTS = ("processed", "success", "failed", "retried", "released", "requests", "latency_sum") + _BUCKET_FIELDS
 # Slot layout of the shared array; doubles hold counts exactly up to 2**53.
-FIELDS = ("heartbeat", "current_content_id") + COUNTS
+# held_since: when the worker took the document it holds (unix seconds; 0 when it holds none).
+FIELDS = ("heartbeat", "current_content_id", "held_since") + COUNTS
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 NO_DOCUMENT = -1.0
 
@@ -41,8 +42,20 @@ class SharedCounters:
     def add(self, name: str, amount: int = 1) -> None:
         self._array[_INDEX[name]] += amount
 
-    def set_current(self, content_id: int | None) -> None:
+    def set_current(self, content_id: int | None, now: float | None = None) -> None:
+        """Name the document in hand; the time it was taken is kept until it changes."""
+        if content_id is None:
+            self._array[_INDEX["held_since"]] = 0.0
+        elif float(content_id) != self._array[_INDEX["current_content_id"]]:
+            self._array[_INDEX["held_since"]] = time.time() if now is None else now
         self._array[_INDEX["current_content_id"]] = NO_DOCUMENT if content_id is None else float(content_id)
+
+    def held_for(self, now: float | None = None) -> float | None:
+        """Seconds the document in hand has been held; None when the worker holds none."""
+        since = self._array[_INDEX["held_since"]]
+        if self.current() is None or not since:
+            return None
+        return max(0.0, (time.time() if now is None else now) - since)
 
     def current(self) -> int | None:
         value = self._array[_INDEX["current_content_id"]]
