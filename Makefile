@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean reliability soak bench
+.PHONY: test demo install clean reliability soak bench screenshots
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-postgresql
+	scripts/ensure-chromium
 	$(BIN)/python -m pytest -q
+
+# The console screenshots in docs/images/, taken by the browser tests.
+screenshots: $(STAMP)
+	scripts/ensure-chromium
+	KG_SCREENSHOTS_DIR=docs/images $(BIN)/python -m pytest -q tests/browser
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
