@@ -123,3 +123,24 @@ def test_the_supervisor_imports_no_web_library_before_it_forks(db_path):
             "('flask', 'waitress', 'jinja2', 'werkzeug', 'markupsafe', 'itsdangerous')))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
+
+
+def test_the_console_on_its_own_shows_the_workers_of_every_running_supervisor(db_path, kg_service, processes):
+    """Workers of other hosts come from the registry (each supervisor writes its workers with
+    its row): a console that runs no pool lists them, and drops them once their supervisor stops."""
+    port = free_port()
+    supervisor = processes.supervisor(db_path, kg_service, "--workers", "2", "--status-addr", f"127.0.0.1:{port}")
+    wait_for(lambda: answers(f"http://127.0.0.1:{port}/health"), 30, interval=0.1, message="a healthy supervisor")
+    health = requests.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+    pids = {d["pid"] for d in health["worker_details"]}
+    console = processes.kgsupervisor(["console", "--db", db_path, "--bind", "127.0.0.1:0"], name="console")
+    base = re.search(r"console on (http://\S+)/ ", console.wait_for_log("console on http://")).group(1)
+
+    def shown() -> set[int]:
+        return {int(pid) for pid in re.findall(r'<tr data-pid="(\d+)"', requests.get(base + "/live", timeout=5).text)}
+    wait_for(lambda: shown() == pids, 30, interval=0.2, message=f"the workers {pids} in the console")
+    assert f'data-host="{health["host"]}"' in requests.get(base + "/live", timeout=5).text
+
+    supervisor.stop()
+    wait_for(lambda: not shown(), 30, interval=0.2, message="no workers once the supervisor stopped")
+    console.stop()

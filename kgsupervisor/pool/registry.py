@@ -13,7 +13,8 @@ from kgsupervisor import __version__
 from kgsupervisor.pool.workers import WorkerPool
 from kgsupervisor.states import SupervisorState
 from kgsupervisor.store.faults import describe_database_fault
-from kgsupervisor.store.hosts import HostRow, mark_stopped, prune_hosts, registry_connection, upsert_host
+from kgsupervisor.store.hosts import (HostRow, mark_stopped, prune_hosts, registry_connection, upsert_host,
+                                     upsert_workers)
 
 log = logging.getLogger("kgsupervisor.supervisor")
 
@@ -27,6 +28,24 @@ STATE_NAMES = {SupervisorState.STARTING: "starting", SupervisorState.RUNNING: "r
 def host_state(state: SupervisorState, paused: bool = False) -> str:
     """The registry's word for a supervisor's state; a running one honouring the pause flag is paused."""
     return "paused" if paused and state is SupervisorState.RUNNING else STATE_NAMES[state]
+
+
+def worker_summaries(pool: WorkerPool, now: float) -> list[dict[str, Any]]:
+    """Each slot's worker as a console on another host shows it: pid, busy or idle, the document
+    in hand and for how long, RSS, since when, restarts (all read here, without asking it)."""
+    summaries = []
+    for worker_id, slot in sorted(pool.slots.items()):
+        w = slot.current
+        alive = bool(w and w.process.is_alive())
+        held = w.counters.current() if w else None
+        held_for = w.counters.held_for(now) if w else None
+        state = ("busy" if held is not None else "idle") if alive else slot.state.name.lower()
+        summaries.append({"worker_id": worker_id, "pid": w.pid if w else None, "running": alive,
+                          "state": state, "current_content_id": held,
+                          "held_seconds": None if held_for is None else round(held_for, 1),
+                          "rss_bytes": w.rss_bytes if w else 0, "started_at": w.started_at if w else None,
+                          "restarts": slot.restarts})
+    return summaries
 
 
 def running_workers(pool: WorkerPool) -> int:
@@ -60,14 +79,17 @@ class HostRegistry:
         wall = time.time()
         row = HostRow(self.host, self.pid, self.started_at, wall, pool.num_workers, running_workers(pool),
                       __version__, self.status_addr, shown)
+        workers = worker_summaries(pool, wall)
         prune = self.next_prune is None or now >= self.next_prune
-        if self.write(lambda conn: self.upsert(conn, row, wall - KEEP_UNHEARD if prune else None)) and prune:
+        prune_before = wall - KEEP_UNHEARD if prune else None
+        if self.write(lambda conn: self.upsert(conn, row, workers, prune_before)) and prune:
             self.next_prune = now + PRUNE_EVERY
 
     @staticmethod
-    def upsert(conn: Any, row: HostRow, prune_before: float | None) -> None:
-        """The row, and (when due) the rows of supervisors not heard of for a day deleted."""
+    def upsert(conn: Any, row: HostRow, workers: list[dict[str, Any]], prune_before: float | None) -> None:
+        """The row and its workers, and (when due) the rows of supervisors not heard of for a day deleted."""
         upsert_host(conn, row)
+        upsert_workers(conn, row.host, row.pid, workers, row.heartbeat_at)
         if prune_before is not None:
             prune_hosts(conn, prune_before)
 

@@ -8,8 +8,8 @@ import dataclasses
 from typing import Any
 
 from kgsupervisor.masking import redact
-from kgsupervisor.store.backend import backend_of
-from kgsupervisor.store.owntables import AUDIT_TABLE, POSTGRES_SPELLING, SQLITE_SPELLING, own_table_ddl
+from kgsupervisor.store.optional import ensure_optional_table, table_exists
+from kgsupervisor.store.owntables import AUDIT_TABLE
 
 __all__ = ["ACTIONS", "AUDIT_TABLE", "AuditEntry", "record_action", "recent_actions"]
 
@@ -46,31 +46,10 @@ def _one_line(text: str | None, limit: int) -> str | None:
     return _cut(redact(" ".join(text.replace("\x00", "\ufffd").split())), limit)
 
 
-def _table_exists(conn: Any) -> bool:
-    """Is the audit table there? Asked of the catalogue: a failed SELECT would abort a PostgreSQL
-    transaction the caller may have open."""
-    if backend_of(conn).name == "postgresql":
-        return conn.execute("SELECT to_regclass(?) IS NOT NULL", (AUDIT_TABLE,)).fetchone()[0]
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                        (AUDIT_TABLE,)).fetchone() is not None
-
-
-def _create_table(conn: Any) -> None:
-    """CREATE TABLE IF NOT EXISTS in the backend's spelling. Two first actions at once on
-    PostgreSQL: the slower CREATE fails on the catalogue's unique index, and finds the table made."""
-    spelling = POSTGRES_SPELLING if backend_of(conn).name == "postgresql" else SQLITE_SPELLING
-    try:
-        conn.execute(own_table_ddl(AUDIT_TABLE, spelling))
-    except Exception as exc:
-        if not backend_of(conn).raised(exc) or not _table_exists(conn):
-            raise
-
-
 def record_action(conn: Any, who: str, action: str, detail: str | None, rows: int | None, now: float) -> None:
     """Record that `who` did `action` (to `rows` queue rows) at `now`; creates the table when
     missing. `detail` (a filter, a reason: the operator's text) is masked and bounded."""
-    if not _table_exists(conn):
-        _create_table(conn)
+    ensure_optional_table(conn, AUDIT_TABLE)
     conn.execute(f"INSERT INTO {AUDIT_TABLE} (at, who, action, detail, rows) VALUES (?, ?, ?, ?, ?)",
                  (now, _one_line(who, MAX_WHO), _one_line(action, MAX_ACTION), _one_line(detail, MAX_DETAIL),
                   rows))
@@ -78,7 +57,7 @@ def record_action(conn: Any, who: str, action: str, detail: str | None, rows: in
 
 def recent_actions(conn: Any, limit: int = 100) -> list[AuditEntry]:
     """The last `limit` actions recorded, newest first; [] when none was ever recorded."""
-    if not _table_exists(conn):
+    if not table_exists(conn, AUDIT_TABLE):
         return []
     rows = conn.execute(f"SELECT id, at, who, action, detail, rows FROM {AUDIT_TABLE} "
                         "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

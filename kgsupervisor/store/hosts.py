@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime, timezone
 from typing import Any
 
 from kgsupervisor.store.backend import SQLITE, backend_of, connect_to
-from kgsupervisor.store.owntables import HOSTS_TABLE
+from kgsupervisor.store.optional import ensure_optional_table, table_exists
+from kgsupervisor.store.owntables import HOSTS_TABLE, WORKERS_TABLE
 
 GONE = "gone"  # shown, never stored: a row whose heartbeat is older than the lease
 STOPPED = "stopped"
@@ -71,7 +73,31 @@ def mark_stopped(conn: Any, host: str, pid: int, now: float) -> None:
 
 def prune_hosts(conn: Any, before: float) -> int:
     """Delete the rows of supervisors not heard of since `before` (gone or stopped); how many."""
+    if table_exists(conn, WORKERS_TABLE):
+        conn.execute(f"DELETE FROM {WORKERS_TABLE} WHERE updated_at < ?", (before,))
     return conn.execute(f"DELETE FROM {HOSTS_TABLE} WHERE heartbeat_at < ?", (before,)).rowcount
+
+
+def upsert_workers(conn: Any, host: str, pid: int, workers: list[dict[str, Any]], now: float) -> None:
+    """Write the workers of supervisor (host, pid) as it sees them now (the table made on first use)."""
+    ensure_optional_table(conn, WORKERS_TABLE)
+    conn.execute(f"INSERT INTO {WORKERS_TABLE} (host, pid, updated_at, workers) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT (host, pid) DO UPDATE SET updated_at = excluded.updated_at, "
+                 "workers = excluded.workers", (host, pid, now, json.dumps(workers)))
+
+
+def read_workers(conn: Any) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Each supervisor's workers as it last wrote them, by (host, pid); unreadable JSON is none."""
+    if not table_exists(conn, WORKERS_TABLE):
+        return {}
+    found = {}
+    for host, pid, text in conn.execute(f"SELECT host, pid, workers FROM {WORKERS_TABLE}").fetchall():
+        try:
+            workers = json.loads(text or "[]")
+        except ValueError:  # a row written by hand, or cut short: show no workers, not an error page
+            workers = []
+        found[(host, pid)] = [w for w in workers if isinstance(w, dict)] if isinstance(workers, list) else []
+    return found
 
 
 def read_hosts(conn: Any) -> list[HostRow]:

@@ -3,6 +3,7 @@ actions on it: pause and resume (every host), and inside `run` one worker more o
 from __future__ import annotations
 
 import signal
+import socket
 from typing import Any
 
 from flask import Blueprint, abort, render_template, request, url_for
@@ -14,7 +15,7 @@ from kgsupervisor.ops.console.security import who
 from kgsupervisor.ops.console.state import conn, now, state
 from kgsupervisor.ops.console.web import back_to, banner, local_snapshot, page, record
 from kgsupervisor.queue import browse, control
-from kgsupervisor.store.hosts import read_hosts
+from kgsupervisor.store.hosts import read_hosts, read_workers
 
 blueprint = Blueprint("overview", __name__)
 
@@ -35,14 +36,15 @@ def live_values() -> dict[str, Any]:
     t, db = now(), conn()
     snapshot = local_snapshot()
     counts = browse.queue_counts(db)
+    hosts = [host.describe(t, state().settings.lease_seconds) for host in read_hosts(db)]
     return {
         "banner": banner(snapshot),
         "counts": [(status, counts.get(status, 0)) for status in browse.STATUSES],
         "total": counts.get("total", sum(counts.get(s, 0) for s in browse.STATUSES)),
-        "hosts": [host.describe(t, state().settings.lease_seconds) for host in read_hosts(db)],
+        "hosts": hosts,
         "local": snapshot is not None,
         "in_run": state().pool is not None,
-        "workers": worker_rows(snapshot, t),
+        "workers": local_worker_rows(snapshot, t) + other_hosts_worker_rows(db, hosts, t),
         "endpoints": endpoint_rows(snapshot),
         "totals": totals(snapshot),
         "charts": [charts.throughput_chart(browse.throughput_series(db, t), t),
@@ -50,15 +52,42 @@ def live_values() -> dict[str, Any]:
     }
 
 
-def worker_rows(snapshot: dict[str, Any] | None, t: float) -> list[dict[str, Any]]:
-    """The local supervisor's workers: state, pid, the document in hand and for how long, RSS,
-    uptime, restarts."""
+def local_worker_rows(snapshot: dict[str, Any] | None, t: float) -> list[dict[str, Any]]:
+    """The local supervisor's workers, as it answers now."""
     details = ((snapshot or {}).get("health") or {}).get("worker_details") or []
+    pool = state().pool
+    return worker_rows(details, t, (snapshot or {}).get("health", {}).get("host"),
+                       pool.supervisor_pid if pool else None)
+
+
+def other_hosts_worker_rows(db: Any, hosts: list[dict[str, Any]], t: float) -> list[dict[str, Any]]:
+    """The workers of every other live supervisor, as its last registry refresh wrote them."""
+    pool = state().pool
+    written = read_workers(db)
+    rows = []
+    for h in hosts:
+        if h["state"] in ("stopped", "gone") or (pool is not None and h["pid"] == pool.supervisor_pid
+                                                  and is_this_host(h["host"])):
+            continue
+        rows += worker_rows(written.get((h["host"], h["pid"]), []), t, h["host"], h["pid"])
+    return rows
+
+
+def is_this_host(name: str) -> bool:
+    """Is `name` this machine, as the registry names hosts?"""
+    return name == socket.gethostname()
+
+
+def worker_rows(details: list[dict[str, Any]], t: float, host: str | None,
+                supervisor_pid: int | None) -> list[dict[str, Any]]:
+    """Workers as the table shows them: host, state, pid, the document in hand and for how long,
+    RSS, uptime, restarts."""
     rows = []
     for d in details:
         started = parse_time(d.get("started_at"))
         pid, content_id = d.get("pid"), d.get("current_content_id")
-        rows.append({"worker_id": d.get("worker_id"), "pid": pid, "state": d.get("state"),
+        rows.append({"host": host, "supervisor_pid": supervisor_pid,
+                     "worker_id": d.get("worker_id"), "pid": pid, "state": d.get("state"),
                      "running": d.get("running"), "content_id": content_id,
                      "held_for": d.get("held_seconds"),
                      "rss": d.get("rss_bytes"), "uptime": None if started is None or not d.get("running")
