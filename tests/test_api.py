@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import re
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,8 @@ print(json.dumps({"health": health, "stats": stats, "before": sorted(before), "a
 ASYNCIO = """
 import asyncio, json, sys, time
 import kgsupervisor
+from kgsupervisor import logs
+logs.setup("text")
 
 async def main():
     await kgsupervisor.start_kg_workers_async(sys.argv[1], num_workers=2, poll_interval=0.2)
@@ -103,17 +106,18 @@ STATS_KEYS = {"total_workers", "manager_running", "manager_started_at", "workers
               "kg_service_enabled", "kg_service_status", "queue_size"}
 
 
-def run_host(code: str, db_path: str, url: str) -> dict:
+def run_host(code: str, db_path: str, url: str) -> tuple[dict, str]:
+    """Run `code` as a host program; what it printed last (JSON) and its log."""
     env = {**os.environ, "KG_SERVICE_URL": url}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), db_path], capture_output=True,
                           text=True, timeout=90, env=env)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def test_the_api_from_a_plain_script(conn, db_path, kg_service):
     seed(conn, 10)
-    out = run_host(PLAIN, db_path, kg_service)
+    out, _ = run_host(PLAIN, db_path, kg_service)
     health, stats = out["health"], out["stats"]
     assert set(health) == HEALTH_KEYS | {"host", "database", "paused"} and health["healthy_workers"] == 2
     assert health["database"] == {"backend": "sqlite", "name": db_path} and health["host"] == socket.gethostname()
@@ -134,10 +138,15 @@ def test_the_api_from_a_plain_script(conn, db_path, kg_service):
 
 def test_the_api_from_an_asyncio_program(conn, db_path, kg_service):
     seed(conn, 10)
-    out = run_host(ASYNCIO, db_path, kg_service)
+    out, log = run_host(ASYNCIO, db_path, kg_service)
     assert out["stats"]["total_success"] == 10
     assert out["health"]["healthy_workers"] == 2
     assert status_counts(conn) == {"completed": 10}
+    # A clean stop from an asyncio host (the fork happens off its event loop, in an executor
+    # thread) is as clean as the CLI's drain: every worker exits 0, nothing is logged as an error.
+    pids = {d["pid"] for d in out["health"]["worker_details"]}
+    assert {int(pid) for pid in re.findall(r"\(pid (\d+)\) exited with status 0", log)} == pids, log
+    assert " ERROR " not in log and "exited with status 1" not in log, log
 
 
 def test_no_orphans_when_the_host_process_dies(db_path, kg_service):

@@ -42,6 +42,26 @@ def _supervisor_main(settings: Settings, flags: Mapping[str, Any], control: Any,
     raise SystemExit(supervisor.run())
 
 
+def fork_from_a_plain_thread(process: multiprocessing.process.BaseProcess) -> None:
+    """Start `process` from a thread of our own. The thread that forks is the child's main
+    thread; when it is a ThreadPoolExecutor's worker (asyncio.to_thread, run_in_executor: how
+    an asyncio host calls us), the executor's exit hook, inherited by every process forked from
+    the child, joins that very thread at interpreter shutdown, fails, and turns every clean
+    worker exit into status 1."""
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            process.start()
+        except BaseException as exc:  # raised again in the caller's thread below
+            failure.append(exc)
+    forker = threading.Thread(target=start, name="kgsupervisor-fork")
+    forker.start()
+    forker.join()
+    if failure:
+        raise failure[0]
+
+
 class KGWorkerManager:
     """A handle on a supervisor process forked from this one; every method is thread-safe."""
 
@@ -66,7 +86,7 @@ class KGWorkerManager:
         mine, theirs = ctx.Pipe()
         self.process = ctx.Process(target=_supervisor_main, name="kgsupervisor",
                                    args=(self.settings, self.flags, theirs, os.getpid()), daemon=False)
-        self.process.start()
+        fork_from_a_plain_thread(self.process)
         theirs.close()
         self._control = mine
         atexit.register(self.stop)
