@@ -230,18 +230,20 @@ def answer_with_places(content_id: int, rowid: int, places: int) -> bytes:
             + b", ".join([place] * places) + b"]}]}")
 
 
-def places_to_parse_for(seconds: float) -> int:
-    """How many places make parse_answer take `seconds` on this machine now: a calibration,
-    grown until it does (a worker under the same load takes about as long)."""
+def places_to_parse_for(seconds: float, sample: float = 1.0) -> int:
+    """How many places make parse_answer take `seconds` on this machine now (a worker under the
+    same load takes about as long): a calibration, grown until it takes `sample` seconds, then
+    scaled. The parse is linear in the places (a place costs a little more in a longer answer,
+    so the scaled answer takes no less), and parsing the whole answer here would double the wait."""
     places = 100_000
     while True:
         body = answer_with_places(1, 1, places)
         started = time.perf_counter()
         parse_answer(body, content_id=1, chunk_rowids={1}, max_bytes=len(body))
         took = time.perf_counter() - started
-        if took >= seconds:
-            return places
-        places = int(places * min(10.0, max(1.5, 1.2 * seconds / took)))
+        if took >= min(sample, seconds):
+            return math.ceil(places * max(1.0, seconds / took))
+        places = int(places * min(10.0, max(1.5, 1.2 * sample / took)))
 
 
 def test_a_worker_spinning_in_python_is_killed_as_hung_and_leaves_its_stack(conn, db_path, fault_server,

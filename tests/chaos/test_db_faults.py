@@ -228,7 +228,7 @@ def fill(directory: str) -> str:
 
 def test_write_lock_held_3s_by_another_process(conn, db_path, soak):
     """Another program holds the write lock for 3 s: the workers wait, nothing is charged."""
-    n = 2000 if soak else 400
+    n = 2000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(jitter(1))
     sup = Supervisor(db_path, server.url, "--workers", "3")
@@ -280,7 +280,7 @@ def test_database_read_only_mid_run(immutable_dir, tmp_path, soak):
     set_readonly = immutable_dir
     db_path = set_readonly.db_path
     conn = connect(db_path)
-    n = 2000 if soak else 400
+    n = 2000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(jitter(2))
     sup = Supervisor(db_path, server.url, "--workers", "2", log_path=str(tmp_path / "supervisor.log"))
@@ -354,7 +354,7 @@ def test_disk_full_mid_run(small_fs, tmp_path, soak):
     db_path = os.path.join(small_fs, "kg.db")
     init_db(db_path)
     conn = connect(db_path)
-    n = 2000 if soak else 600
+    n = 2000 if soak else 300
     ids = seed(conn, n)
     server = FaultServer(jitter(3))
     sup = Supervisor(db_path, server.url, "--workers", "2", log_path=str(tmp_path / "supervisor.log"))

@@ -110,7 +110,7 @@ def messages_with(log: str, text: str) -> int:
 
 def test_service_flapping_then_outage_charges_nothing(conn, db_path, soak):
     """Down 1.5 s / up 1.5 s four times, then down 5 s: no document failed or charged, at any time."""
-    n = 3000 if soak else 300
+    n = 3000 if soak else 200
     cycles = 8 if soak else 4
     down, up, outage = (3.0, 3.0, 20.0) if soak else (1.5, 1.5, 5.0)
     # An up phase also ends once this many more documents completed, so work is left for every
@@ -197,7 +197,7 @@ def test_answers_slower_than_read_timeout_are_retried(conn, db_path, soak):
     """KG_SERVICE_TIMEOUT=1; every 10th document's first answer takes 2 s (every 50th: its first
     two), half of them before the headers, half stalling 2 s half-way through the body. /health
     answers, so each is an item failure: one attempt charged per timeout, then retried."""
-    n = 2000 if soak else 300
+    n = 2000 if soak else 200
     ids = seed(conn, n)
     attempts = Attempts()
 
@@ -245,7 +245,7 @@ def test_answers_slower_than_read_timeout_are_retried(conn, db_path, soak):
 def test_500s_at_20_percent_are_retried_and_complete(conn, db_path, soak):
     """A document whose content_id is a multiple of 5 gets a 500 on its first attempt, of 25 on
     its first two, of 125 on its first three: 20% of requests, never 5 in a row (KG_MAX_ATTEMPTS 5)."""
-    n = 3000 if soak else 300
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     attempts = Attempts()
     served = collections.Counter()
@@ -319,7 +319,7 @@ MALFORMED_SAYS = {"not-json": "answer is not JSON", "truncated": "answer is not 
 def test_malformed_answers_at_5_percent_are_retried(conn, db_path, soak):
     """One document in 20 gets a malformed 200 on its first attempt (one in 100: on its first two),
     cycling through five kinds: each is charged as an item failure, retried, and completes."""
-    n = 3000 if soak else 300
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     attempts = Attempts()
 
@@ -360,7 +360,7 @@ def test_malformed_answers_at_5_percent_are_retried(conn, db_path, soak):
 def test_429_with_retry_after_charges_nothing(conn, db_path, soak):
     """Requests 50..80 are answered 429 with Retry-After: 1: waited out or released with a
     not-before time, never charged, nothing failed."""
-    n = 3000 if soak else 300
+    n = 3000 if soak else 200
     first, last = (50, 300) if soak else (50, 80)
     ids = seed(conn, n)
     lock = threading.Lock()
@@ -399,7 +399,7 @@ def test_connection_cut_mid_answer_charges_nothing(conn, db_path, soak):
     Content-Length bytes came); one in 30 three times in a row, which exhausts the inline retries
     and releases it; another one in 10 gets a 503 whose error body is cut the same way. A broken
     connection is the service's failure: nothing charged or failed, no worker hurt."""
-    n = 3000 if soak else 300
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     attempts = Attempts()
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow, pytest.mark.chaos]
 
 
 def test_service_down_for_10s_mid_run(conn, db_path, soak):
-    n = 3000 if soak else 400
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(lambda payload, i: time.sleep(0.002))
     port = int(server.url.rsplit(":", 1)[1])

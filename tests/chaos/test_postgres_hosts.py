@@ -47,10 +47,10 @@ def count(url: str, where: str) -> int:
 
 
 def test_a_supervisor_drains_a_postgresql_queue_and_is_woken_by_notify(pg_backend, soak, tmp_path, reference_service):
-    """Drain 400 documents; then, idle with a 30 s poll interval, a newly enqueued document is
+    """Drain 200 documents; then, idle with a 30 s poll interval, a newly enqueued document is
     taken at once: only the NOTIFY trigger can have woken the workers."""
     url = pg_backend.target
-    n = 3000 if soak else 400
+    n = 3000 if soak else 200
     ids = seed_pg(url, n)
     sup = Supervisor(url, reference_service.url, "--workers", "2", env={"KG_POLL_INTERVAL": "30"},
                      log_path=str(tmp_path / "run.log"))
@@ -86,7 +86,9 @@ def test_two_hosts_one_killed_whole_the_other_completes_everything(pg_backend, s
     tree is SIGKILLed mid-run, each of its workers waiting for an answer (no clean stop, nothing
     released): the other recovers its claims once their leases expire."""
     url = pg_backend.target
-    n = 6000 if soak else 3000
+    # 600: a quarter done with both hosts busy, and enough left after the kill that host B is
+    # still under load when host A's 3 s leases expire (it needs ~10 s for the rest).
+    n = 6000 if soak else 600
     ids = seed_pg(url, n)
     lease = {"KG_LEASE_SECONDS": "3"}
     hold, release = threading.Event(), threading.Event()
@@ -153,7 +155,7 @@ def test_postgresql_server_down_mid_run_pauses_workers_and_loses_nothing(soak, t
             migrate_pg(conn)
         finally:
             conn.close()
-        n = 3000 if soak else 600
+        n = 3000 if soak else 300
         outage = 10.0 if soak else 3.0
         ids = seed_pg(url, n)
         sup = Supervisor(url, reference_service.url, "--workers", "2", log_path=str(tmp_path / "run.log"))

@@ -129,12 +129,12 @@ def percentile(values: list[float], q: float) -> float:
 # -- 1. a SIGKILL storm on the workers ----------------------------------------------------------
 
 def test_random_worker_sigkill_storm(conn, db_path, soak):
-    n = 5000 if soak else 800
+    n = 5000 if soak else 500
     ids = seed(conn, n)
     rng = random.Random(1001)
-    # 20-40 ms per request: with 6 workers the run lasts >= 800 * 0.03 / 6 = 4 s even where the
-    # write path is free, so the storm lands several kills on any machine.
-    server = FaultServer(jitter(1, 0.02, 0.04))
+    # 40-60 ms per request: with 6 workers the run lasts >= 500 * 0.05 / 6 = 4 s even where the
+    # write path is free, so the storm lands several kills on any machine (--soak: 20-40 ms).
+    server = FaultServer(jitter(1, *((0.02, 0.04) if soak else (0.04, 0.06))))
     # A random storm kills whichever document happens to be in flight; over hundreds of kills one
     # document can be hit 3 times by chance (re-claimed first, since it keeps the lowest id), and
     # the default KG_POISON_AFTER=3 would then rightly fail it. Poison detection is for documents
@@ -200,7 +200,7 @@ def test_random_worker_sigkill_storm(conn, db_path, soak):
 # -- 2. a hung worker (SIGSTOP) ------------------------------------------------------------------
 
 def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
-    n = 2000 if soak else 300
+    n = 2000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(jitter(2))
     sup = Supervisor(db_path, server.url, "--workers", "2", env={"KG_HANG_TIMEOUT": "3"})
@@ -270,7 +270,7 @@ def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
 # -- 3. a poison pill ---------------------------------------------------------------------------
 
 def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
-    n = 2000 if soak else 300
+    n = 2000 if soak else 200
     ids = seed(conn, n)
     poison = ids[n // 4]
     fast = jitter(3)
@@ -332,7 +332,7 @@ def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
 # -- 4. the stats Manager killed ----------------------------------------------------------------
 
 def test_stats_manager_killed_mid_run(conn, db_path, soak):
-    n = 3000 if soak else 400
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(jitter(4))
     sup = Supervisor(db_path, server.url, "--workers", "2")
@@ -379,7 +379,7 @@ def test_stats_manager_killed_mid_run(conn, db_path, soak):
 # -- 5. the supervisor SIGKILLed ----------------------------------------------------------------
 
 def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, soak):
-    n = 3000 if soak else 400
+    n = 3000 if soak else 200
     ids = seed(conn, n)
     server = FaultServer(jitter(5))
     sup = Supervisor(db_path, server.url, "--workers", "3")
@@ -424,11 +424,11 @@ def test_supervisor_sigkill_workers_leave_and_next_run_completes(conn, db_path, 
 
 def test_sighup_every_2s_under_load(conn, db_path, soak):
     hups_wanted = 20 if soak else 4
-    n = 4000 if soak else 320
+    n = 4000 if soak else 200
     ids = seed(conn, n)
-    # 40-60 ms per request on 2 workers: >= 320 * 0.04 / 2 = 6.4 s of work even where writes are
-    # free, so at least 3 of the HUPs (2 s apart) land while documents are in flight.
-    server = FaultServer(jitter(6, 0.04, 0.06))
+    # 65-85 ms per request on 2 workers: >= 200 * 0.065 / 2 = 6.5 s of work even where writes are
+    # free, so at least 3 of the HUPs (2 s apart) land while documents are in flight (--soak: 40-60 ms).
+    server = FaultServer(jitter(6, *((0.04, 0.06) if soak else (0.065, 0.085))))
     sup = Supervisor(db_path, server.url, "--workers", "2")
     hups = 0
     with_work = 0
