@@ -399,6 +399,30 @@ def test_failure_groups_are_the_failed_documents_by_class_newest_first(backend):
             ("timeout", 1, 3, "KG service did not answer within 30s", db_timestamp(NOW - 200))]
 
 
+def test_failure_groups_with_recorded_classes_are_counted_by_the_database(backend):
+    """The classes the history recorded, counted in SQL: a superseded failed row (its document
+    queued again, or failed again later) counts for nothing; the newest failure is the example."""
+    with closing(backend.connect()) as conn:
+        conn.executemany("INSERT INTO crawled_content (id, url) VALUES (?, ?)",
+                         [(cid, f"u{cid}") for cid in range(1, 6)])
+        failures = [(1, "http_500", 300), (2, "http_500", 100), (3, "timeout", 200), (4, "http_500", 10),
+                    (5, "timeout", 400), (5, "invalid_answer", 50)]
+        for n, (cid, error_class, ago) in enumerate(failures):
+            qid = conn.execute("INSERT INTO kg_processing_queue (content_id, status, processed_at, error_message) "
+                               "VALUES (?, 'failed', ?, ?) RETURNING id",
+                               (cid, db_timestamp(NOW - ago), f"{error_class} of {cid}")).fetchone()[0]
+            conn.execute("INSERT INTO kg_processing_attempts (queue_id, content_id, attempt, claim_key, "
+                         "finished_at, outcome, error_class) VALUES (?, ?, 1, ?, ?, 'failed', ?)",
+                         (qid, cid, f"k{n}", NOW - ago, error_class))
+        conn.execute("INSERT INTO kg_processing_queue (content_id, status) VALUES (4, 'pending')")
+        shown = [(g.error_class, g.count, g.example_content_id, g.example_message, g.newest_at)
+                 for g in failure_groups(conn)]
+        assert shown == [
+            ("invalid_answer", 1, 5, "invalid_answer of 5", db_timestamp(NOW - 50)),
+            ("http_500", 2, 2, "http_500 of 2", db_timestamp(NOW - 100)),
+            ("timeout", 1, 3, "timeout of 3", db_timestamp(NOW - 200))]
+
+
 def test_throughput_is_per_minute_with_every_minute_present_oldest_first(backend):
     with closing(backend.connect()) as conn:
         current = NOW - NOW % 60

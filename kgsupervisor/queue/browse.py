@@ -13,9 +13,10 @@ from typing import Any
 
 from kgsupervisor.errors import ConfigError
 from kgsupervisor.queue.docfilter import STATUSES, DocumentFilter, filter_sql, statuses_of
+from kgsupervisor.queue.failuregroups import FailureGroup
+from kgsupervisor.queue.failuregroups import failure_groups as _failure_groups
 from kgsupervisor.queue.history import bounded
-from kgsupervisor.queue.inspection import (LATEST_CLASS, SUPERSEDED, FailedRow, FailureFilter,
-                                           failure_classes, legacy_error_class, story_of)
+from kgsupervisor.queue.inspection import SUPERSEDED, story_of
 from kgsupervisor.queue.leased import (BULK_BATCH_ROWS, INT64_MAX, INT64_MIN, LeasedQueue, check_int64,
                                        queue_for)
 from kgsupervisor.queue.sql import NO_LEASE, db_timestamp, marks
@@ -327,38 +328,10 @@ def document_detail(conn: Any, content_id: int) -> DocumentDetail | None:
                           None if processed is None else bool(processed), story.queue_rows, story.attempts)
 
 
-@dataclasses.dataclass(frozen=True)
-class FailureGroup:
-    """The failed documents of one error class, and its newest as the example."""
-
-    error_class: str
-    count: int
-    newest_at: str | None
-    example_queue_id: int
-    example_content_id: int | None
-    example_message: str | None
-
-
-def _failed_documents(conn: Any) -> list[FailedRow]:
-    """The failed rows that stand for their documents, as inspection.failed_rows reads them, but
-    in one statement through the status index: on PostgreSQL a third of the time of its batches
-    of ids (at 10,000 failed rows of a million); as fast on SQLite."""
-    lenient = backend_of(conn).lenient_text
-    rows = conn.execute(f"SELECT q.id, q.content_id, q.processed_at, {lenient('q.error_message')}, "
-                        f"{LATEST_CLASS}, {SUPERSEDED} FROM kg_processing_queue q WHERE q.status = 'failed'")
-    standing = [(qid, cid, failed_at, _decoded(message), error_class)
-                for qid, cid, failed_at, message, error_class, superseded in rows.fetchall()
-                if not superseded]
-    return [FailedRow(qid, cid, failed_at, message, error_class or legacy_error_class(message))
-            for qid, cid, failed_at, message, error_class in standing]
-
-
 def failure_groups(conn: Any) -> list[FailureGroup]:
     """The failed documents by error class, the class that failed last first (as `failed`)."""
     with _reading(conn):
-        classes = failure_classes(conn, FailureFilter(), _failed_documents(conn))
-    return [FailureGroup(group.error_class, group.count, group.newest.failed_at, group.newest.queue_id,
-                         _whole(group.newest.content_id), group.newest.error_message) for group in classes]
+        return _failure_groups(conn)
 
 
 def throughput_series(conn: Any, now: float, minutes: int = 60) -> list[tuple[float, int, int]]:

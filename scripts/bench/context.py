@@ -31,16 +31,20 @@ class Sizes:
     kills: int
     sigterms: int
     pg_scale_rows: int          # queue rows (and documents) of the PostgreSQL scale section
+    console_rows: int           # queue rows (and documents) of the console section
+    console_repeats: int        # requests a page and backend (after one warm-up)
 
 
 FULL = Sizes(documents=3000, workers=(1, 2, 4, 8), latencies=(0.0, 0.05), repeats_0ms=3,
              upstream_window=30.0, noindex_window=60.0, idle_window=30.0, pickup_idle_samples=30,
              pickup_trickle_samples=40, growth_levels=(1_000, 100_000, 1_000_000), growth_claims=300,
-             growth_writebacks=100, kills=20, sigterms=5, pg_scale_rows=1_000_000)
+             growth_writebacks=100, kills=20, sigterms=5, pg_scale_rows=1_000_000,
+             console_rows=1_000_000, console_repeats=30)
 QUICK = Sizes(documents=300, workers=(1, 2, 4, 8), latencies=(0.0, 0.05), repeats_0ms=1,
               upstream_window=10.0, noindex_window=15.0, idle_window=5.0, pickup_idle_samples=5,
               pickup_trickle_samples=10, growth_levels=(1_000, 10_000), growth_claims=100,
-              growth_writebacks=30, kills=5, sigterms=2, pg_scale_rows=20_000)
+              growth_writebacks=30, kills=5, sigterms=2, pg_scale_rows=20_000,
+              console_rows=100_000, console_repeats=10)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import re
 
 from . import plots
 from .common import median, percentile
-from .verdicts import findings, fmt, ms, rates, targets
+from .verdicts import findings, fmt, ms, rates, targets, verdict
 
 WORKERS_PER_SUPERVISOR = 2  # bench.postgres.WORKERS, without importing psycopg to write a report
 
@@ -260,6 +260,57 @@ def pgscale_section(results: dict) -> str:
     return text
 
 
+def console_section(results: dict) -> str:
+    c = results["console"]
+    first = c["backends"][0]
+    counts = first["counts"]
+    text = (f"`kgsupervisor console --db … --bind 127.0.0.1:PORT` as a process, with an operator token, "
+            f"on a database of {c['rows']:,} documents and {c['rows']:,} queue rows made by `init-db` and a "
+            f"few INSERT … SELECT: {counts.get('failed', 0):,} failed (8 error classes, varied messages), "
+            f"{counts.get('pending', 0):,} pending, {counts.get('processing', 0)} processing, "
+            f"{counts.get('skipped', 0):,} skipped, the rest completed; {first['attempts']:,} attempts in "
+            "the history (3 of each failed row, and one of each of the 30% completed rows before the "
+            "backlog, ~8 a second up to now, so the overview's chart reads the last hour's); a url "
+            "substring and an error text that only a few rows hold; three supervisors in the registry and "
+            f"500 audit entries. SQLite as `init-db` left it (no ANALYZE); PostgreSQL "
+            f"{c['postgres_version'].split()[0]}, {c['server_settings']}. A requests session logged in with the "
+            f"token asks every page once a round: one warm-up round, then {c['repeats']} rounds; a time is "
+            "until the whole answer is read. Milliseconds.\n\n")
+    if c["rows"] < 1_000_000:
+        text += f"**Quick run: {c['rows']:,} queue rows, not the target's 1,000,000.**\n\n"
+    by_backend = [{p["page"]: p for p in b["pages"]} for b in c["backends"]]
+    names = [b["backend"] for b in c["backends"]]
+    rows = []
+    for page in first["pages"]:
+        mine = [pages[page["page"]] for pages in by_backend]
+        times = [fmt(x[q]) for x in mine for q in ("p50_ms", "p95_ms")]
+        rows.append([page["page"], f"`{page['request']}`", *times,
+                     " / ".join(verdict(x["p95_ms"] <= c["target_ms"]) for x in mine), answered(page)])
+    header = ["page", "request"] + [f"{name} {q}" for name in names for q in ("p50", "p95")]
+    text += table(header + [f"p95 ≤ {c['target_ms']:.0f} ms ({' / '.join(names)})", "it answered"], rows)
+    text += ("\nThe documents pages are bounded: a page examines 200,000 queue ids at most (fewer when a "
+             "term looks into another table), so a rare match answers with the rows found so far and where "
+             "the search stopped. The confirmation of a bulk action is not: it counts exactly every row the "
+             "filter may take up to the newest id (`browse.count_matching`), so its time grows with the "
+             "queue when no index narrows the filter (a retry reads the failed rows through the status "
+             "index; a fail of pending and skipped rows by url walks the whole queue).\n\n")
+    text += ("Load average when each backend's requests began: "
+             + ", ".join(f"{b['backend']} {b['load'][0]:.2f}" for b in c["backends"]) + "; database built in "
+             + ", ".join(f"{b['backend']} {b['build_s']:.0f} s" for b in c["backends"]) + ".\n")
+    return text
+
+
+def answered(page: dict) -> str:
+    """What a page showed, in words: rows listed, where a bounded search stopped, the count."""
+    if "count" in page:
+        return f"count {page['count']:,}"
+    if "rows" in page:
+        partial = page["rows"] < 50 and "searched_to" in page  # a bounded search that stopped early
+        stopped = f", searched down to id {page['searched_to']:,}" if partial else ""
+        return f"{page['rows']} row{'' if page['rows'] == 1 else 's'}{stopped}"
+    return f"{page['bytes'] / 1024:.0f} KiB"
+
+
 def write(results: dict, doc_path: str, meta: dict) -> None:
     out_dir = os.path.join(os.path.dirname(doc_path), "benchmarks")
     os.makedirs(out_dir, exist_ok=True)
@@ -302,6 +353,9 @@ def write(results: dict, doc_path: str, meta: dict) -> None:
     if "pgscale" in results:
         parts.append(f"## 9. PostgreSQL at {results['pgscale']['rows']:,} queue rows\n\n" + when("pgscale")
                      + pgscale_section(results))
+    if "console" in results:
+        parts.append(f"## 10. The operator console at {results['console']['rows']:,} queue rows\n\n"
+                     + when("console") + console_section(results))
     with open(doc_path, "w") as f:
         f.write("\n".join(parts))
 
