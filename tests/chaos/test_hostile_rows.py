@@ -37,6 +37,10 @@ def damage_overflow_pages_of(db_path: str, conn: sqlite3.Connection, table: str)
     pages = [r[0] for r in conn.execute("SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'overflow' "
                                         "ORDER BY pageno", (table,))]
     assert pages, f"{table} has no overflow page to damage"
+    # Closed first: a raw write to the file from this process while a connection of ours is open
+    # would drop that connection's POSIX locks (closing any descriptor of a file drops them all),
+    # and a later connection of this process would read through its stale WAL index.
+    conn.close()
     with open(db_path, "r+b") as f:
         f.seek((pages[0] - 1) * page_size)
         f.write(b"\xff\xff\xff\xf0")
@@ -53,7 +57,7 @@ def test_bad_rows_and_values_fail_alone_and_stall_nothing(conn, db_path):
                      (nan_metadata,))
         conn.execute("UPDATE content_chunks SET chunk_text = ? WHERE content_id = ? AND chunk_index = 0",
                      ("Ada Lovelace met Alan Turing. " * 1500, damaged))
-    damage_overflow_pages_of(db_path, conn, "content_chunks")
+    damage_overflow_pages_of(db_path, conn, "content_chunks")  # closes conn
     total = len(normal) + 5
 
     def answer(payload: dict, n: int):
