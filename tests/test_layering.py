@@ -12,7 +12,8 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "kgsupervisor"
 
 VOCABULARY = "vocabulary"  # the top-level modules: errors, states, config, logs, ...
-ENTRY = "entry"  # the package's __init__ and __main__: the Python API and the command
+ENTRY = "entry"  # the package's __init__, __main__ and compat: the Python APIs and the command
+ENTRY_MODULES = ("__main__", "compat")  # top-level modules that are entry points, not vocabulary
 # Bottom to top: each layer may import itself and the layers before it, except that kg needs
 # only the vocabulary (the queue joins store and kg). ops/ and the entry points may import anything.
 LAYERS = [VOCABULARY, "store", "kg", "queue", "worker", "pool", "ops"]
@@ -63,7 +64,7 @@ def load_modules(package_dir: Path) -> dict[str, Module]:
 def layer_of(name: str, modules: dict[str, Module]) -> str:
     """A module's layer: its subpackage, VOCABULARY at the top level, ENTRY for the entry points."""
     parts = name.split(".")
-    if len(parts) == 1 or parts[1] == "__main__":
+    if len(parts) == 1 or parts[1] in ENTRY_MODULES:
         return ENTRY
     if len(parts) > 2 or modules[name].path.name == "__init__.py":
         return parts[1]

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kgsupervisor import config, logs
@@ -29,17 +29,29 @@ _manager: "KGWorkerManager | None" = None
 _manager_lock = threading.Lock()
 
 
-def _supervisor_main(settings: Settings, flags: Mapping[str, Any], control: Any, host_pid: int) -> None:
+def _supervisor_main(settings: Settings, flags: Mapping[str, Any], control: Any, host_pid: int,
+                     updates: Any) -> None:
     """Entry point of the forked supervisor process; a reload rebuilds settings as `run` does,
-    the API's keyword arguments standing for its flags."""
+    the API's keyword arguments (the newest `updates` sent) standing for its flags."""
     # The host's log handlers are this process's own copies now: mask our secrets in all they
     # write from here and from the workers forked from here.
     secrets = secrets_of(settings)
     logs.mask_secrets(secrets)
     mask_command_line(Mask(secrets))
     supervisor = Supervisor(settings, Reporter(controls=[control]), parent_pid=host_pid,
-                            reload_settings=reloader(flags))
+                            reload_settings=_following(flags, updates))
     raise SystemExit(supervisor.run())
+
+
+def _following(flags: Mapping[str, Any], updates: Any) -> Callable[[], Settings]:
+    """reloader(flags), the flags replaced first by the newest a handle's restart(flags) sent."""
+    current = [dict(flags)]
+
+    def reload() -> Settings:
+        while updates.poll():
+            current[0] = updates.recv()
+        return reloader(current[0])()
+    return reload
 
 
 def fork_from_a_plain_thread(process: multiprocessing.process.BaseProcess) -> None:
@@ -71,6 +83,7 @@ class KGWorkerManager:
         self.flags = dict(flags or {})
         self.process: multiprocessing.process.BaseProcess | None = None
         self._control: Any = None
+        self._updates: Any = None  # the write end of the pipe restart(flags) sends new flags on
         self._lock = threading.Lock()
 
     @property
@@ -84,10 +97,12 @@ class KGWorkerManager:
         check_startable(self.settings)  # a bad token or database is this caller's error, not a child's
         ctx = multiprocessing.get_context("fork")
         mine, theirs = ctx.Pipe()
-        self.process = ctx.Process(target=_supervisor_main, name="kgsupervisor",
-                                   args=(self.settings, self.flags, theirs, os.getpid()), daemon=False)
+        updates, self._updates = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_supervisor_main, name="kgsupervisor", daemon=False,
+                                   args=(self.settings, self.flags, theirs, os.getpid(), updates))
         fork_from_a_plain_thread(self.process)
         theirs.close()
+        updates.close()
         self._control = mine
         atexit.register(self.stop)
         deadline = time.monotonic() + ready_timeout
@@ -127,10 +142,17 @@ class KGWorkerManager:
                 "kg_service_status": kg_service_status([], self.settings.service_url, self.settings.service_enabled),
                 "queue_size": {}}
 
-    def restart(self) -> None:
-        """Reload the configuration and restart every worker, new before old (SIGHUP to the supervisor)."""
-        if self.is_running:
-            os.kill(self.process.pid, signal.SIGHUP)
+    def restart(self, flags: Mapping[str, Any] | None = None) -> None:
+        """Reload the configuration and restart every worker, new before old (SIGHUP to the supervisor);
+        `flags`, checked here first, replace the keyword arguments of start_kg_workers."""
+        if not self.is_running:
+            return
+        if flags is not None:
+            settings = config.load(flags, os.environ)[0]
+            check_startable(settings)
+            self.settings, self.flags = settings, dict(flags)
+            self._updates.send(self.flags)
+        os.kill(self.process.pid, signal.SIGHUP)
 
     def stop(self, timeout: float | None = None) -> None:
         """Drain and stop; waits up to the drain timeout, then kills (claims are released either way)."""
