@@ -230,3 +230,4 @@ class Processes:
         """Teardown: kill every process still running with its whole group."""
         for process in self.started:
             process.kill()
+

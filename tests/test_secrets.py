@@ -32,6 +32,7 @@ from kgsupervisor.store.postgres import PGConnection
 
 from .chaos.harness import record_hostile
 from .conftest import free_port, make_backend, seed, spawn, status_counts, wait_for
+from .processes import children_named
 
 TOKEN = "tok-3f9a7c1e5b8d"
 URL_PASSWORD = "urlpass-71c2"
@@ -357,7 +358,7 @@ def test_a_running_supervisor_shows_no_secret_anywhere(log_format, echoing, tmp_
             finally:
                 c.close()
         wait_for(all_failed, 60, message="every document failed on the echoing services")
-        wait_for(lambda: len([p for p in psutil.Process(proc.pid).children() if p.name().startswith("kgs-worker")]) == 2,
+        wait_for(lambda: len(children_named(proc.pid, "kgs-worker-")) == 2,
                  20, message="two workers")
         bodies = {path: fetch(addr, path) for path in ("/stats", "/health", "/metrics")}
         lines = command_lines(proc.pid)

@@ -12,10 +12,10 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-import psutil
 import pytest
 
 from .conftest import free_port, seed, status_counts, wait_for, wait_for_log
+from .processes import children_named
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def kgsupervisor_pid(ctl) -> int:
 
 
 def workers(pid: int) -> set[int]:
-    return {c.pid for c in psutil.Process(pid).children() if c.name().startswith("kgs-worker")}
+    return children_named(pid, "kgs-worker-")
 
 
 def test_supervisorctl_stop_drains_with_nothing_in_processing(supervisord, conn):

@@ -17,6 +17,7 @@ import pytest
 from .conftest import seed, status_counts, wait_for
 from .faultserver import FaultServer
 from .test_supervisord import program_section, running_supervisord
+from .processes import children_named
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -56,7 +57,7 @@ def supervisord(tmp_path, db_path, fault_server) -> Iterator[tuple[Callable[...,
 
 
 def workers_of(pid: int) -> set[int]:
-    return {c.pid for c in psutil.Process(pid).children() if c.name().startswith("kgs-worker")}
+    return children_named(pid, "kgs-worker-")
 
 
 def survivors(pids: set[int]) -> set[int]:
