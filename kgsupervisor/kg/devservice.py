@@ -15,6 +15,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from kgsupervisor import __version__
+from kgsupervisor.kg.devcapacity import (CAPACITY_SIGNALS, CapacityModel, CapacitySchedule, QueueFull,
+                                         admin_capacity, is_loopback)
 from kgsupervisor.kg.devextract import extract
 from kgsupervisor.kg.devvalidate import error_detail, parse_ingest_request
 
@@ -29,6 +31,13 @@ HEALTH_STATES = ("healthy", "degraded", "unhealthy")
 # turns that into a 500 whose text carries the 503.
 NOT_INITIALIZED = "503: KG processor not initialized"
 ROUTES = {"/health": ("GET", "answer_health"), "/api/v1/ingest": ("POST", "answer_ingest")}
+# Only a service with a capacity model has these; they answer callers on loopback only.
+ADMIN_ROUTES = {"/admin/capacity": ("POST", "answer_admin_capacity")}
+OVERLOAD_ERRORS = {503: "Service at capacity: too many requests waiting",
+                   429: "Too many requests: service at capacity"}
+RETRY_AFTER_S = 1  # the client's own backoff takes over from there
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNAL_POLL_S = 1.0
 
 
 class Refusal(Exception):
@@ -102,8 +111,10 @@ class DevServiceServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], *, latency: float, fail_rate: float,
                  token: str | None, verbose: bool, health: str = "healthy",
-                 not_initialized: bool = False) -> None:
+                 not_initialized: bool = False, capacity: CapacityModel | None = None) -> None:
         self.latency = latency
+        # None: every request is served at once, as without --capacity.
+        self.capacity = capacity
         self.fail_rate = fail_rate
         self.token = token
         self.verbose = verbose
@@ -170,17 +181,41 @@ class DevServiceServer(ThreadingHTTPServer):
             "version": SERVICE_VERSION,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "timestamp": _now(),
+            **(self.capacity.snapshot() if self.capacity else {}),
         }
+
+    def route_of(self, path: str) -> tuple[str, str] | None:
+        """(method, handler name) of the route at `path`, if it has one."""
+        return ROUTES.get(path) or (ADMIN_ROUTES.get(path) if self.capacity else None)
 
     def ingest(self, authorization: str | None, content_type: str | None, body: bytes) -> dict:
         """The 200 answer to one ingest request; raises Refusal for every other answer."""
+        return self.ingest_answer(authorization, content_type, body)[0]
+
+    def ingest_answer(self, authorization: str | None, content_type: str | None,
+                      body: bytes) -> tuple[dict, dict[str, str]]:
+        """The 200 answer to one ingest request and its headers; raises Refusal for every other."""
         # Authentication comes before parsing so an unauthenticated caller learns nothing.
         if not self.authorized(authorization):
             raise http_error(401, "Invalid or missing bearer token", {"WWW-Authenticate": "Bearer"})
         request = decode_ingest_body(body, content_type)
         if self.not_initialized:
             raise processing_failure(NOT_INITIALIZED)
-        started = time.monotonic()
+        if self.capacity is None:
+            return self.extract_answer(request, time.monotonic()), {}
+        try:
+            with self.capacity.slot() as admitted:
+                started = time.monotonic()
+                self.capacity.process(sum(len(chunk["text"]) for chunk in request["chunks"]))
+                # The admission number lets a test see the FIFO order the service kept.
+                return self.extract_answer(request, started), {"X-Dev-Admission": str(admitted)}
+        except QueueFull:
+            status = self.capacity.overload
+            raise http_error(status, OVERLOAD_ERRORS[status],
+                             {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None) from None
+
+    def extract_answer(self, request: dict, started: float) -> dict:
+        """The extraction, after --latency and --fail-rate have had their say."""
         if self.latency > 0:
             time.sleep(self.latency)
         if self.next_ingest_fails():
@@ -191,6 +226,17 @@ class DevServiceServer(ThreadingHTTPServer):
             raise processing_failure(f"{type(exc).__name__}: {exc}") from None
         answer["processing_time_ms"] = int((time.monotonic() - started) * 1000)
         return answer
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until shutdown(); a capacity schedule runs meanwhile, counted from here."""
+        schedule = CapacitySchedule(self.capacity) if self.capacity and self.capacity.schedule else None
+        if schedule:
+            schedule.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            if schedule:
+                schedule.stop()
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A client hanging up mid-answer is routine for a test double; stay quiet about it.
@@ -214,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.count_request()
         try:
             body = self.read_body()
-            route = ROUTES.get(urlsplit(self.path).path)
+            route = self.server.route_of(urlsplit(self.path).path)
             if route is None:
                 raise http_error(404, "Not Found")
             if self.command != route[0]:
@@ -249,8 +295,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_json(200, self.server.health())
 
     def answer_ingest(self, body: bytes) -> None:
-        self.send_json(200, self.server.ingest(self.headers.get("Authorization"),
-                                               self.headers.get("Content-Type"), body))
+        self.send_json(200, *self.server.ingest_answer(self.headers.get("Authorization"),
+                                                       self.headers.get("Content-Type"), body))
+
+    def answer_admin_capacity(self, body: bytes) -> None:
+        if not is_loopback(self.client_address[0]):
+            raise http_error(403, "Admin calls are answered on loopback only")
+        capacity = admin_capacity(body)
+        if capacity is None:
+            raise http_error(400, 'Expected a JSON body {"capacity": N} with N an integer >= 1')
+        self.server.capacity.set_capacity(capacity, f"admin call from {self.client_address[0]}")
+        self.send_json(200, self.server.capacity.snapshot())
 
     def send_json(self, status: int, answer: dict, headers: dict[str, str] | None = None) -> None:
         # ensure_ascii keeps lone surrogates from the request encodable on the way back.
@@ -271,8 +326,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 def make_server(host: str = "127.0.0.1", port: int = 8088, *, latency: float = 0.0,
                 fail_rate: float = 0.0, token: str | None = None, verbose: bool = False,
-                health: str = "healthy", not_initialized: bool = False) -> DevServiceServer:
-    """Bind the dev service to (host, port) without serving; port 0 picks a free port."""
+                health: str = "healthy", not_initialized: bool = False,
+                capacity: CapacityModel | None = None) -> DevServiceServer:
+    """Bind the dev service to (host, port) without serving; port 0 picks a free port.
+    With a `capacity` model it serves as a GPU box would (devcapacity), without one at once."""
     if latency < 0:
         raise ValueError(f"latency must be >= 0, got {latency!r}")
     if not 0.0 <= fail_rate <= 1.0:
@@ -280,26 +337,31 @@ def make_server(host: str = "127.0.0.1", port: int = 8088, *, latency: float = 0
     if health not in HEALTH_STATES:
         raise ValueError(f"health must be one of {', '.join(HEALTH_STATES)}, got {health!r}")
     return DevServiceServer((host, port), latency=latency, fail_rate=fail_rate, token=token,
-                            verbose=verbose, health=health, not_initialized=not_initialized)
+                            verbose=verbose, health=health, not_initialized=not_initialized,
+                            capacity=capacity)
 
 
 def serve(host: str, port: int, *, latency: float = 0.0, fail_rate: float = 0.0,
           token: str | None = None, ready: Callable[[int], None] | None = None,
-          verbose: bool = False, health: str = "healthy", not_initialized: bool = False) -> None:
-    """Serve until SIGTERM or SIGINT, then close the socket and return; main thread only."""
+          verbose: bool = False, health: str = "healthy", not_initialized: bool = False,
+          capacity: CapacityModel | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then close the socket and return; main thread only.
+    With a `capacity` model, SIGUSR1 halves its capacity and SIGUSR2 restores it."""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("serve() installs signal handlers and must run in the main thread; "
                            "use make_server() elsewhere")
     server = make_server(host, port, latency=latency, fail_rate=fail_rate, token=token,
-                         verbose=verbose, health=health, not_initialized=not_initialized)
-    stop: queue.SimpleQueue[int] = queue.SimpleQueue()
-    previous = _install_stop_handlers(stop)
+                         verbose=verbose, health=health, not_initialized=not_initialized,
+                         capacity=capacity)
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+    previous = _install_handlers(signals, STOP_SIGNALS + (CAPACITY_SIGNALS if capacity else ()))
     worker = threading.Thread(target=server.serve_forever, name="devservice", daemon=True)
     worker.start()
     try:
         if ready is not None:
             ready(server.server_address[1])
-        stop.get()
+        while (signum := _next_signal(signals)) in CAPACITY_SIGNALS:
+            server.capacity.obey(signum)
     finally:
         _restore_handlers(previous)
         server.shutdown()
@@ -307,12 +369,22 @@ def serve(host: str, port: int, *, latency: float = 0.0, fail_rate: float = 0.0,
         worker.join()
 
 
-def _install_stop_handlers(stop: queue.SimpleQueue) -> dict[int, object]:
+def _next_signal(signals: queue.SimpleQueue) -> int:
+    # A signal that lands after the queue let go of the GIL but before its wait blocks only runs
+    # its handler at the next bytecode: wake once a second so it is never left waiting.
+    while True:
+        try:
+            return signals.get(timeout=SIGNAL_POLL_S)
+        except queue.Empty:
+            pass
+
+
+def _install_handlers(signals: queue.SimpleQueue, which: tuple[int, ...]) -> dict[int, object]:
     # SimpleQueue.put is reentrant-safe; an Event's lock could deadlock inside a handler.
     def handler(signum: int, frame: object) -> None:
-        stop.put_nowait(signum)
+        signals.put_nowait(signum)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return {sig: signal.signal(sig, handler) for sig in which}
 
 
 def _restore_handlers(previous: dict[int, object]) -> None:

@@ -5,7 +5,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,9 @@ from kgsupervisor.ops.control import signal_supervisor, wait_for_exit
 from kgsupervisor.pool.pidfile import Pidfile
 from kgsupervisor.states import EXIT_USAGE, OPERATOR_SIGNALS
 from kgsupervisor.store import backend
+
+if TYPE_CHECKING:
+    from kgsupervisor.kg.devcapacity import CapacityModel
 
 # The supervisor, worker, HTTP client, dev service and rich views are imported by the commands
 # that use them: `queue`, `enqueue` and `health` are called from scripts and cron, and each call
@@ -93,17 +96,57 @@ def setup_logging(settings: config.Settings) -> None:
               show_default=True, help="The status GET /health reports.")
 @click.option("--not-initialized", is_flag=True,
               help="Act as the real service while its models load: every ingest answers 500.")
+@click.option("--capacity", type=click.IntRange(1),
+              help="Serve this many ingests at once, as a GPU box would.")
+@click.option("--queue-limit", type=click.IntRange(0),
+              help="With --capacity: ingests that may wait; beyond, refused at once [default: no limit].")
+@click.option("--service-time-per-kchar", type=FiniteRange(0, 3600),
+              help="With --capacity: seconds of service per 1,000 characters of chunk text [default: 0.1].")
+@click.option("--overload", type=click.Choice(["503", "429"]),
+              help="With --queue-limit: the refusal, 503 or 429 with Retry-After [default: 503].")
+@click.option("--thrash", is_flag=True,
+              help="With --capacity: admit every ingest, all slowing as more than the capacity are in.")
+@click.option("--capacity-schedule", metavar="S:C,...",
+              help="With --capacity: at S seconds set the capacity to C, e.g. 30:2,60:4.")
 def dev_service(host: str, port: int, latency: float, fail_rate: float, token: str | None,
-                health: str, not_initialized: bool) -> None:
-    """A reference KG service (CONTRACT §3) with deterministic extraction, for demos and tests."""
+                health: str, not_initialized: bool, **capacity: Any) -> None:
+    """A reference KG service (CONTRACT §3) with deterministic extraction, for demos and tests.
+    With --capacity it serves like a GPU box; SIGUSR1 halves the capacity, SIGUSR2 restores it."""
     def ready(bound: int) -> None:
         click.echo(f"dev-service listening on http://{logs.host_port(host, bound)}", err=True)
+    model = capacity_model(**capacity)
+    if model is not None:
+        logs.setup("text", secrets=[token] if token else ())  # for its log line at each capacity change
     from kgsupervisor.kg import devservice
     try:
         devservice.serve(host, port, latency=latency, fail_rate=fail_rate, token=token, ready=ready,
-                         health=health, not_initialized=not_initialized)
+                         health=health, not_initialized=not_initialized, capacity=model)
     except OSError as exc:
         raise KGSupervisorError(f"cannot listen on {logs.host_port(host, port)}: {exc.strerror}") from None
+
+
+def capacity_model(capacity: int | None, queue_limit: int | None, service_time_per_kchar: float | None,
+                   overload: str | None, thrash: bool, capacity_schedule: str | None) -> CapacityModel | None:
+    """The dev service's CapacityModel from its options; None without --capacity."""
+    given = {"--queue-limit": queue_limit is not None, "--overload": overload is not None,
+             "--service-time-per-kchar": service_time_per_kchar is not None, "--thrash": thrash,
+             "--capacity-schedule": capacity_schedule is not None}
+    if capacity is None:
+        if any(given.values()):
+            raise click.UsageError(f"{next(k for k, v in given.items() if v)} needs --capacity")
+        return None
+    if thrash and (given["--queue-limit"] or given["--overload"]):
+        raise click.UsageError("--thrash admits every ingest: --queue-limit and --overload do not apply")
+    from kgsupervisor.kg import devcapacity
+    try:
+        schedule = devcapacity.parse_schedule(capacity_schedule) if capacity_schedule else ()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--capacity-schedule'") from None
+    if service_time_per_kchar is None:
+        service_time_per_kchar = devcapacity.DEFAULT_SERVICE_TIME_PER_KCHAR
+    return devcapacity.CapacityModel(capacity, queue_limit=queue_limit,
+                                     service_time_per_kchar=service_time_per_kchar,
+                                     thrash=thrash, overload=int(overload or 503), schedule=schedule)
 
 
 @contextmanager
