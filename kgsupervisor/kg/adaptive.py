@@ -1,0 +1,184 @@
+"""The adaptive in-flight limit of one KG endpoint: AIMD steered by a size-normalised latency gradient.
+
+The limit grows by one per round (a limit's worth of successes) while the endpoint answers about as
+fast as it does unloaded, and shrinks multiplicatively on overload (429, 503, a timeout) or when
+latency rises well above that: as Netflix concurrency-limits' Gradient2 and Envoy's adaptive
+concurrency filter do. Latency is compared per 1,000 characters, since documents differ in size.
+
+The state is a handful of doubles in a sequence the caller may place in shared memory (see
+kgsupervisor.kg.permits), so the outcomes of every worker of a supervisor move one limit.
+Pure: every method takes `now` (monotonic seconds), so tests drive it with a fake clock.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import MutableSequence
+
+OVERLOAD_KINDS = ("429", "503", "timeout")
+
+# A round ends after max(limit, ROUND_MIN_SAMPLES) successes: about one round trip of every
+# permit, so each decision sees the load the current limit makes. Four samples at least, because
+# at limit 1 a single document's noise would decide alone (the mean of four halves it).
+ROUND_MIN_SAMPLES = 4
+# Grow while a round's latency per kchar is within 15% of the baseline. One request queued behind
+# C in service adds 1/C to the ratio (1.25 at capacity 4): the margin must sit below that so the
+# limit stops at the knee, and above the noise of a round's mean on an idle service.
+GROW_BELOW = 1.15
+# Shrink once a round is 20% over the baseline: at capacity 4 one queued request (1.25) already
+# is, so the limit comes back to the knee instead of parking one over it (p95 = twice the service
+# time for the queued one). A thrashing service (every request slower past the knee) is caught too.
+SHRINK_ABOVE = 1.2
+# A latency shrink goes to limit / ratio: by Little's law, with the service at capacity latency
+# grows with the requests in flight, so that is the in-flight count that meets the baseline again.
+# Never more than halving in one step: one bad round is weak evidence.
+LATENCY_BACKOFF_FLOOR = 0.5
+# 429, 503 and timeouts are the service saying it is full: halve, as TCP does on loss.
+OVERLOAD_BACKOFF = 0.5
+# The baseline is the lowest round mean seen in the last one to two windows (two buckets that
+# rotate): long enough that a busy spell does not lift it, short enough that a slower model after
+# a reload is learnt within two minutes rather than holding the limit at its floor for good.
+BASELINE_WINDOW_S = 60.0
+# The round-trip time (smoothed latency) bounds decreases to one per RTT; before any success,
+# assume one second so a storm of 503s on a cold endpoint still counts once a second at most.
+DEFAULT_RTT_S = 1.0
+RTT_GAIN = 0.2  # EWMA gain of the RTT: the last five or so requests dominate
+
+# Slots of the state, in order; a limit reads and writes state[offset + index].
+FIELDS = ("value", "min_previous", "min_current", "bucket_started", "round_latency", "round_kchars",
+          "round_count", "round_peak", "changed_at", "decreased_at", "rtt", "logged")
+_INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+
+def _field(name: str) -> property:
+    index = _INDEX[name]
+
+    def get(self: AdaptiveLimit) -> float:
+        return self._state[self._offset + index]
+
+    def put(self: AdaptiveLimit, value: float) -> None:
+        self._state[self._offset + index] = value
+    return property(get, put)
+
+
+class AdaptiveLimit:
+    """The in-flight limit of one endpoint, between min_limit and max_limit, moved by outcomes.
+
+    Its state lives in `state[offset:offset + len(FIELDS)]` (a list of its own by default); whoever
+    passes shared state calls reset() once, and holds a lock around every call.
+    """
+
+    value = _field("value")  # the limit, a whole number kept as a double
+    min_previous = _field("min_previous")  # lowest round mean (s per kchar) of the last bucket
+    min_current = _field("min_current")  # ... of the bucket in progress
+    bucket_started = _field("bucket_started")
+    round_latency = _field("round_latency")  # sum of latencies in the round (s)
+    round_kchars = _field("round_kchars")  # sum of their sizes (thousands of characters)
+    round_count = _field("round_count")
+    round_peak = _field("round_peak")  # most requests in flight seen during the round
+    changed_at = _field("changed_at")  # requests sent before this saw another limit
+    decreased_at = _field("decreased_at")
+    rtt = _field("rtt")  # smoothed latency of successes (s); 0 until the first
+    logged = _field("logged")  # the limit last reported by factor_2_change
+
+    def __init__(self, min_limit: int, max_limit: int, state: MutableSequence[float] | None = None,
+                 offset: int = 0) -> None:
+        if not 1 <= min_limit <= max_limit:
+            raise ValueError(f"in-flight limits: expected 1 <= min ({min_limit}) <= max ({max_limit})")
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self._state: MutableSequence[float] = [0.0] * len(FIELDS) if state is None else state
+        self._offset = offset
+        if state is None:
+            self.reset()
+
+    def reset(self) -> None:
+        """Start at the floor, with nothing learnt (state in fresh shared memory is all zeros)."""
+        for i in range(len(FIELDS)):
+            self._state[self._offset + i] = 0.0
+        self.value = self.logged = float(self.min_limit)
+        self.min_previous = self.min_current = math.inf
+        self.changed_at = self.decreased_at = -math.inf
+
+    @property
+    def limit(self) -> int:
+        """The permits to hand out now."""
+        return int(self.value)
+
+    def baseline(self) -> float:
+        """Seconds per kchar of an unloaded round lately; inf before the first round."""
+        return min(self.min_previous, self.min_current)
+
+    def note_in_flight(self, in_flight: int) -> None:
+        """A request was sent with `in_flight` in flight: only a limit in use may grow (an idle
+        endpoint's limit would otherwise climb to the maximum, and the next burst meet none)."""
+        self.round_peak = max(self.round_peak, float(in_flight))
+
+    def on_success(self, latency_s: float, chars: int, now: float) -> None:
+        """A request of `chars` characters was answered in `latency_s` seconds."""
+        self.rtt = latency_s if self.rtt == 0 else self.rtt + RTT_GAIN * (latency_s - self.rtt)
+        if now - latency_s < self.changed_at:
+            return  # sent under the previous limit: it says nothing of this one
+        self.round_latency += latency_s
+        self.round_kchars += max(chars, 1) / 1000
+        self.round_count += 1
+        if self.round_count >= max(self.limit, ROUND_MIN_SAMPLES):
+            self._end_round(now)
+
+    def on_overload(self, kind: str, now: float, latency_s: float = 0.0) -> bool:
+        """The service refused (429, 503) or timed out; True when this lowered the limit.
+
+        One decrease per round trip at most, and none for requests sent before the last one:
+        a burst of 503s is one signal, not one per request.
+        """
+        if kind not in OVERLOAD_KINDS:
+            raise ValueError(f"overload kind: expected one of {', '.join(OVERLOAD_KINDS)}, got {kind!r}")
+        rtt = self.rtt or DEFAULT_RTT_S
+        if now - self.decreased_at < rtt or now - latency_s < self.decreased_at:
+            return False
+        self._decrease(OVERLOAD_BACKOFF, now)
+        return True
+
+    def factor_2_change(self) -> tuple[int, int] | None:
+        """(limit last reported, limit now) when the limit moved by a factor of 2 or more since
+        the last report, which this records; else None. For the caller's log line."""
+        before, now = int(self.logged), self.limit
+        if now < 2 * before and 2 * now > before:
+            return None
+        self.logged = float(now)
+        return before, now
+
+    def _end_round(self, now: float) -> None:
+        mean = self.round_latency / self.round_kchars
+        saturated = self.round_peak >= self.limit
+        self._note_minimum(mean, now)
+        ratio = mean / self.baseline()
+        self._clear_round()
+        if ratio >= SHRINK_ABOVE:
+            self._decrease(max(LATENCY_BACKOFF_FLOOR, 1 / ratio), now)
+        elif ratio <= GROW_BELOW and saturated:
+            self._move_to(self.value + 1, now)
+
+    def _note_minimum(self, mean: float, now: float) -> None:
+        """Keep the lowest round mean of the current bucket, rotating buckets every window."""
+        if now - self.bucket_started >= BASELINE_WINDOW_S:
+            stale = now - self.bucket_started >= 2 * BASELINE_WINDOW_S
+            self.min_previous = math.inf if stale else self.min_current
+            self.min_current = math.inf
+            self.bucket_started = now
+        self.min_current = min(self.min_current, mean)
+
+    def _decrease(self, factor: float, now: float) -> None:
+        """Scale the limit down to the nearest whole number, by one at least (a shrink that
+        rounds back to where it was would let an overloaded endpoint sit at its limit)."""
+        self.decreased_at = now
+        self._move_to(min(self.value - 1, math.floor(self.value * factor + 0.5)), now)
+
+    def _move_to(self, value: float, now: float) -> None:
+        value = max(float(self.min_limit), min(float(self.max_limit), value))
+        self._clear_round()
+        if value != self.value:
+            self.value = value
+            self.changed_at = now
+
+    def _clear_round(self) -> None:
+        self.round_latency = self.round_kchars = self.round_count = self.round_peak = 0.0

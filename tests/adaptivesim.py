@@ -1,0 +1,173 @@
+"""Discrete-event simulations of a KG service and a client held to an AdaptiveLimit, on a fake clock.
+
+Two service models: a queueing box (C requests in service, FIFO queue behind them, 503 beyond a
+queue limit) and a thrashing box (everything admitted, each request slower as the load passes C:
+service time x (n/C)^1.5). Service time is proportional to the document's size.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kgsupervisor.kg.adaptive import AdaptiveLimit
+
+REJECT_LATENCY_S = 0.002  # a 503 comes back after a network round trip, not at once
+
+
+@dataclass
+class Request:
+    chars: int
+    sent_at: float
+    work: float  # seconds of service when served alone
+
+
+class QueueingService:
+    """C at a time; then a FIFO queue of up to queue_limit; beyond it, 503."""
+
+    def __init__(self, capacity: int, s_per_kchar: float, queue_limit: int = 1000) -> None:
+        self.capacity = capacity
+        self.s_per_kchar = s_per_kchar
+        self.queue_limit = queue_limit
+        self.serving: list[tuple[float, int, Request]] = []  # heap of (finish time, seq, request)
+        self.queue: deque[Request] = deque()
+        self._seq = itertools.count()
+
+    def admit(self, request: Request, now: float) -> bool:
+        """False when refused with a 503."""
+        if len(self.serving) < self.capacity:
+            heapq.heappush(self.serving, (now + request.work, next(self._seq), request))
+        elif len(self.queue) < self.queue_limit:
+            self.queue.append(request)
+        else:
+            return False
+        return True
+
+    def next_event(self) -> float:
+        return self.serving[0][0] if self.serving else math.inf
+
+    def advance(self, until: float) -> list[tuple[float, Request]]:
+        """The requests finished up to `until`, with their finish times."""
+        done = []
+        while self.serving and self.serving[0][0] <= until:
+            finish, _, request = heapq.heappop(self.serving)
+            done.append((finish, request))
+            while self.queue and len(self.serving) < self.capacity:
+                queued = self.queue.popleft()
+                heapq.heappush(self.serving, (finish + queued.work, next(self._seq), queued))
+        return done
+
+
+class ThrashingService:
+    """Admits everything; with n in service each progresses at rate 1 / max(1, n/C)^1.5."""
+
+    def __init__(self, capacity: int, s_per_kchar: float) -> None:
+        self.capacity = capacity
+        self.s_per_kchar = s_per_kchar
+        self.serving: list[list] = []  # [remaining work (s), request]
+        self.clock = 0.0
+
+    def rate(self) -> float:
+        return 1 / max(1.0, len(self.serving) / self.capacity) ** 1.5
+
+    def admit(self, request: Request, now: float) -> bool:
+        self._progress(now)  # the caller advanced to `now` already: nothing finishes here
+        self.serving.append([request.work, request])
+        return True
+
+    def next_event(self) -> float:
+        if not self.serving:
+            return math.inf
+        return self.clock + min(r for r, _ in self.serving) / self.rate()
+
+    def advance(self, until: float) -> list[tuple[float, Request]]:
+        done = []
+        while self.serving and self.next_event() <= until:
+            finish = self.next_event()
+            self._progress(finish)
+            done += [(finish, req) for rem, req in self.serving if rem <= 1e-12]
+            self.serving = [s for s in self.serving if s[0] > 1e-12]
+        self._progress(until)
+        return done
+
+    def _progress(self, to: float) -> None:
+        step = (to - self.clock) * self.rate()
+        for entry in self.serving:
+            entry[0] -= step
+        self.clock = to
+
+
+@dataclass
+class Run:
+    """What a simulation saw: the limit over time, each answer, each refusal."""
+
+    limits: list[tuple[float, int]] = field(default_factory=list)  # (time, limit) at each change
+    answers: list[tuple[float, float, int]] = field(default_factory=list)  # (time, latency, chars)
+    refusals: list[float] = field(default_factory=list)
+
+    def limits_between(self, start: float, end: float) -> list[int]:
+        """Every limit in force at some moment of [start, end)."""
+        before = [lim for t, lim in self.limits if t <= start][-1:]
+        return before + [lim for t, lim in self.limits if start < t < end]
+
+    def mean_limit(self, start: float, end: float) -> float:
+        """The time-weighted mean limit over [start, end)."""
+        total, points = 0.0, [(t, lim) for t, lim in self.limits if t < end]
+        for (t, lim), nxt in zip(points, points[1:] + [(end, 0)]):
+            total += lim * max(0.0, nxt[0] - max(t, start))
+        return total / (end - start)
+
+    def throughput(self, start: float, end: float, s_per_kchar: float) -> float:
+        """Seconds of unloaded service answered per second in [start, end): C at full capacity."""
+        return sum(c / 1000 * s_per_kchar for t, _, c in self.answers if start <= t < end) / (end - start)
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        return sorted(lat for t, lat, _ in self.answers if start <= t < end)
+
+
+def fixed_size(chars: int = 1000) -> Callable[[random.Random], int]:
+    return lambda rng: chars
+
+
+def mixed_sizes(low: int = 200, high: int = 8000) -> Callable[[random.Random], int]:
+    """Log-uniform sizes: as many small documents as big ones, a 40x spread."""
+    return lambda rng: int(math.exp(rng.uniform(math.log(low), math.log(high))))
+
+
+def simulate(service, limit: AdaptiveLimit, seconds: float, sizes=fixed_size(), workers: int = 16,
+             events: dict[float, Callable[[], None]] | None = None, seed: int = 1) -> Run:
+    """`workers` clients each keep a request going whenever the limit lets them, for `seconds`.
+
+    `events` maps simulated times to changes of the service (a capacity halving, a slower model).
+    """
+    rng, run, now, in_flight = random.Random(seed), Run(), 0.0, 0
+    refusals: list[float] = []  # heap of times refused requests come back
+    pending = sorted((events or {}).items())
+    run.limits.append((0.0, limit.limit))
+    while now < seconds:
+        while in_flight < min(limit.limit, workers):
+            chars = sizes(rng)
+            in_flight += 1
+            limit.note_in_flight(in_flight)
+            if not service.admit(Request(chars, now, chars / 1000 * service.s_per_kchar), now):
+                heapq.heappush(refusals, now + REJECT_LATENCY_S)
+        now = min(service.next_event(), refusals[0] if refusals else math.inf,
+                  pending[0][0] if pending else math.inf, seconds)
+        if pending and pending[0][0] <= now:
+            pending.pop(0)[1]()
+        for finish, request in service.advance(now):
+            in_flight -= 1
+            limit.on_success(finish - request.sent_at, request.chars, finish)
+            run.answers.append((finish, finish - request.sent_at, request.chars))
+        while refusals and refusals[0] <= now:
+            heapq.heappop(refusals)
+            in_flight -= 1
+            limit.on_overload("503", now, latency_s=REJECT_LATENCY_S)
+            run.refusals.append(now)
+        if limit.limit != run.limits[-1][1]:
+            run.limits.append((now, limit.limit))
+    return run

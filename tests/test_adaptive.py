@@ -1,0 +1,130 @@
+"""The adaptive in-flight limit, driven by simulated KG services on a fake clock."""
+from __future__ import annotations
+
+import pytest
+
+from kgsupervisor.kg.adaptive import DEFAULT_RTT_S, ROUND_MIN_SAMPLES, AdaptiveLimit
+
+from .adaptivesim import QueueingService, ThrashingService, mixed_sizes, simulate
+
+CAPACITY = 4
+S_PER_KCHAR = 0.1  # a 1,000-character document takes 100 ms alone
+
+
+def fresh() -> AdaptiveLimit:
+    return AdaptiveLimit(1, 16)
+
+
+def share_of_time_within(run, low: int, high: int, start: float, end: float) -> float:
+    """Fraction of [start, end) during which the limit was within [low, high]."""
+    points = [(t, lim) for t, lim in run.limits if t < end]
+    inside = sum(max(0.0, nxt[0] - max(t, start))
+                 for (t, lim), nxt in zip(points, points[1:] + [(end, 0)]) if low <= lim <= high)
+    return inside / (end - start)
+
+
+def test_converges_near_capacity_and_stays_there():
+    run = simulate(QueueingService(CAPACITY, S_PER_KCHAR, queue_limit=8), fresh(), 60)
+    settled = next(t for t, lim in run.limits if lim >= CAPACITY)
+    assert settled < 5
+    assert set(run.limits_between(settled, 60)) <= {CAPACITY - 1, CAPACITY, CAPACITY + 1}
+    assert run.throughput(10, 60, S_PER_KCHAR) >= 0.95 * CAPACITY
+    assert not run.refusals
+
+
+def test_a_limit_not_in_use_does_not_grow():
+    limit = fresh()
+    simulate(QueueingService(CAPACITY, S_PER_KCHAR), limit, 30, workers=2)
+    assert limit.limit == 3  # one over what two workers used: it grew while they filled it
+
+
+def test_a_burst_of_503s_halves_the_limit_once_per_round_trip():
+    limit = fresh()
+    now = 0.0
+    while limit.limit < 16:  # unloaded rounds: 100 ms a document, the limit climbs to the top
+        now += 0.1
+        limit.note_in_flight(limit.limit)
+        limit.on_success(0.1, 1000, now)
+    assert limit.rtt == pytest.approx(0.1)
+    lowered = [limit.on_overload("503", now + i * 0.001, latency_s=0.001) for i in range(30)]
+    assert lowered.count(True) == 1 and limit.limit == 8
+    assert limit.on_overload("429", now + 0.2, latency_s=0.001) and limit.limit == 4  # a RTT later
+    # A timeout of a request sent before that decrease, past one RTT: the old limit's doing.
+    assert not limit.on_overload("timeout", now + 0.5, latency_s=5.0) and limit.limit == 4
+
+
+def test_a_cold_endpoint_counts_overloads_once_per_default_rtt():
+    limit = AdaptiveLimit(1, 16)
+    limit.value = 16.0
+    assert limit.on_overload("503", 10.0)
+    assert not limit.on_overload("503", 10.0 + DEFAULT_RTT_S / 2)
+    assert limit.on_overload("503", 10.0 + DEFAULT_RTT_S) and limit.limit == 4
+
+
+def test_follows_a_capacity_halving_within_ten_seconds():
+    service = QueueingService(8, S_PER_KCHAR, queue_limit=8)
+    run = simulate(service, fresh(), 60, events={30.0: lambda: setattr(service, "capacity", 4)})
+    assert max(run.limits_between(20, 30)) <= 8 + 2  # at capacity 8, one queued adds only 1/8
+    assert set(run.limits_between(40, 60)) <= {3, 4, 5}
+    assert max(run.limits_between(31, 60)) <= 5
+    latencies = run.latencies(40, 60)
+    assert latencies[len(latencies) // 2] <= 1.5 * S_PER_KCHAR
+
+
+def test_mixed_document_sizes_do_not_fool_it():
+    run = simulate(QueueingService(CAPACITY, S_PER_KCHAR), fresh(), 120, sizes=mixed_sizes())
+    assert share_of_time_within(run, CAPACITY - 1, CAPACITY + 1, 10, 120) >= 0.9
+    assert abs(run.mean_limit(10, 120) - CAPACITY) <= 0.75
+    assert run.throughput(10, 120, S_PER_KCHAR) >= 0.9 * CAPACITY
+
+
+@pytest.mark.parametrize("sizes", [None, mixed_sizes()], ids=["1000 chars", "mixed sizes"])
+def test_a_thrashing_service_is_held_near_its_knee(sizes):
+    kwargs = {"sizes": sizes} if sizes else {}
+    run = simulate(ThrashingService(CAPACITY, S_PER_KCHAR), fresh(), 60, **kwargs)
+    assert set(run.limits_between(10, 60)) <= {CAPACITY, CAPACITY + 1}
+    # Throughput falls past the knee (16 in service would give half): adaptive keeps ~0.95.
+    assert run.throughput(10, 60, S_PER_KCHAR) >= 0.9 * CAPACITY
+
+
+def test_a_slower_model_is_learnt_once_the_baseline_window_passes():
+    service = QueueingService(CAPACITY, S_PER_KCHAR)
+    run = simulate(service, fresh(), 240, events={30.0: lambda: setattr(service, "s_per_kchar", 0.2)})
+    assert min(run.limits_between(30, 60)) == 1  # twice as slow looks like overload at first
+    assert set(run.limits_between(150, 240)) <= {3, 4, 5}
+    assert run.throughput(150, 240, 0.2) >= 0.95 * CAPACITY
+
+
+def test_a_move_by_a_factor_of_two_is_reported_once():
+    limit = fresh()
+    assert limit.factor_2_change() is None
+    limit.value = 3.0
+    assert limit.factor_2_change() == (1, 3)
+    assert limit.factor_2_change() is None
+    limit.value = 2.0
+    assert limit.factor_2_change() is None
+    limit.value = 1.0
+    assert limit.factor_2_change() == (3, 1)
+
+
+def test_rounds_wait_for_requests_sent_under_the_current_limit():
+    limit = fresh()
+    for i in range(ROUND_MIN_SAMPLES):
+        limit.note_in_flight(1)
+        limit.on_success(0.1, 1000, 0.1 * (i + 1))
+    assert limit.limit == 2 and limit.changed_at == pytest.approx(0.4)
+    for i in range(ROUND_MIN_SAMPLES):  # each sent before the change: not this limit's evidence
+        limit.on_success(0.3, 1000, 0.45 + i * 0.01)
+    assert limit.limit == 2 and limit.round_count == 0
+
+
+@pytest.mark.parametrize("args, message", [((0, 4), "expected 1 <= min (0) <= max (4)"),
+                                           ((5, 4), "expected 1 <= min (5) <= max (4)")])
+def test_limits_out_of_order_are_refused_in_one_line(args, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AdaptiveLimit(*args)
+
+
+def test_an_unknown_overload_kind_is_refused():
+    with pytest.raises(ValueError, match="expected one of 429, 503, timeout, got '500'"):
+        fresh().on_overload("500", 1.0)
