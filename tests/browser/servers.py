@@ -34,13 +34,13 @@ class GatedService(DevServiceServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def ingest(self, *request: object) -> dict:
+    def ingest_answer(self, *request: object) -> tuple[dict, dict[str, str]]:
         with self.gate:
             # Bounded, so that a test that fails while holding cannot hang the supervisor's stop.
             self.gate.wait_for(lambda: self.budget is None or self.budget > 0, timeout=30)
             if self.budget:
                 self.budget -= 1
-        return super().ingest(*request)
+        return super().ingest_answer(*request)
 
     def hold(self) -> None:
         self.allow(0)
