@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kgsupervisor.kg.adaptive import DEFAULT_RTT_S, ROUND_MIN_SAMPLES, AdaptiveLimit
+from kgsupervisor.kg.adaptive import DEFAULT_RTT_S, PROBE_WAIT_ROUNDS, ROUND_MIN_SAMPLES, AdaptiveLimit
 
 from .adaptivesim import QueueingService, ThrashingService, mixed_sizes, simulate
 
@@ -128,3 +128,35 @@ def test_limits_out_of_order_are_refused_in_one_line(args, message):
 def test_an_unknown_overload_kind_is_refused():
     with pytest.raises(ValueError, match="expected one of 429, 503, timeout, got '500'"):
         fresh().on_overload("500", 1.0)
+
+
+def p95(latencies: list[float]) -> float:
+    return latencies[int(0.95 * (len(latencies) - 1))]
+
+
+@pytest.mark.parametrize("capacity", [2, 4, 8, 16])
+def test_once_settled_nothing_queues_inside_the_service(capacity):
+    workers = max(16, 2 * capacity)  # more workers than the service takes: the limit must hold them back
+    service = QueueingService(capacity, S_PER_KCHAR, queue_limit=8)
+    run = simulate(service, AdaptiveLimit(1, workers), 90, workers=workers)
+    assert p95(run.latencies(30, 90)) <= 1.5 * S_PER_KCHAR  # one queued request would make it 2x
+    assert run.throughput(30, 90, S_PER_KCHAR) >= 0.95 * capacity
+    assert not run.refusals
+
+
+@pytest.mark.parametrize("capacity", [2, 4, 8, 16])
+def test_a_thrashing_service_keeps_its_throughput_at_every_capacity(capacity):
+    workers = max(16, 2 * capacity)
+    run = simulate(ThrashingService(capacity, S_PER_KCHAR), AdaptiveLimit(1, workers), 90, workers=workers)
+    assert run.throughput(30, 90, S_PER_KCHAR) >= 0.9 * capacity
+    assert p95(run.latencies(30, 90)) <= 1.5 * S_PER_KCHAR
+
+
+def test_a_failed_probe_of_the_ceiling_doubles_the_wait_before_the_next():
+    limit = fresh()
+    limit.value, limit.ceiling, limit.probe_wait = 5.0, 5.0, 4.0
+    limit.on_overload("503", 1.0)
+    assert limit.limit == 3 and limit.ceiling == 5 and limit.probe_wait == 8
+    limit.value = 4.0
+    limit.on_overload("503", 3.0)  # a shrink below the ceiling: the service changed, learn anew
+    assert limit.ceiling == 4 and limit.probe_wait == PROBE_WAIT_ROUNDS

@@ -20,14 +20,31 @@ OVERLOAD_KINDS = ("429", "503", "timeout")
 # permit, so each decision sees the load the current limit makes. Four samples at least, because
 # at limit 1 a single document's noise would decide alone (the mean of four halves it).
 ROUND_MIN_SAMPLES = 4
-# Grow while a round's latency per kchar is within 15% of the baseline. One request queued behind
-# C in service adds 1/C to the ratio (1.25 at capacity 4): the margin must sit below that so the
-# limit stops at the knee, and above the noise of a round's mean on an idle service.
+# Grow while a round's latency per kchar is within 15% of the baseline, and shrink once it is 20%
+# over: at small limits, the noise of a round's mean on an idle service stays below the first.
 GROW_BELOW = 1.15
-# Shrink once a round is 20% over the baseline: at capacity 4 one queued request (1.25) already
-# is, so the limit comes back to the knee instead of parking one over it (p95 = twice the service
-# time for the queued one). A thrashing service (every request slower past the knee) is caught too.
 SHRINK_ABOVE = 1.2
+# One request queued behind C in service adds 1/C to the ratio, which at C = 8 or more falls below
+# those margins: the limit would park a few over the knee, every request queueing (p95 = twice the
+# service time). So the margins also shrink with the limit L: grow only below a quarter of a queued
+# request's worth (1 + 0.25/L), shrink from half of one (1 + 0.5/L)...
+GROW_QUEUED_SHARE = 0.25
+SHRINK_QUEUED_SHARE = 0.5
+# ... but never below a few times the endpoint's round-to-round noise (the mean absolute deviation
+# of a round's ratio from its moving average): the baseline is the lowest round of a window, so
+# typical rounds sit a few deviations above it, and a tight margin would take jitter for queueing
+# and walk the limit down to the floor. With a noisy service the margins widen back towards
+# GROW_BELOW and SHRINK_ABOVE: the limit may park one over the knee, as without them.
+GROW_NOISES = 4.0
+SHRINK_NOISES = 6.0
+NOISE_GAIN = 0.1  # EWMA gain of the ratio's average and deviation: some ten rounds
+# After a shrink from L, L is a ceiling: the limit climbs back to L - 1 as usual, but tries L again
+# only after PROBE_WAIT_ROUNDS good rounds in a row, twice as many after each failed try (up to
+# PROBE_WAIT_MAX_ROUNDS), as TCP probes slowly near its last loss. A probe costs a round or two of
+# one queued request; at 64 rounds apart that is a few percent of the time, below the p95, and a
+# capacity that grew is still found within some seconds. A good round at the ceiling lifts it.
+PROBE_WAIT_ROUNDS = 2
+PROBE_WAIT_MAX_ROUNDS = 64
 # A latency shrink goes to limit / ratio: by Little's law, with the service at capacity latency
 # grows with the requests in flight, so that is the in-flight count that meets the baseline again.
 # Never more than halving in one step: one bad round is weak evidence.
@@ -45,7 +62,8 @@ RTT_GAIN = 0.2  # EWMA gain of the RTT: the last five or so requests dominate
 
 # Slots of the state, in order; a limit reads and writes state[offset + index].
 FIELDS = ("value", "min_previous", "min_current", "bucket_started", "round_latency", "round_kchars",
-          "round_count", "round_peak", "changed_at", "decreased_at", "rtt", "logged")
+          "round_count", "round_peak", "changed_at", "decreased_at", "rtt", "logged", "ceiling",
+          "probe_wait", "good_rounds", "ratio_average", "noise")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -79,6 +97,11 @@ class AdaptiveLimit:
     decreased_at = _field("decreased_at")
     rtt = _field("rtt")  # smoothed latency of successes (s); 0 until the first
     logged = _field("logged")  # the limit last reported by factor_2_change
+    ceiling = _field("ceiling")  # the limit last shrunk from: too many then; inf when none
+    probe_wait = _field("probe_wait")  # good rounds at ceiling - 1 before trying the ceiling again
+    good_rounds = _field("good_rounds")  # ... seen in a row so far
+    ratio_average = _field("ratio_average")  # moving average of rounds' latency / baseline; 0 before
+    noise = _field("noise")  # moving mean absolute deviation of a round's ratio from that average
 
     def __init__(self, min_limit: int, max_limit: int, state: MutableSequence[float] | None = None,
                  offset: int = 0) -> None:
@@ -96,7 +119,8 @@ class AdaptiveLimit:
         for i in range(len(FIELDS)):
             self._state[self._offset + i] = 0.0
         self.value = self.logged = float(self.min_limit)
-        self.min_previous = self.min_current = math.inf
+        self.min_previous = self.min_current = self.ceiling = math.inf
+        self.probe_wait = float(PROBE_WAIT_ROUNDS)
         self.changed_at = self.decreased_at = -math.inf
 
     @property
@@ -153,10 +177,37 @@ class AdaptiveLimit:
         self._note_minimum(mean, now)
         ratio = mean / self.baseline()
         self._clear_round()
-        if ratio >= SHRINK_ABOVE:
+        below_ceiling = self.value < self.ceiling
+        if ratio >= self._margin(SHRINK_ABOVE, SHRINK_QUEUED_SHARE, SHRINK_NOISES):
             self._decrease(max(LATENCY_BACKOFF_FLOOR, 1 / ratio), now)
-        elif ratio <= GROW_BELOW and saturated:
-            self._move_to(self.value + 1, now)
+        elif ratio <= self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES) and saturated:
+            self._grow(now)
+        if below_ceiling:  # a probe's round has a queued request: a step, not noise
+            self._note_noise(ratio)
+
+    def _note_noise(self, ratio: float) -> None:
+        """Track the rounds' ratio and how far a round strays from it."""
+        if self.ratio_average == 0:
+            self.ratio_average = ratio
+        self.noise += NOISE_GAIN * (abs(ratio - self.ratio_average) - self.noise)
+        self.ratio_average += NOISE_GAIN * (ratio - self.ratio_average)
+
+    def _margin(self, widest: float, queued_share: float, noises: float) -> float:
+        """A ratio threshold: a share of one queued request at this limit, or more when the
+        endpoint is noisy, but never past `widest`."""
+        return 1 + min(widest - 1, max(queued_share / self.value, noises * self.noise))
+
+    def _grow(self, now: float) -> None:
+        """One more after a good round; next to the ceiling, only after probe_wait good rounds."""
+        if self.value >= self.ceiling:  # a good round at the ceiling: the room is real now
+            self.ceiling = math.inf
+            self.probe_wait = float(PROBE_WAIT_ROUNDS)
+        elif self.value + 1 >= self.ceiling:
+            self.good_rounds += 1
+            if self.good_rounds < self.probe_wait:
+                return
+        self.good_rounds = 0
+        self._move_to(self.value + 1, now)
 
     def _note_minimum(self, mean: float, now: float) -> None:
         """Keep the lowest round mean of the current bucket, rotating buckets every window."""
@@ -171,7 +222,19 @@ class AdaptiveLimit:
         """Scale the limit down to the nearest whole number, by one at least (a shrink that
         rounds back to where it was would let an overloaded endpoint sit at its limit)."""
         self.decreased_at = now
+        before = self.value
         self._move_to(min(self.value - 1, math.floor(self.value * factor + 0.5)), now)
+        if self.value < before:
+            self._remember_ceiling(before)
+
+    def _remember_ceiling(self, too_many: float) -> None:
+        """`too_many` overloaded the endpoint: after a failed probe of the ceiling, wait longer
+        before the next; below the ceiling the service changed (capacity, model), so learn anew."""
+        failed_probe = too_many >= self.ceiling
+        self.probe_wait = min(float(PROBE_WAIT_MAX_ROUNDS), 2 * self.probe_wait) if failed_probe \
+            else float(PROBE_WAIT_ROUNDS)
+        self.ceiling = too_many
+        self.good_rounds = 0
 
     def _move_to(self, value: float, now: float) -> None:
         value = max(float(self.min_limit), min(float(self.max_limit), value))
