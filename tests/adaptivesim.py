@@ -2,7 +2,8 @@
 
 Two service models: a queueing box (C requests in service, FIFO queue behind them, 503 beyond a
 queue limit) and a thrashing box (everything admitted, each request slower as the load passes C:
-service time x (n/C)^1.5). Service time is proportional to the document's size.
+service time x (n/C)^1.5). Service time is proportional to the document's size; the queueing box
+may add seeded jitter to it, as a real GPU box's batching and cache hits do.
 """
 from __future__ import annotations
 
@@ -27,18 +28,24 @@ class Request:
 
 
 class QueueingService:
-    """C at a time; then a FIFO queue of up to queue_limit; beyond it, 503."""
+    """C at a time; then a FIFO queue of up to queue_limit; beyond it, 503. Each request's service
+    time is scaled by a uniform factor in [1 - jitter, 1 + jitter] (seeded)."""
 
-    def __init__(self, capacity: int, s_per_kchar: float, queue_limit: int = 1000) -> None:
+    def __init__(self, capacity: int, s_per_kchar: float, queue_limit: int = 1000, jitter: float = 0.0,
+                 seed: int = 7) -> None:
         self.capacity = capacity
         self.s_per_kchar = s_per_kchar
         self.queue_limit = queue_limit
+        self.jitter = jitter
+        self._rng = random.Random(seed)
         self.serving: list[tuple[float, int, Request]] = []  # heap of (finish time, seq, request)
         self.queue: deque[Request] = deque()
         self._seq = itertools.count()
 
     def admit(self, request: Request, now: float) -> bool:
         """False when refused with a 503."""
+        if self.jitter:
+            request.work *= 1 + self._rng.uniform(-self.jitter, self.jitter)
         if len(self.serving) < self.capacity:
             heapq.heappush(self.serving, (now + request.work, next(self._seq), request))
         elif len(self.queue) < self.queue_limit:

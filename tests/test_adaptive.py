@@ -160,3 +160,15 @@ def test_a_failed_probe_of_the_ceiling_doubles_the_wait_before_the_next():
     limit.value = 4.0
     limit.on_overload("503", 3.0)  # a shrink below the ceiling: the service changed, learn anew
     assert limit.ceiling == 4 and limit.probe_wait == PROBE_WAIT_ROUNDS
+
+
+@pytest.mark.parametrize("capacity", [2, 4, 8, 16])
+def test_a_jittery_service_is_not_taken_for_a_queueing_one(capacity):
+    # +-20% service time a document: the lowest single round of a window would sit far below a
+    # typical one, and every round look queued (measured: 0.28-0.83 x capacity before).
+    workers = max(16, 2 * capacity)
+    service = QueueingService(capacity, S_PER_KCHAR, queue_limit=8, jitter=0.2, seed=capacity)
+    run = simulate(service, AdaptiveLimit(1, workers), 90, workers=workers, seed=capacity)
+    assert run.throughput(30, 90, S_PER_KCHAR) >= 0.9 * capacity
+    assert p95(run.latencies(30, 90)) <= 1.5 * S_PER_KCHAR  # alone: 1.19 x, one queued: ~1.2 + 1/C
+    assert not run.refusals

@@ -51,10 +51,16 @@ PROBE_WAIT_MAX_ROUNDS = 64
 LATENCY_BACKOFF_FLOOR = 0.5
 # 429, 503 and timeouts are the service saying it is full: halve, as TCP does on loss.
 OVERLOAD_BACKOFF = 0.5
-# The baseline is the lowest round mean seen in the last one to two windows (two buckets that
+# The baseline is the lowest (averaged) round mean seen in the last one to two windows (two buckets that
 # rotate): long enough that a busy spell does not lift it, short enough that a slower model after
 # a reload is learnt within two minutes rather than holding the limit at its floor for good.
 BASELINE_WINDOW_S = 60.0
+# The minimum is of a moving average of some ten rounds, not of single rounds: with a jittery
+# service (+-20% a document) the lowest of the hundreds of rounds in a window sits several
+# deviations below a typical one: every round then looks queued and the limit sinks to a fraction of
+# capacity. Only rounds within the grow margin feed the average (a queued round would lift it, and
+# the limit with it), except at the floor, where a slower service is what there is to learn.
+BASELINE_ROUNDS = 10
 # The round-trip time (smoothed latency) bounds decreases to one per RTT; before any success,
 # assume one second so a storm of 503s on a cold endpoint still counts once a second at most.
 DEFAULT_RTT_S = 1.0
@@ -63,7 +69,7 @@ RTT_GAIN = 0.2  # EWMA gain of the RTT: the last five or so requests dominate
 # Slots of the state, in order; a limit reads and writes state[offset + index].
 FIELDS = ("value", "min_previous", "min_current", "bucket_started", "round_latency", "round_kchars",
           "round_count", "round_peak", "changed_at", "decreased_at", "rtt", "logged", "ceiling",
-          "probe_wait", "good_rounds", "ratio_average", "noise")
+          "probe_wait", "good_rounds", "ratio_average", "noise", "smoothed", "rounds_seen")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 
 
@@ -86,7 +92,7 @@ class AdaptiveLimit:
     """
 
     value = _field("value")  # the limit, a whole number kept as a double
-    min_previous = _field("min_previous")  # lowest round mean (s per kchar) of the last bucket
+    min_previous = _field("min_previous")  # lowest average round mean (s per kchar), last bucket
     min_current = _field("min_current")  # ... of the bucket in progress
     bucket_started = _field("bucket_started")
     round_latency = _field("round_latency")  # sum of latencies in the round (s)
@@ -102,6 +108,8 @@ class AdaptiveLimit:
     good_rounds = _field("good_rounds")  # ... seen in a row so far
     ratio_average = _field("ratio_average")  # moving average of rounds' latency / baseline; 0 before
     noise = _field("noise")  # moving mean absolute deviation of a round's ratio from that average
+    smoothed = _field("smoothed")  # moving average of unloaded round means (s per kchar)
+    rounds_seen = _field("rounds_seen")  # rounds averaged into it, up to BASELINE_ROUNDS
 
     def __init__(self, min_limit: int, max_limit: int, state: MutableSequence[float] | None = None,
                  offset: int = 0) -> None:
@@ -130,7 +138,8 @@ class AdaptiveLimit:
 
     def baseline(self) -> float:
         """Seconds per kchar of an unloaded round lately; inf before the first round."""
-        return min(self.min_previous, self.min_current)
+        lowest = min(self.min_previous, self.min_current)
+        return self.smoothed if lowest == math.inf and self.rounds_seen else lowest  # young: the average
 
     def note_in_flight(self, in_flight: int) -> None:
         """A request was sent with `in_flight` in flight: only a limit in use may grow (an idle
@@ -174,7 +183,7 @@ class AdaptiveLimit:
     def _end_round(self, now: float) -> None:
         mean = self.round_latency / self.round_kchars
         saturated = self.round_peak >= self.limit
-        self._note_minimum(mean, now)
+        self._learn_baseline(mean, now)
         ratio = mean / self.baseline()
         self._clear_round()
         below_ceiling = self.value < self.ceiling
@@ -209,8 +218,22 @@ class AdaptiveLimit:
         self.good_rounds = 0
         self._move_to(self.value + 1, now)
 
+    def _learn_baseline(self, mean: float, now: float) -> None:
+        """Average the round means that look unloaded, and keep the lowest average of the window.
+
+        A round over the grow margin may be queueing, not the service's speed, unless the limit is at
+        its floor: then the service itself is slower (a reload, another tenant), and is learnt.
+        """
+        if mean > self.baseline() * self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES) \
+                and self.value > self.min_limit:
+            return
+        self.rounds_seen = min(self.rounds_seen + 1, float(BASELINE_ROUNDS))
+        self.smoothed += (mean - self.smoothed) / self.rounds_seen  # a plain average until it is full
+        if self.rounds_seen >= BASELINE_ROUNDS:  # a younger average is a few rounds' noise
+            self._note_minimum(self.smoothed, now)
+
     def _note_minimum(self, mean: float, now: float) -> None:
-        """Keep the lowest round mean of the current bucket, rotating buckets every window."""
+        """Keep the lowest average round mean of the current bucket, rotating buckets every window."""
         if now - self.bucket_started >= BASELINE_WINDOW_S:
             stale = now - self.bucket_started >= 2 * BASELINE_WINDOW_S
             self.min_previous = math.inf if stale else self.min_current
