@@ -16,6 +16,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-postgresql
+	scripts/ensure-prometheus
 	scripts/ensure-chromium
 	$(BIN)/python -m pytest -q
 
