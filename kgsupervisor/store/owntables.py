@@ -12,6 +12,7 @@ CONTROL_TABLE = "kg_supervisor_control"
 HOSTS_TABLE = "kg_supervisor_hosts"
 AUDIT_TABLE = "kg_supervisor_audit"
 WORKERS_TABLE = "kg_supervisor_workers"
+BUDGET_SPENDS_TABLE = "kg_supervisor_budget_spends"
 
 # One row per outcome of a claim (docs/history.md): the lease token is the claim's, so a claim
 # has at most one outcome recorded (a unique index), whoever records it.
@@ -75,13 +76,21 @@ WORKERS_COLUMNS: dict[str, str] = {
     "workers": "TEXT",                       # [{worker_id, pid, state, content_id, held_seconds, ...}]
     "_key": "UNIQUE (host, pid)",
 }
+# One row per request spent from a KG endpoint's rate budget by any host (queue.hostbudgets); rows
+# older than the window are deleted as spends go. Stamps are integer milliseconds of the database
+# server's clock, not REAL seconds: the window's edges are compared exactly.
+BUDGET_SPENDS_COLUMNS: dict[str, str] = {
+    "endpoint": "TEXT NOT NULL",
+    "spent_ms": "BIGINT NOT NULL",
+    "tokens": "INTEGER NOT NULL",            # estimated tokens of the document; the row is 1 request
+}
 OWN_TABLES: dict[str, dict[str, str]] = {
     ATTEMPTS_TABLE: ATTEMPT_COLUMNS, CONTROL_TABLE: CONTROL_COLUMNS, HOSTS_TABLE: HOST_COLUMNS,
-    AUDIT_TABLE: AUDIT_COLUMNS, WORKERS_TABLE: WORKERS_COLUMNS,
+    AUDIT_TABLE: AUDIT_COLUMNS, WORKERS_TABLE: WORKERS_COLUMNS, BUDGET_SPENDS_TABLE: BUDGET_SPENDS_COLUMNS,
 }
 # Tables init-db creates that the start check does not ask for: their writer creates them when
 # missing, so a database migrated by an older version keeps running without init-db.
-OPTIONAL_TABLES = {AUDIT_TABLE, WORKERS_TABLE}
+OPTIONAL_TABLES = {AUDIT_TABLE, WORKERS_TABLE, BUDGET_SPENDS_TABLE}
 OWN_INDEXES: dict[str, str] = {
     "idx_kga_claim": f"CREATE UNIQUE INDEX IF NOT EXISTS idx_kga_claim ON {ATTEMPTS_TABLE} (claim_key)",
     "idx_kga_queue": f"CREATE INDEX IF NOT EXISTS idx_kga_queue ON {ATTEMPTS_TABLE} (queue_id, id)",
