@@ -64,6 +64,16 @@ class Settings:
     service_token: str | None = _setting(None, "KG_SERVICE_TOKEN", "bearer token sent to the KG service (never logged)")
     service_token_file: str | None = _setting(None, "KG_SERVICE_TOKEN_FILE", "file holding the bearer token", _path)
     batch_size: int = _setting(5, "KG_BATCH_SIZE", "rows one claim takes at most", _between(1, 1000))
+    adaptive: bool = _setting(True, "KG_ADAPTIVE", "on: each KG endpoint gets an in-flight limit that follows "
+                              "its capacity (between KG_MIN_INFLIGHT and the worker count); off: every worker sends")
+    min_inflight: int = _setting(1, "KG_MIN_INFLIGHT", "the lowest in-flight limit of an endpoint (at most 256)",
+                                 _between(1, 256))
+    rate_limit_rpm: int = _setting(0, "KG_RATE_LIMIT_RPM", "requests per minute to each KG endpoint, all "
+                                   "workers together (on PostgreSQL all hosts); 0: no limit", _between(0, 10**9))
+    token_budget_tpm: int = _setting(0, "KG_TOKEN_BUDGET_TPM", "estimated tokens per minute to each KG endpoint, "
+                                     "shared as KG_RATE_LIMIT_RPM is; 0: no budget", _between(0, 10**12))
+    chars_per_token: float = _setting(4.0, "KG_CHARS_PER_TOKEN", "characters of text counted as one token "
+                                      "(at most 1000)", _positive_up_to(1000, "characters"))
     max_attempts: int = _setting(5, "KG_MAX_ATTEMPTS", "attempts before a document is marked failed", _between(1, 1000))
     lease_seconds: float = _setting(60.0, "KG_LEASE_SECONDS", "lease of a claim, renewed while in flight "
                                     "(at most 86400)", _positive_up_to(DAY, "1 day"))

@@ -30,6 +30,7 @@ class WorkerState(str, enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     PAUSED = "paused"  # circuit breaker open: the KG service is down
+    WAITING = "waiting"  # for a permit or room in the rate budget of a KG endpoint
     DISABLED = "disabled"  # KG_SERVICE_ENABLED=false
     STOPPING = "stopping"
 

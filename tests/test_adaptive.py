@@ -95,9 +95,11 @@ def test_a_slower_model_is_learnt_once_the_baseline_window_passes():
     assert run.throughput(150, 240, 0.2) >= 0.95 * CAPACITY
 
 
-def test_a_move_by_a_factor_of_two_is_reported_once():
+def test_a_move_by_more_than_a_factor_of_two_is_reported_once():
     limit = fresh()
     assert limit.factor_2_change() is None
+    limit.value = 2.0
+    assert limit.factor_2_change() is None  # exactly twice: not more than a factor of two
     limit.value = 3.0
     assert limit.factor_2_change() == (1, 3)
     assert limit.factor_2_change() is None

@@ -5,6 +5,7 @@ Requests are held in service by a service time of an hour per 1,000 characters a
 setting it to 0: the test reads the service's own counters while they are held."""
 from __future__ import annotations
 
+import json
 import re
 import signal
 import threading
@@ -235,6 +236,7 @@ def test_a_schedule_that_cannot_be_followed_is_refused_in_one_line(text, message
     (["--capacity", "2", "--capacity-schedule", "30:2,x"],
      "Error: Invalid value for '--capacity-schedule': 'x' is not SECONDS:CAPACITY"),
     (["--capacity", "2", "--overload", "500"], "Error: Invalid value for '--overload': '500' is not one of"),
+    (["--request-log", "requests.jsonl"], "Error: --request-log needs --capacity"),
 ])
 def test_dev_service_refuses_capacity_options_that_do_not_fit_in_one_line(args, message):
     result = CliRunner().invoke(main, ["dev-service", "--port", "0", *args])
@@ -260,3 +262,28 @@ def test_sigusr1_halves_the_capacity_of_the_dev_service_command_and_sigusr2_rest
     assert "capacity 4 -> 2 (SIGUSR1)" in log and "capacity 2 -> 1 (SIGUSR1)" in log
     assert requests.post(f"{url}/api/v1/ingest", json=document(1), timeout=10).status_code == 200
     assert service.stop(signal.SIGTERM) and service.returncode == 0
+
+
+def test_the_request_log_appends_a_line_per_ingest_served_or_refused(processes, tmp_path):
+    log = tmp_path / "requests.jsonl"
+    log.write_text('{"kept": "a line of an earlier run"}\n')
+    service = processes.kgsupervisor(["dev-service", "--port", "0", "--capacity", "1", "--queue-limit", "0",
+                                      "--service-time-per-kchar", "0.5", "--request-log", str(log)],
+                                     name="dev-service")
+    port = re.search(r"listening on http://127\.0\.0\.1:(\d+)", service.wait_for_log("listening on")).group(1)
+    url = f"http://127.0.0.1:{port}"
+    before = time.time()
+    first: list[requests.Response] = []
+    sender = threading.Thread(target=lambda: first.append(
+        requests.post(f"{url}/api/v1/ingest", json=document(1), timeout=30)))
+    sender.start()
+    wait_for(lambda: requests.get(f"{url}/health", timeout=5).json()["in_service"] == 1, message="one in service")
+    assert requests.post(f"{url}/api/v1/ingest", json=document(2, 500), timeout=10).status_code == 503
+    sender.join(30)
+    assert first[0].status_code == 200
+    assert service.stop(signal.SIGTERM) and service.returncode == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert lines[0] == {"kept": "a line of an earlier run"}  # appended to, never truncated
+    assert [(entry["status"], entry["chars"]) for entry in lines[1:]] == [(503, 500), (200, 1000)]
+    assert all(before <= entry["arrived"] <= entry["finished"] <= time.time() for entry in lines[1:])
+    assert lines[2]["finished"] - lines[2]["arrived"] >= 0.5  # its service time, 0.5 s per 1,000 characters

@@ -395,7 +395,7 @@ def test_a_term_to_the_whole_process_group_is_one_drain_every_document_in_flight
     seed(conn, 6)
     answers = threading.Event()  # documents in flight until the TERM is sent
     server = fault_server(held_until(answers))
-    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
+    proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1", "--adaptive", "off",
                                 "--status-addr", "off")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
     workers = worker_pids(proc)

@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 FAST = {"KG_RETRY_BACKOFF": "0.05", "KG_RETRY_BACKOFF_MAX": "0.2"}
 STATS_KEYS = {"total_workers", "manager_running", "manager_started_at", "workers_restarted",
               "last_health_check", "total_processed", "total_success", "total_failed",
-              "kg_service_enabled", "kg_service_status", "queue_size", "host", "database", "paused"}
+              "kg_service_enabled", "kg_service_status", "queue_size", "host", "database", "paused",
+              "kg_admission"}
 
 
 @pytest.fixture

@@ -366,7 +366,7 @@ def test_pause_stops_two_supervisors_sharing_a_postgresql_queue_within_one_poll_
     service = fault_server(behaviour)
     with closing(PGConnection(url)) as conn:
         queue_rows(conn, 12)
-    args = ("--workers", "2", "--batch-size", "1", "--poll-interval", "300")
+    args = ("--workers", "2", "--batch-size", "1", "--poll-interval", "300", "--adaptive", "off")
     hosts = [Host(processes, url, service.url, *args, name=name) for name in ("host-a", "host-b")]
     try:
         wait_for(lambda: len(service.requests) == 4, 30,

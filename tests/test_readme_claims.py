@@ -62,7 +62,7 @@ def test_the_next_run_releases_the_claims_of_a_sigkilled_tree_at_start_not_after
     server = fault_server(first_two_held)
     long_lease = {"KG_LEASE_SECONDS": "600"}
     first = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
-                        env=long_lease)
+                       "--adaptive", "off", env=long_lease)
     wait_for(lambda: len(server.requests) == 2, 30, message="two documents in flight")
     held = claims(conn)
     assert set(held) == {f"{HOST}:{pid}" for pid in first.workers()}, held
@@ -284,7 +284,7 @@ def test_a_late_answer_from_a_worker_whose_lease_was_taken_over_commits_nothing(
     server = fault_server(first_answer_late)
     # A short lease, and no hang kill: the stopped worker must live to get its answer.
     sup = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
-                      env={"KG_LEASE_SECONDS": "2", "KG_HANG_TIMEOUT": "600"})
+                     "--adaptive", "off", env={"KG_LEASE_SECONDS": "2", "KG_HANG_TIMEOUT": "600"})
     sup.wait_workers(2)
     wait_for(lambda: len(server.requests) == 1, 30, message="the document in flight")
     (owner,) = claims(conn)

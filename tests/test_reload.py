@@ -184,7 +184,8 @@ def test_on_reload_new_workers_start_before_the_old_ones_leave(conn, db_path, fa
         assert gate.wait(30), "the gate never opened"
 
     server = fault_server(held_until_the_gate_opens)
-    sup = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1")
+    sup = supervisor("--db", db_path, "--service-url", server.url, "--workers", "2", "--batch-size", "1",
+                     "--adaptive", "off")
     try:
         old = sup.wait_workers(2)
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")

@@ -71,7 +71,7 @@ def test_sigterm_with_a_short_drain_timeout_puts_in_flight_back_with_no_attempt(
     seed(conn, 2)
     server = fault_server(lambda payload, n: time.sleep(30))
     proc = processes.supervisor(db_path, server.url, "--workers", "2", "--batch-size", "1",
-                                "--drain-timeout", "1.5")
+                                "--adaptive", "off", "--drain-timeout", "1.5")
     wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
     err = proc.stop()
     assert proc.returncode == 0, err

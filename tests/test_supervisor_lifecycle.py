@@ -126,7 +126,7 @@ def test_ctrl_c_to_the_whole_process_group_drains_instead_of_killing_workers(con
     seed(conn, 4)
     answers = threading.Event()
     server = fault_server(held_until(answers))
-    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1")
+    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1", "--adaptive", "off")
     try:
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
         workers = worker_pids(proc)
@@ -154,7 +154,7 @@ def test_a_second_ctrl_c_stops_at_once_and_puts_in_flight_documents_back_uncharg
     seed(conn, 2)
     answers = threading.Event()  # never set while the supervisor runs: only a stop ends the drain
     server = fault_server(held_until(answers, timeout=120))
-    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1")
+    proc = launch(db_path, server.url, "--workers", "2", "--batch-size", "1", "--adaptive", "off")
     try:
         wait_for(lambda: len(server.requests) == 2, 20, message="two documents in flight")
         proc.signal_group(signal.SIGINT)

@@ -31,7 +31,7 @@ def forced_kill_section(db_path: str, url: str, tmp: pathlib.Path) -> str:
     section = program_section(db_path, url, tmp)
     section = re.sub(r"(?m)^stopwaitsecs=.*$", f"stopwaitsecs={STOPWAITSECS}", section)
     section = re.sub(r'KG_DRAIN_TIMEOUT="\d+"',
-                     'KG_DRAIN_TIMEOUT="60",KG_HANG_TIMEOUT="600",KG_BATCH_SIZE="1"', section)
+                     'KG_DRAIN_TIMEOUT="60",KG_HANG_TIMEOUT="600",KG_BATCH_SIZE="1",KG_ADAPTIVE="off"', section)
     assert f"stopwaitsecs={STOPWAITSECS}\n" in section and 'KG_HANG_TIMEOUT="600"' in section, section
     return section
 

@@ -16,6 +16,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 
 from pyrate_limiter import InMemoryBucket, Rate, RateItem
 from pyrate_limiter.buckets.mp_bucket import MultiprocessBucket
@@ -56,7 +57,8 @@ class RateBudgets:
 
     def __init__(self, budgets: Mapping[str, Budget], chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
                  window_s: float = WINDOW_S, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep, shared: bool = True) -> None:
+                 sleep: Callable[[float], None] = time.sleep, shared: bool = True,
+                 keeper_init: Callable[[], None] | None = None) -> None:
         ctx = multiprocessing.get_context("fork")
         self.chars_per_token = chars_per_token
         self.window_ms = round(window_s * 1000)
@@ -64,7 +66,12 @@ class RateBudgets:
         self._clock = clock
         self._sleep = sleep
         self._lock = ctx.Lock()
-        self._manager = ctx.Manager() if shared and any(b.limits() for b in budgets.values()) else None
+        self._manager = None
+        if shared and any(b.limits() for b in budgets.values()):
+            # The logs' keeper process; `keeper_init` runs first in it (the supervisor's: shed its
+            # descriptors, ignore its signals, die with it).
+            self._manager = SyncManager(ctx=ctx)
+            self._manager.start(keeper_init)
         self._limits = {e: b.limits() for e, b in budgets.items()}
         self._logs = {e: {kind: self._new_log(limit) for kind, limit in limits.items()}
                       for e, limits in self._limits.items()}
@@ -73,6 +80,12 @@ class RateBudgets:
         """Stop the manager process that keeps the shared logs."""
         if self._manager is not None:
             self._manager.shutdown()
+
+    @property
+    def keeper_alive(self) -> bool:
+        """The process keeping the shared logs is there (always, for a process's own logs)."""
+        process = getattr(self._manager, "_process", None)
+        return self._manager is None or (process is not None and process.is_alive())
 
     def tokens(self, chars: int) -> int:
         return estimated_tokens(chars, self.chars_per_token)
@@ -91,6 +104,12 @@ class RateBudgets:
         with self._lock:
             now_ms = self._now_ms()
             return max(self._free_at_ms(endpoint, chars, now_ms), now_ms) / 1000
+
+    def seconds_until_room(self, endpoint: str, chars: int) -> float:
+        """How long until the document would fit (0: it fits now), unless others spend first."""
+        with self._lock:
+            now_ms = self._now_ms()
+            return max(0, self._free_at_ms(endpoint, chars, now_ms) - now_ms) / 1000
 
     def wait_for(self, endpoint: str, chars: int, deadline: float) -> bool:
         """Spend as soon as the budget has room, asleep and holding nothing meanwhile; False as

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 log = logging.getLogger("kgsupervisor.devservice")
 
@@ -69,6 +70,8 @@ class CapacityModel:
         self._progress_at = self.started
         self._served = self._refused = self._chars_served = 0
         self._service_seconds = 0.0
+        self.request_log: TextIO | None = None  # see record()
+        self._log_lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
@@ -127,6 +130,17 @@ class CapacityModel:
                 self._changed.wait(min(LONGEST_WAIT_S, (target - self._progress) / self._rate()))
                 self._advance()
             self._chars_served += chars
+
+    def record(self, arrived: float, chars: int, status: int) -> None:
+        """One line of the request log (--request-log), when there is one: when the request came
+        and went (unix seconds), its characters and its answer's status; the benchmark's oracle."""
+        if self.request_log is None:
+            return
+        line = json.dumps({"arrived": round(arrived, 6), "finished": round(time.time(), 6),
+                           "chars": chars, "status": status})
+        with self._log_lock:
+            self.request_log.write(line + "\n")
+            self.request_log.flush()
 
     def snapshot(self) -> dict:
         """What /health adds: capacity, in service, waiting, and the work done so far."""

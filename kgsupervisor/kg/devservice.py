@@ -203,14 +203,18 @@ class DevServiceServer(ThreadingHTTPServer):
             raise processing_failure(NOT_INITIALIZED)
         if self.capacity is None:
             return self.extract_answer(request, time.monotonic()), {}
+        arrived, chars = time.time(), sum(len(chunk["text"]) for chunk in request["chunks"])
         try:
             with self.capacity.slot() as admitted:
                 started = time.monotonic()
-                self.capacity.process(sum(len(chunk["text"]) for chunk in request["chunks"]))
+                self.capacity.process(chars)
                 # The admission number lets a test see the FIFO order the service kept.
-                return self.extract_answer(request, started), {"X-Dev-Admission": str(admitted)}
+                answer = self.extract_answer(request, started), {"X-Dev-Admission": str(admitted)}
+            self.capacity.record(arrived, chars, 200)
+            return answer
         except QueueFull:
             status = self.capacity.overload
+            self.capacity.record(arrived, chars, status)
             raise http_error(status, OVERLOAD_ERRORS[status],
                              {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None) from None
 

@@ -8,12 +8,28 @@ from typing import Protocol
 
 from kgsupervisor.addresses import mask_urls
 from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
+from kgsupervisor.kg.admission import Admission, endpoint_key
 from kgsupervisor.kg.client import HealthVerdict
 from kgsupervisor.kg.endpoints import Endpoint, EndpointPool
+from kgsupervisor.kg.permits import Outcome, Overload, Success
 from kgsupervisor.kg.result import IngestResult
 
 # A document a not-yet-proven endpoint failed waits this long, so that others go first.
 UNPROVEN_FAILURE_HOLD_BACK = 2.0
+# The answers that say the service is full: they lower the endpoint's in-flight limit.
+OVERLOAD_STATUSES = {429: "429", 503: "503"}
+
+
+def load_signal(exc: BaseException | None, status: int | None, took: float, chars: int) -> Outcome:
+    """What one request says of the endpoint's load, for its adaptive limit: an answer's latency,
+    an overload (429, 503, no answer in time), or nothing (a fault of the document or the network)."""
+    if exc is None:
+        return Success(took, chars)
+    if status in OVERLOAD_STATUSES:
+        return Overload(OVERLOAD_STATUSES[status], took)
+    if isinstance(exc, ItemFailure) and not isinstance(exc, InvalidAnswer) and status is None:
+        return Overload("timeout", took)  # the only item failure without a status
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,41 +52,47 @@ class Dispatcher:
     """A worker's way to the KG service endpoints: failover, breakers, probes and latency."""
 
     def __init__(self, endpoints: EndpointPool, counters: LatencySink,
-                 log: logging.Logger | logging.LoggerAdapter) -> None:
+                 log: logging.Logger | logging.LoggerAdapter, admission: Admission | None = None) -> None:
         self.endpoints = endpoints
         self.counters = counters
         self.log = log
+        self.admission = admission
         self.last_exchange: Exchange | None = None  # of the last send, answered or not
 
-    def send(self, content_id: int, body: bytes, rowids: set[int]) -> tuple[IngestResult, float]:
+    def send(self, content_id: int, body: bytes, rowids: set[int], chars: int = 0) -> tuple[IngestResult, float]:
         """POST to the next healthy endpoint, and on that endpoint's outage to the next one.
 
         Returns the result and the request's seconds. Raises ServiceUnavailable once every
         healthy endpoint was down for this document (no attempt charged), or the item's own
-        failure (ItemFailure, InvalidAnswer, DocumentRejected).
+        failure (ItemFailure, InvalidAnswer, DocumentRejected). `chars`, the document's text,
+        goes with each request's outcome to the endpoint's adaptive limit.
         """
         tried: list[Endpoint] = []
         outage = ServiceUnavailable("every KG service endpoint is down")
         self.last_exchange = None
-        while (endpoint := self.endpoints.choose(exclude=tried)) is not None:
+        while (endpoint := self.next_endpoint(tried, chars)) is not None:
             tried.append(endpoint)
             sent, sent_at = time.monotonic(), time.time()
+            error: BaseException | None = None
             try:
                 # A blip is retried inline only where there is no other endpoint to go to.
                 result = endpoint.client.ingest(content_id, body, rowids,
                                                 retry_blips=not self.endpoints.has_another(tried))
-            except InvalidAnswer:
+            except InvalidAnswer as exc:
+                error = exc
                 self.observe(endpoint, sent, ok=False)
                 raise
             except ItemFailure as exc:
+                error = exc
                 self.observe(endpoint, sent, ok=False)
                 outage = self.blame(endpoint, exc)
                 if outage is None:
                     raise
             except ServiceUnavailable as exc:
+                error = outage = exc
                 self.observe(endpoint, sent, ok=False)
-                outage = exc
-            except DocumentRejected:
+            except DocumentRejected as exc:
+                error = exc
                 self.observe(endpoint, sent, ok=True)
                 raise
             else:
@@ -78,9 +100,28 @@ class Dispatcher:
                 return result, self.observe(endpoint, sent, ok=True)
             finally:
                 self.note_exchange(endpoint, sent_at)
+                self.note_load(endpoint, error, time.monotonic() - sent, chars)
             endpoint.answered_since_failure = False
             self.endpoint_down(endpoint, outage)
         raise outage
+
+    def next_endpoint(self, tried: list[Endpoint], chars: int) -> Endpoint | None:
+        """The next healthy endpoint to try: the one whose permit the worker took first; on a
+        failover, the next with a permit and budget room free now (the others are skipped)."""
+        while (endpoint := self.endpoints.choose(exclude=tried)) is not None:
+            if not tried or self.admission is None:
+                return endpoint
+            key = endpoint_key(endpoint.url)
+            if self.admission.try_take(key) and self.admission.spend(key, chars) == 0:
+                return endpoint
+            tried.append(endpoint)  # full or out of budget now: not this document's way out
+        return None
+
+    def note_load(self, endpoint: Endpoint, error: BaseException | None, took: float, chars: int) -> None:
+        """Tell the endpoint's adaptive limit what this request said of its load."""
+        if self.admission is not None:
+            self.admission.observe(endpoint_key(endpoint.url),
+                                   load_signal(error, endpoint.client.last_status, took, chars))
 
     def note_exchange(self, endpoint: Endpoint, sent_at: float) -> None:
         """Keep what the history records of the request just made to `endpoint`."""

@@ -97,6 +97,16 @@ class EndpointPool:
                 return endpoint
         return None
 
+    def rotation(self) -> list[Endpoint]:
+        """The endpoints with a closed breaker in the order choose() would give them."""
+        n = len(self.endpoints)
+        ordered = (self.endpoints[(self._next + i) % n] for i in range(n))
+        return [e for e in ordered if not e.breaker.is_open]
+
+    def prefer(self, endpoint: Endpoint) -> None:
+        """choose() gives `endpoint` next (the one the worker holds a permit of)."""
+        self._next = self.endpoints.index(endpoint)
+
     def has_another(self, exclude: list[Endpoint]) -> bool:
         """Is there a healthy endpoint not in `exclude`, to fail over to?"""
         return any(not e.breaker.is_open and e not in exclude for e in self.endpoints)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,9 +56,12 @@ class SharedAdaptiveLimits:
         self._waiting = ctx.RawArray("d", count * workers)  # 1 while the worker waits for one
         self._holder = ctx.RawArray("d", 1)  # the worker in the lock, for release_all_of
         self._holder[0] = NO_HOLDER
+        self._max = ctx.RawValue("d", max_limit)  # the worker count, moved by SIGTTIN/SIGTTOU
         self._lock = ctx.Lock()
         self.lock_stuck_s = LOCK_STUCK_S
-        self._wake = [ctx.Semaphore(0) for _ in self.endpoints]
+        # One wake-up semaphore for every endpoint: a worker waits for a permit of any of them.
+        self._wake = ctx.Semaphore(0)
+        self.min_limit = min_limit
         self._limits = [AdaptiveLimit(min_limit, max_limit, self._limit_state, i * len(FIELDS))
                         for i in range(count)]
         for limit in self._limits:
@@ -66,6 +69,10 @@ class SharedAdaptiveLimits:
 
     def limit(self, endpoint: str) -> int:
         return self._limits[self._index[endpoint]].limit
+
+    def limiting(self, endpoint: str) -> bool:
+        """Is the endpoint's limit below the maximum (the worker count)?"""
+        return self.limit(endpoint) < int(self._max.value)
 
     def in_use(self, endpoint: str) -> int:
         i = self._index[endpoint]
@@ -82,16 +89,45 @@ class SharedAdaptiveLimits:
 
     def acquire(self, endpoint: str, worker: int, timeout: float) -> bool:
         """Take a permit, waiting up to `timeout` seconds (asleep, holding nothing) for one."""
+        return self.acquire_any([endpoint], worker, timeout) is not None
+
+    def acquire_any(self, endpoints: Sequence[str], worker: int, timeout: float,
+                    give_up: Callable[[], bool] = lambda: False) -> str | None:
+        """A permit for the first of `endpoints` with one free, waiting up to `timeout` seconds
+        (asleep, holding nothing) for one; None at the timeout or once `give_up()` says so."""
         deadline = time.monotonic() + timeout
-        cell = self._cell(endpoint, worker)
+        cells = [self._cell(endpoint, worker) for endpoint in endpoints]
         while True:
             with self._locked(worker):
-                taken = self._take(endpoint, worker)
+                taken = next((e for e in endpoints if self._take(e, worker)), None)
                 remaining = deadline - time.monotonic()
-                self._waiting[cell] = 0.0 if taken or remaining <= 0 else 1.0
-            if taken or remaining <= 0:
+                done = taken is not None or remaining <= 0 or give_up()
+                for cell in cells:
+                    self._waiting[cell] = 0.0 if done else 1.0
+            if done:
                 return taken
-            self._wake[self._index[endpoint]].acquire(timeout=min(remaining, WAKE_BOUND_S))
+            self._wake.acquire(timeout=min(remaining, WAKE_BOUND_S))
+
+    def observe(self, endpoint: str, worker: int, outcome: Outcome, now: float | None = None) -> None:
+        """What became of one request sent under a permit still held (a batch sends several)."""
+        now = time.monotonic() if now is None else now
+        with self._locked(worker):
+            self._learn(endpoint, outcome, now)
+            self._wake_waiters(endpoint)
+
+    def set_max(self, max_limit: int) -> None:
+        """The worker count changed: no endpoint's limit goes above it (nor below the floor)."""
+        with self._locked(NO_HOLDER):
+            self._max.value = max(max_limit, self.min_limit)
+            self._sync_max()
+            for limit in self._limits:
+                limit.value = min(limit.value, self._max.value)
+
+    def describe(self, endpoint: str) -> dict[str, int]:
+        """The endpoint's limit, permits in use and waiting workers, for status and metrics."""
+        with self._locked(NO_HOLDER):
+            return {"limit": self.limit(endpoint), "in_use": self.in_use(endpoint),
+                    "waiting": self.waiting(endpoint)}
 
     def release(self, endpoint: str, worker: int, outcome: Outcome = None, now: float | None = None) -> None:
         """Give a permit back, with what became of its request; wakes waiters it makes room for."""
@@ -101,12 +137,16 @@ class SharedAdaptiveLimits:
             if self._held[cell] < 1:
                 raise ValueError(f"worker {worker} holds no permit for {endpoint}")
             self._held[cell] -= 1
-            limit = self._limits[self._index[endpoint]]
-            if isinstance(outcome, Success):
-                limit.on_success(outcome.latency_s, outcome.chars, now)
-            elif isinstance(outcome, Overload):
-                limit.on_overload(outcome.kind, now, outcome.latency_s)
+            self._learn(endpoint, outcome, now)
             self._wake_waiters(endpoint)
+
+    def _learn(self, endpoint: str, outcome: Outcome, now: float) -> None:
+        """Under the lock: move the endpoint's limit by one request's outcome."""
+        limit = self._limits[self._index[endpoint]]
+        if isinstance(outcome, Success):
+            limit.on_success(outcome.latency_s, outcome.chars, now)
+        elif isinstance(outcome, Overload):
+            limit.on_overload(outcome.kind, now, outcome.latency_s)
 
     def release_all_of(self, worker: int) -> int:
         """Hand back every permit of a worker that is gone; returns how many it held."""
@@ -120,9 +160,14 @@ class SharedAdaptiveLimits:
             return freed
 
     def factor_2_change(self, endpoint: str) -> tuple[int, int] | None:
-        """(limit last reported, limit now) when the limit moved by a factor of 2 since; for the log."""
+        """(limit last reported, limit now) when the limit moved by more than a factor of 2 since; for the log."""
         with self._locked(NO_HOLDER):
             return self._limits[self._index[endpoint]].factor_2_change()
+
+    def _sync_max(self) -> None:
+        """Under the lock: this process's limits take the shared maximum (set in another process)."""
+        for limit in self._limits:
+            limit.max_limit = int(self._max.value)
 
     def _cell(self, endpoint: str, worker: int) -> int:
         if not 0 <= worker < self.workers:
@@ -143,7 +188,7 @@ class SharedAdaptiveLimits:
         """Under the lock: one wake-up per free permit, up to the number of waiters."""
         free = self.limit(endpoint) - self.in_use(endpoint)
         for _ in range(max(0, min(free, self.waiting(endpoint)))):
-            self._wake[self._index[endpoint]].release()
+            self._wake.release()
 
     @contextmanager
     def _locked(self, worker: int, dead: bool = False) -> Iterator[None]:
@@ -152,6 +197,7 @@ class SharedAdaptiveLimits:
         if not self._lock.acquire(timeout=self.lock_stuck_s if dead else None) and self._holder[0] != worker:
             self._lock.acquire()
         self._holder[0] = float(worker)
+        self._sync_max()
         try:
             yield
         finally:

@@ -5,7 +5,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -108,14 +108,19 @@ def setup_logging(settings: config.Settings) -> None:
               help="With --capacity: admit every ingest, all slowing as more than the capacity are in.")
 @click.option("--capacity-schedule", metavar="S:C,...",
               help="With --capacity: at S seconds set the capacity to C, e.g. 30:2,60:4.")
+@click.option("--request-log", type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --capacity: append one JSON line per ingest (arrived, finished, chars, status).")
 def dev_service(host: str, port: int, latency: float, fail_rate: float, token: str | None,
-                health: str, not_initialized: bool, **capacity: Any) -> None:
+                health: str, not_initialized: bool, request_log: str | None, **capacity: Any) -> None:
     """A reference KG service (CONTRACT §3) with deterministic extraction, for demos and tests.
     With --capacity it serves like a GPU box; SIGUSR1 halves the capacity, SIGUSR2 restores it."""
     def ready(bound: int) -> None:
         click.echo(f"dev-service listening on http://{logs.host_port(host, bound)}", err=True)
     model = capacity_model(**capacity)
-    if model is not None:
+    if request_log is not None and model is None:
+        raise click.UsageError("--request-log needs --capacity")
+    if request_log is not None:
+        model.request_log = open_request_log(request_log)
         logs.setup("text", secrets=[token] if token else ())  # for its log line at each capacity change
     from kgsupervisor.kg import devservice
     try:
@@ -123,6 +128,14 @@ def dev_service(host: str, port: int, latency: float, fail_rate: float, token: s
                          health=health, not_initialized=not_initialized, capacity=model)
     except OSError as exc:
         raise KGSupervisorError(f"cannot listen on {logs.host_port(host, port)}: {exc.strerror}") from None
+
+
+def open_request_log(path: str) -> TextIO:
+    """The dev service's request log, appended to (never truncated), a line at a time."""
+    try:
+        return open(path, "a", buffering=1, encoding="utf-8")
+    except OSError as exc:
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="'--request-log'") from None
 
 
 def capacity_model(capacity: int | None, queue_limit: int | None, service_time_per_kchar: float | None,

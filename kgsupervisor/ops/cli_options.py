@@ -33,6 +33,8 @@ def settings_options(f: Callable) -> Callable:
         click.option("--poll-interval", type=float, help="Seconds an idle worker waits, at most 3600 [KG_POLL_INTERVAL]."),
         click.option("--batch-size", type=int, help="Rows one claim takes at most [KG_BATCH_SIZE]."),
         click.option("--max-attempts", type=int, help="Attempts before a document fails [KG_MAX_ATTEMPTS]."),
+        click.option("--adaptive", type=click.Choice(["on", "off"]),
+                     help="Match each KG endpoint's in-flight limit to its capacity, or not [KG_ADAPTIVE]."),
         click.option("--log-format", type=click.Choice(["text", "json"]), help="Log lines as text or JSON [KG_LOG_FORMAT]."),
         click.option("--log-file", metavar="FILE", help="Log to FILE, reopened on SIGUSR1 [KG_LOG_FILE]."),
     ]

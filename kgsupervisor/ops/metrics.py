@@ -52,6 +52,7 @@ class SnapshotCollector:
         yield GaugeMetricFamily("kgsupervisor_kg_consecutive_failures", "Consecutive KG service failures",
                                 value=kg.get("consecutive_failures") or 0)
         yield from self._endpoints(kg.get("endpoints") or [])
+        yield from self._admission(stats.get("kg_admission") or [])
         latency = extra.get("kg_request_latency") or {}
         yield HistogramMetricFamily("kgsupervisor_kg_request_duration_seconds", "KG ingest request latency",
                                     buckets=[tuple(b) for b in latency.get("buckets", [("+Inf", 0)])],
@@ -73,6 +74,26 @@ class SnapshotCollector:
             requests.add_metric([e["url"]], count_value=e.get("requests") or 0,
                                 sum_value=e.get("latency_seconds_total") or 0.0)
         yield from (up, failing, failures, requests)
+
+    def _admission(self, endpoints: list[dict]) -> Iterator[Metric]:
+        """The adaptive in-flight limits and rate budgets of the endpoints (kg.admission)."""
+        gauges = {key: GaugeMetricFamily(f"kgsupervisor_kg_endpoint_{name}", doc, labels=["url"]) for key, name, doc in (
+            ("limit", "inflight_limit", "Requests this supervisor's workers may have in flight to this "
+                                        "endpoint now (its adaptive limit)"),
+            ("in_use", "permits_in_use", "Permits of this endpoint's in-flight limit held by workers"),
+            ("waiting", "permits_waiting", "Workers waiting for a permit of this endpoint"))}
+        used = GaugeMetricFamily("kgsupervisor_kg_endpoint_budget_used", "Spent from this endpoint's rate "
+                                 "budget in the last 60 s (kind: requests or estimated tokens)", labels=["url", "kind"])
+        allowed = GaugeMetricFamily("kgsupervisor_kg_endpoint_budget_limit", "This endpoint's rate budget "
+                                    "per 60 s (kind: requests or estimated tokens)", labels=["url", "kind"])
+        for e in endpoints:
+            for key, gauge in gauges.items():
+                if key in e:
+                    gauge.add_metric([e["url"]], e[key])
+            for kind, use in (e.get("budget") or {}).items():
+                used.add_metric([e["url"], kind], use["used"])
+                allowed.add_metric([e["url"], kind], use["limit"])
+        yield from (*gauges.values(), used, allowed)
 
     def _workers(self, stats: dict, details: list[dict]) -> Iterator[Metric]:
         yield GaugeMetricFamily("kgsupervisor_workers", "Worker slots", value=stats.get("total_workers", 0))

@@ -86,6 +86,21 @@ def endpoint_lines(kg: dict[str, Any]) -> list[str]:
             for e in endpoints]
 
 
+def admission_lines(stats: dict[str, Any]) -> list[str]:
+    """Per endpoint: its in-flight limit, permits in use, waiting workers, and budget use."""
+    lines = []
+    for e in stats.get("kg_admission") or []:
+        parts = []
+        if "limit" in e:
+            parts.append(f"in-flight limit {e['limit']}, {e['in_use']} in use, {e['waiting']} worker(s) waiting")
+        budget = e.get("budget")
+        if "budget" in e:
+            parts.append("budget unreadable" if budget is None else "; ".join(
+                f"{use['used']}/{use['limit']} {kind} in the last minute" for kind, use in budget.items()))
+        lines.append(f"  sending to {e['url']}: " + ("; ".join(parts) or "no limit"))
+    return lines
+
+
 def pause_lines(stats: dict[str, Any]) -> list[str]:
     """The operator's pause, when there is one, on a line of its own."""
     paused = stats.get("paused")
@@ -109,7 +124,7 @@ def status_view(snapshot: dict[str, Any], meter: RateMeter) -> Group:
                    f"KG service {kg.get('url')}: {service}    restarts (HUP): {stats.get('workers_restarted', 0)}")
     return Group(ProgressBar(total=max(total, 1), completed=done, width=60), Text(line),
                  *(Text(p, style="bold yellow") for p in pause_lines(stats)), summary,
-                 *(Text(e) for e in endpoint_lines(kg)), worker_table(health))
+                 *(Text(e) for e in endpoint_lines(kg) + admission_lines(stats)), worker_table(health))
 
 
 KNOWN_STATUSES = ("pending", "processing", "completed", "failed", "skipped")
@@ -140,6 +155,7 @@ def status_text(snapshot: dict[str, Any]) -> str:
         f"KG service {kg.get('url')}: enabled={kg.get('enabled')} healthy={kg.get('is_healthy')} "
         f"consecutive_failures={kg.get('consecutive_failures')} last_check={kg.get('last_health_check')}",
         *endpoint_lines(kg),
+        *admission_lines(stats),
     ]
     for d in health.get("worker_details", []):
         s = d.get("stats") or {}

@@ -58,7 +58,7 @@ class Reporter:
                           workers_restarted=snapshot.workers_restarted,
                           last_health_check=snapshot.taken_at, url=snapshot.service_url,
                           enabled=snapshot.service_enabled, queue_size=dict(snapshot.queue_size))
-        stats.update(whereabouts(snapshot), **pause_view(snapshot))
+        stats.update(whereabouts(snapshot), **pause_view(snapshot), kg_admission=list(snapshot.admission))
         self.latest = {"stats": stats, "health": health, "extra": extra(snapshot, health["worker_details"])}
         self.notify_systemd(snapshot, health, stats)
         self.show_progress(stats)

@@ -17,11 +17,16 @@ from kgsupervisor.worker.stats import iso_now
 log = logging.getLogger("kgsupervisor.manager")
 
 
-def _manager_process_init(parent_pid: int, close_fds: list[int]) -> None:
-    """Runs in the Manager's server process: survive Ctrl-C, never outlive the supervisor."""
-    become_helper_child("kgs-stats", parent_pid, close_fds)
+def _manager_process_init(parent_pid: int, close_fds: list[int], name: str = "kgs-stats") -> None:
+    """Runs in a Manager's server process: survive Ctrl-C, never outlive the supervisor."""
+    become_helper_child(name, parent_pid, close_fds)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the supervisor shuts it down by its pipe
     threading.Thread(target=exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def manager_process_init(name: str, parent_pid: int, close_fds: list[int]) -> Callable[[], None]:
+    """The start of another Manager process of the supervisor's (the rate budgets' keeper)."""
+    return lambda: _manager_process_init(parent_pid, close_fds, name)
 
 
 class StatsManager:

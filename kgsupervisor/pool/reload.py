@@ -14,7 +14,9 @@ from kgsupervisor.store.backend import check_writable, describe
 log = logging.getLogger("kgsupervisor.supervisor")
 
 # Settings read once at start: a reload that changes them says they wait for a restart.
-START_ONLY = ("status_addr", "pidfile", "log_format", "log_file")
+START_ONLY = ("status_addr", "pidfile", "log_format", "log_file",
+              # The shared limits and budgets are made once, before the first fork.
+              "adaptive", "min_inflight", "rate_limit_rpm", "token_budget_tpm", "chars_per_token")
 
 
 def check_startable(settings: Settings) -> None:
@@ -62,3 +64,8 @@ def warn_start_only(running: Settings, reloaded: Settings) -> None:
     waiting = [name for name in START_ONLY if getattr(reloaded, name) != getattr(running, name)]
     if waiting:
         log.warning("reload: %s changed; taking effect at the next start", ", ".join(waiting))
+    limited = running.adaptive or running.rate_limit_rpm or running.token_budget_tpm
+    added = set(reloaded.service_urls()) - set(running.service_urls())
+    if limited and added:
+        log.warning("reload: %d new KG endpoint(s); until the next start they get no in-flight limit "
+                    "and no rate budget (those are made at start)", len(added))

@@ -64,6 +64,7 @@ class WorkerProcess:
     rss_bytes: int = 0
     cpu_percent: float = 0.0
     stack: str | None = None         # where it was stuck, captured before a hang kill
+    permit_cell: int | None = None   # its cell of the shared admission control, if any
 
     @property
     def pid(self) -> int:

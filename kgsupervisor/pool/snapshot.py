@@ -38,6 +38,7 @@ class PoolSnapshot:
     totals: Mapping[str, float]  # counters summed over every process that ran in any slot
     queue_size: Mapping[str, int]
     paused: Pause | None = None  # the operator's pause (`kgsupervisor pause`), read with the counts
+    admission: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()  # per endpoint (kg.admission)
 
     @property
     def running(self) -> bool:

@@ -15,6 +15,7 @@ from kgsupervisor import logs
 from kgsupervisor.config import Settings, require_db
 from kgsupervisor.errors import KGSupervisorError
 from kgsupervisor.lifeline import parent_gone
+from kgsupervisor.pool.admission import PoolAdmission
 from kgsupervisor.pool.manager import StatsManager
 from kgsupervisor.pool.ports import Reporter, StatsStore, StatusServer
 from kgsupervisor.pool.pruning import HistoryPruner
@@ -70,6 +71,7 @@ class Supervisor:
         self.pool = WorkerPool(settings, launch or self.fork_worker, self.releaser)
         self.queue_counter = QueueCounter(self.db_path)
         self.wakeups = Wakeups()
+        self.admission: PoolAdmission | None = None  # made in prepare(), before any fork
 
     # -- start and stop ----------------------------------------------------------------------
 
@@ -91,10 +93,15 @@ class Supervisor:
         self.releaser.release_orphans()
         if self.status is not None:
             self.extra_close_fds.append(self.status.bind())
+        self.admission = self.pool.cells = PoolAdmission.start(self.settings, self.pid, self.extra_close_fds)
         if self.stats is None:
             self.stats = StatsManager(self.ctx, close_fds=self.extra_close_fds)
         self.wakeups.install()
         self.reporter.start()
+
+    def sync_inflight_max(self) -> None:
+        if self.admission is not None:
+            self.admission.set_max(self.pool.num_workers)
 
     def start(self, now: float) -> None:
         """Fork the status process and the workers; the pool runs."""
@@ -136,6 +143,8 @@ class Supervisor:
         self.reporter.finish()
         if self.stats is not None:
             self.stats.shutdown()
+        if self.admission is not None:
+            self.admission.close()
         self.wakeups.uninstall()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -165,6 +174,8 @@ class Supervisor:
         elif self.state is SupervisorState.STOPPING:
             self.check_drain(now)
         self.watch_status_process()
+        if self.admission is not None:
+            self.admission.watch(self.settings, self.state is SupervisorState.RUNNING, self.pool.retire_all)
         self.refresh_registry(now)
         self.pruner.prune_if_due(self.settings.history_days, now)
         if self.reporter.wants_snapshot(now):
@@ -187,7 +198,8 @@ class Supervisor:
             workers=describe_slots(self.pool.slots, self.pool.num_workers, self.stats.snapshot(),
                                    time.time()),
             totals=sum_counts(self.pool.slots.values()), queue_size=self.queue_counter.counts(now),
-            paused=self.queue_counter.paused)  # after the counts: read with them
+            paused=self.queue_counter.paused,  # after the counts: read with them
+            admission=self.admission.describe() if self.admission is not None else [])
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -216,6 +228,7 @@ class Supervisor:
             log.error("reload refused, keeping the running configuration and workers: %s", exc)
         else:
             self.pool.num_workers = worker_count(self.settings, settings, self.pool.num_workers)
+            self.sync_inflight_max()
             warn_start_only(self.settings, settings)
             self.settings = self.pool.settings = settings
             self.workers_restarted += 1
@@ -228,11 +241,13 @@ class Supervisor:
     def handle_ttin(self, now: float) -> None:
         """SIGTTIN: one worker more."""
         self.pool.num_workers += 1
+        self.sync_inflight_max()
         log.info("SIGTTIN: now %d worker(s)", self.pool.num_workers)
 
     def handle_ttou(self, now: float) -> None:
         """SIGTTOU: one worker fewer (never below one)."""
         self.pool.num_workers = max(1, self.pool.num_workers - 1)
+        self.sync_inflight_max()
         log.info("SIGTTOU: now %d worker(s)", self.pool.num_workers)
 
     def handle_usr1(self, now: float) -> None:
@@ -250,13 +265,14 @@ class Supervisor:
     def fork_worker(self, worker_id: int, max_documents: int | None, now: float) -> WorkerProcess:
         """The real launch: fork a worker process (see worker.main)."""
         counters = SharedCounters()
+        cell = self.pool.cells.allocate() if self.pool.cells is not None else None
         process = self.ctx.Process(
             target=worker_main, name=f"kgsupervisor-worker-{worker_id}", daemon=False,
             args=(self.settings, worker_id, self.stats.map, counters, self.pid, max_documents,
-                  self.child_fds()))
+                  self.child_fds(), self.admission.control if self.admission else None, cell))
         with signals_held():
             process.start()
-        return WorkerProcess(process, counters, owner_name(process.pid), started_mono=now)
+        return WorkerProcess(process, counters, owner_name(process.pid), started_mono=now, permit_cell=cell)
 
     def on_manager_restart(self) -> None:
         """The stats Manager was recreated: restart workers so they publish into the new one."""

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from kgsupervisor.config import Settings
+from kgsupervisor.pool.admission import PoolAdmission
 from kgsupervisor.pool.releases import ClaimReleaser
 from kgsupervisor.pool.slots import WorkerProcess, WorkerSlot, describe_exit, exit_level
 from kgsupervisor.pool.stacks import CAPTURE_TIMEOUT
@@ -30,6 +31,7 @@ class WorkerPool:
         self.releaser = releaser
         self.num_workers = settings.num_workers
         self.slots: dict[int, WorkerSlot] = {}
+        self.cells: PoolAdmission | None = None  # set by the supervisor when its workers share permits
 
     def processes(self) -> list[WorkerProcess]:
         """Every worker process of every slot, current and retiring."""
@@ -101,6 +103,8 @@ class WorkerPool:
         self.releaser.release_gone_worker(worker.owner, worker.pid, charged, cause,
                                           self.settings.poison_after, worker=slot.worker_id,
                                           stack=worker.stack)
+        if self.cells is not None:  # its permits: a worker killed holding one would keep it for good
+            self.cells.free(worker.permit_cell)
         was_current = worker is slot.current
         slot.exited(worker, cause)
         backoff = ""

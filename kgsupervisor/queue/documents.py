@@ -97,3 +97,11 @@ def build_payload(conn: sqlite3.Connection, content_id: int) -> tuple[dict[str, 
         "chunks": chunks, "metadata": _metadata(metadata, tags, notes),
     }
     return payload, notes
+
+
+def document_chars(conn: Any, content_id: int) -> int:
+    """Characters of a document's chunk text, counted in SQL: what a rate budget is charged for
+    it before the worker reads it."""
+    row = conn.execute("SELECT COALESCE(SUM(LENGTH(chunk_text)), 0) FROM content_chunks WHERE content_id = ?",
+                       (content_id,)).fetchone()
+    return int(row[0] or 0)

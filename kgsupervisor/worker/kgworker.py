@@ -14,6 +14,7 @@ from typing import Any
 
 from kgsupervisor import logs
 from kgsupervisor.config import Settings, require_db
+from kgsupervisor.kg.admission import AdmissionControl
 from kgsupervisor.kg.dispatch import Dispatcher
 from kgsupervisor.kg.endpoints import EndpointPool
 from kgsupervisor.queue.leased import Claim
@@ -21,6 +22,8 @@ from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import WorkerState
 from kgsupervisor.store.backend import describe
 from kgsupervisor.store.faults import is_database_fault
+from kgsupervisor.worker.admitted import AdmittedSending
+from kgsupervisor.worker.admitting import admission_control
 from kgsupervisor.worker.counters import Progress, SharedCounters
 from kgsupervisor.worker.database import WorkerDatabase
 from kgsupervisor.worker.document import DocumentProcessor
@@ -44,14 +47,18 @@ def owner_name(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
-class KGWorker:
+class KGWorker(AdmittedSending):
     """One worker. `__init__` runs before a fork and opens nothing; `init_process()` after it."""
 
     def __init__(self, settings: Settings, worker_id: int = 0,
                  stats_map: MutableMapping[Any, Any] | None = None,
                  counters: SharedCounters | None = None, parent_pid: int | None = None,
-                 max_documents: int | None = None) -> None:
+                 max_documents: int | None = None, admission: AdmissionControl | None = None,
+                 permit_cell: int = 0) -> None:
         self.settings = settings
+        self.admission_control = admission  # shared with the other workers (see kg.admission)
+        self.permit_cell = permit_cell
+        self.expected_chars = 0  # the last document's size: what the next claim is sized by
         self.db_path = require_db(settings)
         self.worker_id = worker_id
         self.parent_pid = parent_pid
@@ -78,7 +85,9 @@ class KGWorker:
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
         for endpoint in self.endpoints.endpoints:  # a request waits on its deadline: not hung
             endpoint.client.waiting = self.progress.parked
-        self.dispatch = Dispatcher(self.endpoints, self.stats.counters, self.log)
+        control = self.admission_control
+        self.admission = control.for_worker(self.permit_cell, lambda: not self.alive) if control else None
+        self.dispatch = Dispatcher(self.endpoints, self.stats.counters, self.log, self.admission)
         self.documents = DocumentProcessor(s, self.db, self.dispatch, self.stats, self.log,
                                            busy=lambda: self.set_state(WorkerState.BUSY),
                                            progress=self.progress)
@@ -210,12 +219,21 @@ class KGWorker:
             return 0.0
         # While the service is only on trial (a half-open breaker), one document finds out.
         limit = 1 if self.endpoints.trial_only else self.settings.batch_size
-        claims = self.db.retrying(lambda q: q.claim(
-            self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
-        if not claims:
-            self.set_state(WorkerState.IDLE)
-            return self.settings.poll_interval
-        self.process_batch(claims)
+        if self.admission is not None:
+            limit = self.admit_batch(limit)
+            if not limit:  # it waited for a permit or for budget, holding nothing: look again
+                return 0.0
+            now = time.time()  # it may have waited for its permit: the claim and its lease start now
+        try:
+            claims = self.db.retrying(lambda q: q.claim(
+                self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
+            if not claims:
+                self.set_state(WorkerState.IDLE)
+                return self.settings.poll_interval
+            self.process_batch(claims)
+        finally:
+            if self.admission is not None:
+                self.admission.give_back()
         # A full batch means there is probably more: claim again at once (the upstream slept).
         return 0.0 if len(claims) == limit else self.settings.poll_interval
 
@@ -240,9 +258,17 @@ class KGWorker:
                     self.documents.write_answered(answered)
                     self.documents.release_unstarted(claims[i:], stopping=not self.alive)
                     break
+                if self.budgeted(claim) and not self.spend_budget(claim):
+                    if not self.alive:  # stopped while waiting for budget: this one was not sent
+                        self.documents.write_answered(answered)
+                        self.documents.release_unstarted(claims[i:], stopping=True)
+                        break
+                    continue  # failed: it can never fit the budget
                 # A row with a problem has no usable content_id: it is failed with no document held.
                 with self.holding(None if claim.problem else claim.content_id):
                     self.process_document(claim, answered)
+            if self.admission is not None:  # nothing more to send: others may, while this one writes
+                self.admission.give_back()
             self.documents.write_answered(answered)
         finally:
             if answered:
@@ -320,7 +346,8 @@ class KGWorker:
 def run_worker(settings: Settings, worker_id: int = 0, once: bool = False,
                stats_map: MutableMapping[Any, Any] | None = None) -> int:
     """Build, initialise and run one worker in this process (the `worker` command)."""
-    worker = KGWorker(settings, worker_id, stats_map)
+    # Alone, a worker has no in-flight limit to share; a rate budget it keeps (on PostgreSQL, with every host).
+    worker = KGWorker(settings, worker_id, stats_map, admission=admission_control(settings, 1, shared=False))
     worker.init_process()
     worker.install_signal_handlers()
     return worker.run(once=once)

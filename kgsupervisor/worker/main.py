@@ -13,6 +13,7 @@ from typing import IO, Any
 from kgsupervisor import logs
 from kgsupervisor.config import Settings
 from kgsupervisor.errors import ConfigError, DatabaseError
+from kgsupervisor.kg.admission import AdmissionControl
 from kgsupervisor.lifeline import close_fds
 from kgsupervisor.masking import secrets_of
 from kgsupervisor.procname import set_process_name
@@ -43,13 +44,15 @@ def signals_held() -> Iterator[None]:
 
 
 def worker_main(settings: Settings, worker_id: int, stats_map: Any, counters: SharedCounters,
-                parent_pid: int, max_documents: int | None, fds: list[int]) -> None:
+                parent_pid: int, max_documents: int | None, fds: list[int],
+                admission: AdmissionControl | None = None, permit_cell: int | None = None) -> None:
     """Entry point of a forked worker: shed the parent's handles, then run the worker loop."""
     signal.set_wakeup_fd(-1)
     set_process_name(f"kgs-worker-{worker_id}")
     logs.mask_secrets(secrets_of(settings))  # a reload may have brought a new token
     close_fds(fds)
-    worker = KGWorker(settings, worker_id, stats_map, counters, parent_pid, max_documents)
+    worker = KGWorker(settings, worker_id, stats_map, counters, parent_pid, max_documents,
+                      admission if permit_cell is not None else None, permit_cell or 0)
     worker.install_supervised_signal_handlers()
     register_stack_dump()
     # Held since the fork (see signals_held): a SIGTERM sent meanwhile reaches the worker now.

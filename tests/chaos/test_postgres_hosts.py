@@ -103,7 +103,7 @@ def test_two_hosts_one_killed_whole_the_other_completes_everything(pg_backend, s
         return "reset"  # nobody is left to read an answer
 
     a_service = FaultServer(answers_until_held, journal=reference_service.journal)
-    a = Supervisor(url, a_service.url, "--workers", "2", env=lease, log_path=str(tmp_path / "host-a.log"))
+    a = Supervisor(url, a_service.url, "--workers", "2", "--adaptive", "off", env=lease, log_path=str(tmp_path / "host-a.log"))
     b = Supervisor(url, reference_service.url, "--workers", "2", env=lease, log_path=str(tmp_path / "host-b.log"))
     recovered: list[float] = []
     try:

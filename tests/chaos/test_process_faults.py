@@ -521,7 +521,7 @@ def test_sigterm_while_documents_in_flight(conn, db_path, soak):
     answers = threading.Event()  # the answers come once the drain is under way
 
     server = FaultServer(held_until(answers))
-    sup = Supervisor(db_path, server.url, "--workers", "2")
+    sup = Supervisor(db_path, server.url, "--workers", "2", "--adaptive", "off")  # both send at once
     try:
         sup.wait_ready()
         flights = wait_for(lambda: (f := in_flight(conn)) and len(f) == 2 and f, 15,
@@ -599,7 +599,7 @@ def test_drain_timeout_shorter_than_requests(conn, db_path, soak):
 
     drain = 1.0
     server = FaultServer(held_until(answers, timeout=120))
-    sup = Supervisor(db_path, server.url, "--workers", "2", "--drain-timeout", f"{drain:g}")
+    sup = Supervisor(db_path, server.url, "--workers", "2", "--adaptive", "off", "--drain-timeout", f"{drain:g}")
     try:
         sup.wait_ready()
         flights = wait_for(lambda: (f := in_flight(conn)) and len(f) == 2 and f, 15,

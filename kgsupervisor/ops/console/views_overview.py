@@ -119,12 +119,29 @@ def endpoint_rows(snapshot: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The KG endpoints: up or down, breaker state, requests, failures, mean latency."""
     if snapshot is None:
         return []
-    kg = (snapshot.get("stats") or {}).get("kg_service_status") or {}
+    stats = snapshot.get("stats") or {}
+    kg = stats.get("kg_service_status") or {}
     breakers = breaker_states((snapshot.get("health") or {}).get("worker_details") or [])
+    admission = {a.get("url"): a for a in stats.get("kg_admission") or []}
     return [{"url": e.get("url"), "healthy": e.get("is_healthy"),
              "breaker": breaker_text(breakers.get(e.get("url"), [])), "requests": e.get("requests"),
              "failures": e.get("failures"), "latency_ms": e.get("latency_ms_mean"),
-             "consecutive_failures": e.get("consecutive_failures")} for e in kg.get("endpoints") or []]
+             "consecutive_failures": e.get("consecutive_failures"),
+             "sending": sending_text(admission.get(e.get("url")))} for e in kg.get("endpoints") or []]
+
+
+def sending_text(admission: dict[str, Any] | None) -> str:
+    """An endpoint's in-flight limit, permits in use, waiting workers and budget use, in a few words."""
+    if not admission:
+        return "no limit"
+    parts = []
+    if "limit" in admission:
+        parts.append(f"{admission['in_use']} of {admission['limit']} in flight, {admission['waiting']} waiting")
+    if "budget" in admission:
+        budget = admission["budget"]
+        parts.append("budget unreadable" if budget is None else ", ".join(
+            f"{use['used']:,}/{use['limit']:,} {kind}/min" for kind, use in budget.items()))
+    return "; ".join(parts) or "no limit"
 
 
 def totals(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -1,0 +1,47 @@
+"""The admission control of a supervisor's workers, built from the settings before the fork."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kgsupervisor.config import Settings
+from kgsupervisor.kg.admission import AdmissionControl, BudgetLedger, endpoint_key
+from kgsupervisor.kg.budgets import Budget, RateBudgets
+from kgsupervisor.kg.permits import SharedAdaptiveLimits
+from kgsupervisor.store.postgres import is_postgres_url
+
+# Permit cells: one per worker process alive at once, new and retiring (a reload runs both).
+MIN_PERMIT_CELLS = 64
+
+
+def permit_cells(num_workers: int) -> int:
+    """Cells enough for the worker processes of a pool that may grow by SIGTTIN and reload."""
+    return max(MIN_PERMIT_CELLS, 4 * num_workers)
+
+
+def admission_control(settings: Settings, cells: int, shared: bool = True,
+                      keeper_init: Callable[[], None] | None = None) -> AdmissionControl | None:
+    """Adaptive limits (KG_ADAPTIVE, under a supervisor: `shared`) and rate budgets (KG_RATE_LIMIT_RPM,
+    KG_TOKEN_BUDGET_TPM) of every endpoint; None when neither applies. `keeper_init` starts the
+    process that keeps a host's shared budgets."""
+    endpoints = [endpoint_key(url) for url in settings.service_urls()]
+    limits = None
+    if settings.adaptive and shared:
+        limits = SharedAdaptiveLimits(endpoints, settings.min_inflight,
+                                      max(settings.num_workers, settings.min_inflight), cells)
+    budgets = rate_budgets(settings, endpoints, shared, keeper_init)
+    if limits is None and budgets is None:
+        return None
+    return AdmissionControl(endpoints, limits, budgets)
+
+
+def rate_budgets(settings: Settings, endpoints: list[str], shared: bool,
+                 keeper_init: Callable[[], None] | None = None) -> BudgetLedger | None:
+    """The endpoints' budgets: in the database on PostgreSQL (every host's), else this host's."""
+    budget = Budget(settings.rate_limit_rpm or None, settings.token_budget_tpm or None)
+    if not budget.limits():
+        return None
+    each = {endpoint: budget for endpoint in endpoints}
+    if is_postgres_url(settings.db_path):
+        from kgsupervisor.queue.hostbudgets import PostgresRateBudgets
+        return PostgresRateBudgets(settings.db_path, each, chars_per_token=settings.chars_per_token)
+    return RateBudgets(each, chars_per_token=settings.chars_per_token, shared=shared, keeper_init=keeper_init)
