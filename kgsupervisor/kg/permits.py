@@ -74,6 +74,10 @@ class SharedAdaptiveLimits:
         """Is the endpoint's limit below the maximum (the worker count)?"""
         return self.limit(endpoint) < int(self._max.value)
 
+    def latency(self, endpoint: str) -> float:
+        """The endpoint's smoothed latency of answers, seconds; 0 before the first."""
+        return self._limits[self._index[endpoint]].rtt
+
     def in_use(self, endpoint: str) -> int:
         i = self._index[endpoint]
         return int(sum(self._held[w * len(self.endpoints) + i] for w in range(self.workers)))

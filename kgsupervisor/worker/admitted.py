@@ -5,6 +5,7 @@ from kgsupervisor.kg.admission import endpoint_key
 from kgsupervisor.kg.budgets import OverBudget
 from kgsupervisor.queue.documents import document_chars
 from kgsupervisor.queue.leased import Claim
+from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import WorkerState
 
 
@@ -25,9 +26,7 @@ class AdmittedSending:
             if endpoint is None:
                 return 0
         self.endpoints.prefer(rotation[keys.index(endpoint)])
-        if self.admission.limiting(endpoint):
-            # A permit is one request: a batch would hold claims the worker has no permit for
-            # while other workers wait. A limit as high as the worker count leaves no one waiting.
+        if self.admission.one_document_a_permit(endpoint):
             limit = 1
         room = self.admission.room(endpoint, self.expected_chars)
         if room is None:
@@ -45,10 +44,11 @@ class AdmittedSending:
         with self.progress.parked():  # bounded by the budget's window
             self._woken(min(wait, self.settings.poll_interval))
 
-    def spend_budget(self, claim: Claim) -> bool:
+    def spend_budget(self, claim: Claim, answered: list[Answered]) -> bool:
         """Spend the claimed document's request and tokens from its endpoint's budget, waiting for
-        room (holding the claim, uncharged) as long as needed; False when the worker stops first
-        or the document can never fit (then it is failed, with the reason)."""
+        room (holding the claim, uncharged; the answers in hand written first) as long as needed;
+        False when the worker stops first or the document can never fit (then it is failed, with
+        the reason)."""
         admission = self.admission
         endpoint = admission.held[0] if admission.held else endpoint_key(self.endpoints.rotation()[0].url)
         chars = self.expected_chars = self.db.retrying(lambda _: document_chars(self.db.conn, claim.content_id))
@@ -61,6 +61,7 @@ class AdmittedSending:
                 return False
             if not wait:
                 return True
+            self.documents.write_answered(answered)  # an answer in hand must not wait a minute
             self.set_state(WorkerState.WAITING)
             with self.progress.parked():  # bounded by the budget's window
                 self._woken(min(wait, 1.0))

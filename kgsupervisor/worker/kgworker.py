@@ -258,7 +258,7 @@ class KGWorker(AdmittedSending):
                     self.documents.write_answered(answered)
                     self.documents.release_unstarted(claims[i:], stopping=not self.alive)
                     break
-                if self.budgeted(claim) and not self.spend_budget(claim):
+                if self.budgeted(claim) and not self.spend_budget(claim, answered):
                     if not self.alive:  # stopped while waiting for budget: this one was not sent
                         self.documents.write_answered(answered)
                         self.documents.release_unstarted(claims[i:], stopping=True)
