@@ -8,7 +8,8 @@ the machine's ceilings, pickup latency, idle cost, growth and recovery; writes d
 Sections: throughput (with the peers), ceiling, idle (pickup latency and idle cost), growth,
 recovery, postgres (the drain on PostgreSQL with one and two supervisors, NOTIFY pickup), pgscale
 (PostgreSQL at 1,000,000 queue rows: bulk statements and commands, claim, counts, status endpoint),
-console (every page of the operator console at 1,000,000 queue rows, SQLite and PostgreSQL, over HTTP).
+console (every page of the operator console at 1,000,000 queue rows, SQLite and PostgreSQL, over HTTP),
+adaptive (in-flight limits and rate budgets against `dev-service --capacity`, from its request log).
 --quick uses small sizes (minutes, for development; the document says so). With --only, the other
 sections are taken from the last results of the same kind (docs/benchmarks/results*.json).
 Run it on a quiet machine: every number is measured against the others in the same run.
@@ -31,9 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-SECTIONS = ("throughput", "ceiling", "idle", "growth", "recovery", "postgres", "pgscale", "console")
+SECTIONS = ("throughput", "ceiling", "idle", "growth", "recovery", "postgres", "pgscale", "console",
+            "adaptive")
 ALIASES = {"peers": "throughput", "pickup": "idle", "idle-cost": "idle", "recovery-times": "recovery",
-           "pg-scale": "pgscale", "console-pages": "console"}
+           "pg-scale": "pgscale", "console-pages": "console", "capacity": "adaptive", "budgets": "adaptive"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,7 +83,7 @@ def results_path(doc: str, quick: bool) -> str:
 def main() -> int:
     args = parse_args()
     check_requirements()
-    from bench import console, drain, growth, idle, pgscale, postgres, recovery, report
+    from bench import adaptive, console, drain, growth, idle, pgscale, postgres, recovery, report
     from bench.common import log
     from bench.context import Context
 
@@ -98,7 +100,8 @@ def main() -> int:
     ctx = Context.create(args.quick, args.workdir, keep=False)
     runners = {"throughput": drain.run_throughput, "ceiling": drain.run_ceiling, "idle": idle.run_idle,
                "growth": growth.run_growth, "recovery": recovery.run_recovery, "postgres": postgres.run_postgres,
-               "pgscale": pgscale.run_pgscale, "console": console.run_console}
+               "pgscale": pgscale.run_pgscale, "console": console.run_console,
+               "adaptive": adaptive.run_adaptive}
     try:
         for name in SECTIONS:
             if name in only:

@@ -5,9 +5,19 @@ import math
 import os
 import re
 
-from . import plots
+from . import adaptivereport, plots
 from .common import median, percentile
-from .verdicts import findings, fmt, ms, rates, targets, verdict
+from .verdicts import findings as section_findings
+from .verdicts import fmt, ms, rates, verdict
+from .verdicts import targets as section_targets
+
+
+def targets(results: dict) -> list[list]:
+    return section_targets(results) + adaptivereport.targets(results)
+
+
+def findings(results: dict) -> list[str]:
+    return section_findings(results) + adaptivereport.findings(results)
 
 WORKERS_PER_SUPERVISOR = 2  # bench.postgres.WORKERS, without importing psycopg to write a report
 
@@ -356,6 +366,9 @@ def write(results: dict, doc_path: str, meta: dict) -> None:
     if "console" in results:
         parts.append(f"## 10. The operator console at {results['console']['rows']:,} queue rows\n\n"
                      + when("console") + console_section(results))
+    if "adaptive" in results:
+        parts.append("## 11. Matching the KG service's capacity: adaptive in-flight limits and rate budgets\n\n"
+                     + when("adaptive") + adaptivereport.section(results))
     with open(doc_path, "w") as f:
         f.write("\n".join(parts))
 
