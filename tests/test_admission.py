@@ -12,6 +12,7 @@ import pytest
 from .conftest import held_until, seed, status_counts, wait_for
 from kgsupervisor.store.postgres import PGConnection
 
+from .processes import run_to_exit
 from .test_pause import Host, pg_counts, queue_rows
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -57,6 +58,9 @@ def test_a_worker_without_a_permit_waits_holding_no_claim(conn, db_path, fault_s
                                                                                   "waiting": 2}
         metrics = host.get("/metrics").text
         assert 'kgsupervisor_kg_endpoint_permits_waiting{url="%s"} 2.0' % server.url in metrics
+        assert '<td class="sending">1 of 1 in flight, 2 waiting</td>' in host.get("/live").text  # the console
+        status = run_to_exit("status", "--status-addr", host.addr).stdout
+        assert f"  sending to {server.url}: in-flight limit 1, 1 in use, 2 worker(s) waiting" in status
         gate.set()
         wait_for(lambda: status_counts(conn) == {"completed": 8}, 60, message="everything completed")
     finally:
