@@ -187,13 +187,16 @@ def test_a_request_budget_on_postgresql_is_shared_by_two_supervisors(pg_backend,
         queue_rows(conn, 20)
     server = fault_server()
     env = {"KG_RATE_LIMIT_RPM": "5"}
-    hosts = [Host(processes, url, server.url, "--workers", "2", env=env, name=name)
+    # Credentials in the service URL: the budget's rows, shared through the database, never hold them.
+    service_url = server.url.replace("http://", "http://kg:s3cret-pw@")
+    hosts = [Host(processes, url, service_url, "--workers", "2", env=env, name=name)
              for name in ("host-a", "host-b")]
     try:
         # Both hosts' four workers tried and found the minute's budget spent: five requests between them.
         wait_for(lambda: all(worker_states(h) == ["waiting"] * 2 for h in hosts) and len(server.requests) == 5,
                  60, message="four workers of two hosts waiting for budget after five requests")
         assert {h.addr: admission(h)["budget"]["requests"]["used"] for h in hosts} == {h.addr: 5 for h in hosts}
+        assert not any("s3cret-pw" in h.get(path).text for h in hosts for path in ("/stats", "/metrics"))
         # The five answers are written; what a worker claimed by the room it saw waits in hand.
         wait_for(lambda: pg_counts(url).get("completed") == 5, 10, message="the five answers written")
     finally:
@@ -203,3 +206,5 @@ def test_a_request_budget_on_postgresql_is_shared_by_two_supervisors(pg_backend,
     assert pg_counts(url) == {"completed": 5, "pending": 15}, "the drain gave back what waited, uncharged"
     with closing(PGConnection(url)) as conn:
         assert conn.execute("SELECT COALESCE(SUM(retry_count), 0) FROM kg_processing_queue").fetchone()[0] == 0
+        spends = conn.execute("SELECT * FROM kg_supervisor_budget_spends").fetchall()
+    assert len(spends) == 5 and "s3cret-pw" not in repr(spends)

@@ -26,8 +26,14 @@ class BudgetLedger(Protocol):
 
 
 def endpoint_key(url: str) -> str:
-    """The name an endpoint's permits and budget go by: its URL as the client uses it."""
+    """The name an endpoint's permits go by: its URL as the client uses it."""
     return url.rstrip("/")
+
+
+def budget_key(endpoint: str) -> str:
+    """The name an endpoint's budget goes by: its URL with credentials masked, since on
+    PostgreSQL it is stored in the database for every host to read."""
+    return mask_urls(endpoint)
 
 
 @dataclasses.dataclass
@@ -59,9 +65,9 @@ class AdmissionControl:
         """Spent and allowed in the last window, per limited kind; None while the budget cannot be
         read (its keeper process or database is gone: status must still answer)."""
         try:
-            limits = self.budgets.limits(endpoint)
+            limits = self.budgets.limits(budget_key(endpoint))
             return {kind: {"used": used, "limit": limits[kind]}
-                    for kind, used in self.budgets.used(endpoint).items()}
+                    for kind, used in self.budgets.used(budget_key(endpoint)).items()}
         except Exception:
             return None
 
@@ -140,22 +146,22 @@ class Admission:
 
     def room(self, endpoint: str, chars: int) -> int | None:
         """How many documents of `chars` characters the endpoint's budget takes now (None: no budget)."""
-        budgets = self.control.budgets
-        if budgets is None or not budgets.limits(endpoint):
+        budgets, name = self.control.budgets, budget_key(endpoint)
+        if budgets is None or not budgets.limits(name):
             return None
-        limits, used = budgets.limits(endpoint), budgets.used(endpoint)
+        limits, used = budgets.limits(name), budgets.used(name)
         weights = {"requests": 1, "tokens": budgets.tokens(chars)}
         return min((limits[kind] - used.get(kind, 0)) // max(weights[kind], 1) for kind in limits)
 
     def seconds_until_room(self, endpoint: str, chars: int) -> float:
         """How long until the endpoint's budget has room for `chars` characters (0: now)."""
         budgets = self.control.budgets
-        return 0.0 if budgets is None else budgets.seconds_until_room(endpoint, chars)
+        return 0.0 if budgets is None else budgets.seconds_until_room(budget_key(endpoint), chars)
 
     def spend(self, endpoint: str, chars: int) -> float:
         """Spend one request of `chars` characters from the endpoint's budget: 0 when spent, else
         the seconds until it would fit. Raises OverBudget when it never can."""
-        budgets = self.control.budgets
-        if budgets is None or budgets.try_spend(endpoint, chars):
+        budgets, name = self.control.budgets, budget_key(endpoint)
+        if budgets is None or budgets.try_spend(name, chars):
             return 0.0
-        return max(budgets.seconds_until_room(endpoint, chars), 0.001)
+        return max(budgets.seconds_until_room(name, chars), 0.001)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from kgsupervisor.addresses import mask_urls
 from kgsupervisor.config import Settings
 from kgsupervisor.kg.admission import AdmissionControl
 from kgsupervisor.pool.manager import manager_process_init
@@ -75,11 +76,11 @@ class PoolAdmission:
         limits = self.control.limits
         if limits is None:
             return
-        for endpoint, entry in zip(limits.endpoints, self.describe()):
+        for endpoint in limits.endpoints:
             moved = limits.factor_2_change(endpoint)
             if moved:
                 before, now = moved
-                log.warning("in-flight limit of %s %s from %d to %d (%s)", entry["url"],
+                log.warning("in-flight limit of %s %s from %d to %d (%s)", mask_urls(endpoint),
                             "fell" if now < before else "rose", before, now,
                             "the KG service is answering slower or refusing: sending less" if now < before
                             else "the KG service keeps up: sending more")

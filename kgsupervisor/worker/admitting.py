@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kgsupervisor.config import Settings
-from kgsupervisor.kg.admission import AdmissionControl, BudgetLedger, endpoint_key
+from kgsupervisor.kg.admission import AdmissionControl, BudgetLedger, budget_key, endpoint_key
 from kgsupervisor.kg.budgets import Budget, RateBudgets
 from kgsupervisor.kg.permits import SharedAdaptiveLimits
 from kgsupervisor.store.postgres import is_postgres_url
@@ -40,7 +40,7 @@ def rate_budgets(settings: Settings, endpoints: list[str], shared: bool,
     budget = Budget(settings.rate_limit_rpm or None, settings.token_budget_tpm or None)
     if not budget.limits():
         return None
-    each = {endpoint: budget for endpoint in endpoints}
+    each = {budget_key(endpoint): budget for endpoint in endpoints}
     if is_postgres_url(settings.db_path):
         from kgsupervisor.queue.hostbudgets import PostgresRateBudgets
         return PostgresRateBudgets(settings.db_path, each, chars_per_token=settings.chars_per_token)
