@@ -119,9 +119,10 @@ def dev_service(host: str, port: int, latency: float, fail_rate: float, token: s
     model = capacity_model(**capacity)
     if request_log is not None and model is None:
         raise click.UsageError("--request-log needs --capacity")
+    if model is not None:
+        logs.setup("text", secrets=[token] if token else ())  # for its log line at each capacity change
     if request_log is not None:
         model.request_log = open_request_log(request_log)
-        logs.setup("text", secrets=[token] if token else ())  # for its log line at each capacity change
     from kgsupervisor.kg import devservice
     try:
         devservice.serve(host, port, latency=latency, fail_rate=fail_rate, token=token, ready=ready,

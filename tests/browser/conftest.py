@@ -79,7 +79,8 @@ def console(tmp_path_factory) -> Iterator[Console]:
     threading.Thread(target=service.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     processes = Processes(tmp / "processes")
     addr = f"127.0.0.1:{free_port()}"
-    supervisor = processes.supervisor(db, service.url, "--workers", "2", "--batch-size", "1",
+    # --adaptive off: both workers send at once, so the pages show two documents in hand.
+    supervisor = processes.supervisor(db, service.url, "--workers", "2", "--batch-size", "1", "--adaptive", "off",
                                       "--status-addr", addr, env={"KG_CONSOLE_TOKEN": TOKEN})
     base = f"http://{addr}"
     try:
