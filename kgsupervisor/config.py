@@ -55,6 +55,9 @@ class Settings:
     num_workers: int = _setting(2, "KG_NUM_WORKERS", "worker processes", _between(1, 256), flag="--workers")
     poll_interval: float = _setting(5.0, "KG_POLL_INTERVAL", "seconds an idle worker waits before polling again "
                                     "(at most 3600)", _positive_up_to(HOUR, "1 hour"))
+    commit_watch: str = _setting("auto", "KG_COMMIT_WATCH", "auto: an idle worker waits for a commit (inotify on "
+                                 "SQLite's -wal file, PostgreSQL's LISTEN socket), polling where it cannot; "
+                                 "poll: it always polls", lambda v: None if v in ("auto", "poll") else "auto or poll")
     service_enabled: bool = _setting(True, "KG_SERVICE_ENABLED", "false: workers claim nothing")
     service_url: str = _setting("http://localhost:8088", "KG_SERVICE_URL",
                                 "KG service base URL, or several comma-separated (a list in the file)",

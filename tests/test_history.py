@@ -18,7 +18,7 @@ from kgsupervisor.kg.answer import parse_answer
 from kgsupervisor.kg.devextract import extract
 from kgsupervisor.pool.pruning import HistoryPruner
 from kgsupervisor.queue.documents import build_payload
-from kgsupervisor.queue.history import MAX_ERROR_CHARS, Attempt, Outcome, attempts_of
+from kgsupervisor.queue.history import MAX_ERROR_CHARS, Attempt, InFlight, Outcome, attempts_of
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.queue.writeback import Answered, write_back, write_back_group
 from kgsupervisor.states import JobStatus
@@ -162,8 +162,9 @@ def test_a_crash_records_the_death_once_per_claim_and_the_poison_pill(conn):
     now = time.time()
     for crash in (1, 2):
         first, _ = q.claim("host:9", f"t{crash}", 2, 60, now)
-        assert q.mark_started(first, now + 1)
-        q.release_crashed("host:9", "hung: no heartbeat for 61s", 2, now + 2, outcome=Outcome.HUNG,
+        # The first was in flight since now + 1, as the dead worker's shared memory says.
+        q.release_crashed("host:9", InFlight(first.id, first.token, now + 1), "hung: no heartbeat for 61s", 2,
+                          now + 2, outcome=Outcome.HUNG,
                           attempt=Attempt(worker=1, error_class="no_heartbeat", stack="File x.py, line 1"))
     in_flight, waiting = attempts_of(conn, 1), attempts_of(conn, 2)
     assert [a["outcome"] for a in in_flight] == ["hung", "poison_pill"]

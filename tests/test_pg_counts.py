@@ -147,7 +147,6 @@ def test_one_notify_per_statement_only_when_a_row_becomes_claimable(pg_backend):
         queue = queue_for(conn)
         claims = queue.claim("host:1", "tok", 5, 60, time.time())
         queue.extend("tok", 120, time.time())
-        queue.mark_started(claims[0], time.time())
         assert notifications_until_marker(conn, listener) == [], "nothing became claimable"
         assert queue.release(claims) == 5
         assert notifications_until_marker(conn, listener) == [""]

@@ -16,7 +16,7 @@ from kgsupervisor.pool.snapshot import PoolSnapshot
 from kgsupervisor.pool.stacks import CapturedStack
 from kgsupervisor.pool.supervisor import SECOND_SIGNAL_GRACE, Supervisor
 from kgsupervisor.pool.workers import BOOT_ERROR_BACKOFF
-from kgsupervisor.queue.leased import queue_for
+from kgsupervisor.queue.leased import Claim, queue_for
 from kgsupervisor.states import EXIT_BOOT_ERROR, EXIT_ERROR, EXIT_OK, SupervisorState
 from kgsupervisor.store.sqlite import connect
 from kgsupervisor.worker.counters import SharedCounters
@@ -108,6 +108,9 @@ class RecordingReporter:
     def wants_snapshot(self, now: float) -> bool:
         return True
 
+    def due_in(self, now: float) -> float:
+        return 0.0
+
     def publish(self, snapshot: PoolSnapshot) -> None:
         self.snapshots.append(snapshot)
 
@@ -197,14 +200,12 @@ def test_a_boot_error_waits_at_least_a_second_even_after_a_long_life(pool, caplo
             in messages(caplog, logging.WARNING))
 
 
-def claim_and_start(db_path: str, owner: str) -> int:
-    """Claim one document for `owner` and mark it started, as a worker does; its content_id."""
+def claim_one(db_path: str, owner: str) -> Claim:
+    """Claim one document for `owner`, as a worker does."""
     with closing(connect(db_path)) as conn:
         seed(conn, 1)
-        q = queue_for(conn)
-        [claim] = q.claim(owner, "token-1", 1, 60.0, time.time())
-        q.mark_started(claim, time.time())
-        return claim.content_id
+        [claim] = queue_for(conn).claim(owner, "token-1", 1, 60.0, time.time())
+        return claim
 
 
 def crash_count(db_path: str, content_id: int) -> tuple[str, int]:
@@ -213,36 +214,36 @@ def crash_count(db_path: str, content_id: int) -> tuple[str, int]:
                             "WHERE content_id = ?", (content_id,)).fetchone()
 
 
-def test_a_kill_with_a_document_in_hand_charges_that_document(pool, db_path, caplog):
+def test_a_kill_while_sending_a_document_charges_that_document(pool, db_path, caplog):
     sup, launcher, _ = pool()
     worker = launcher.started[0]
-    content_id = claim_and_start(db_path, worker.owner)
-    worker.counters.set_current(content_id)  # what the worker's shared counters say it holds
-    worker.process.exit(-signal.SIGKILL)
-    sup.loop_once([], T0 + 5)
-    assert crash_count(db_path, content_id) == ("pending", 1)
+    claim = claim_one(db_path, worker.owner)
+    with worker.counters.sending(claim.id, claim.token):  # what its shared memory says it sends
+        worker.process.exit(-signal.SIGKILL)
+        sup.loop_once([], T0 + 5)
+    assert crash_count(db_path, claim.content_id) == ("pending", 1)
     assert (f"worker 0 (pid {FIRST_PID}) killed by SIGKILL (perhaps out of memory?)"
             in messages(caplog, logging.ERROR))
 
 
-def test_a_kill_between_documents_charges_nothing(pool, db_path):
+def test_a_kill_with_an_answer_in_hand_but_nothing_in_flight_charges_nothing(pool, db_path):
     sup, launcher, _ = pool()
     worker = launcher.started[0]
-    content_id = claim_and_start(db_path, worker.owner)  # a row whose answer was in flight...
-    worker.counters.set_current(None)  # ...but the worker says it holds no document
+    claim = claim_one(db_path, worker.owner)  # its answer waits for the write-back...
+    worker.counters.set_current(claim.content_id)  # ...in hand, but no longer being sent
     worker.process.exit(-signal.SIGKILL)
     sup.loop_once([], T0 + 5)
-    assert crash_count(db_path, content_id) == ("pending", 0)
+    assert crash_count(db_path, claim.content_id) == ("pending", 0)
 
 
 def test_a_sigbus_is_the_disk_not_the_document(pool, db_path):
     sup, launcher, _ = pool()
     worker = launcher.started[0]
-    content_id = claim_and_start(db_path, worker.owner)
-    worker.counters.set_current(content_id)
-    worker.process.exit(-signal.SIGBUS)
-    sup.loop_once([], T0 + 5)
-    assert crash_count(db_path, content_id) == ("pending", 0)
+    claim = claim_one(db_path, worker.owner)
+    with worker.counters.sending(claim.id, claim.token):
+        worker.process.exit(-signal.SIGBUS)
+        sup.loop_once([], T0 + 5)
+    assert crash_count(db_path, claim.content_id) == ("pending", 0)
 
 
 def test_a_worker_without_a_heartbeat_is_killed_as_hung(pool, caplog):

@@ -9,6 +9,8 @@ import uuid
 
 import pytest
 
+from kgsupervisor.queue.claims import CrashRelease
+from kgsupervisor.queue.history import InFlight
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.states import JobStatus
 
@@ -199,15 +201,21 @@ def test_a_crash_charges_only_the_document_in_flight_and_poisons_after_the_limit
     conn.executemany("INSERT INTO kg_processing_queue (id, content_id) VALUES (?, ?)", [(1, 1), (2, 2), (3, 3)])
     q = queue_for(conn)
     now = time.time()
+    q.claim("host:9", "t0", 3, 60, now)
+    # What a dead worker's shared memory names is charged only while that claim still holds its
+    # row: not the row under another claim's token, not a row of another owner.
+    assert q.release_crashed("host:8", InFlight(2, "t0", now), "SIGKILL", 2, now) == CrashRelease(0, [], [])
+    assert q.release_crashed("host:9", InFlight(2, "t-old", now), "SIGKILL", 2, now) == CrashRelease(3, [], [])
     for crash in range(1, 3):
         claims = q.claim("host:9", f"t{crash}", 3, 60, now)
-        assert q.mark_started(claims[0], now) and q.mark_started(claims[1], now), "the mark moves on"
-        result = q.release_crashed("host:9", "SIGKILL", 2, now)
-        assert result.released == (3 if crash == 1 else 2) and result.in_flight == [2]
+        result = q.release_crashed("host:9", InFlight(2, f"t{crash}", now), "SIGKILL", 2, now)
+        assert result.released == (3 if crash == 1 else 2) and result.in_flight == [2] and len(claims) == 3
         assert result.poisoned == ([] if crash == 1 else [2])
-    rows = conn.execute("SELECT id, status, crash_count, error_message FROM kg_processing_queue ORDER BY id").fetchall()
+    rows = conn.execute("SELECT id, status, crash_count, error_message, started_at FROM kg_processing_queue "
+                        "ORDER BY id").fetchall()
     assert [(r[0], r[1], r[2] or 0) for r in rows] == [(1, "pending", 0), (2, "failed", 2), (3, "pending", 0)]
     assert "poison pill" in rows[1][3] and "SIGKILL" in rows[1][3]
+    assert {r[4] for r in rows} == {None}, "started_at is no longer written"
 
 
 def test_counts_follow_every_status_change_including_the_upstreams_own(conn):

@@ -2,8 +2,9 @@
 
 Real SQLite file (and the same machine on a real PostgreSQL server, below), one connection (and
 queue) per simulated worker, 20 rows. Rules claim,
-mark in flight, renew, complete (the fenced write-back), fail, retry later, release, release a
-dead owner's claims (with or without charging a crash), let leases expire and requeue them, and
+renew, complete (the fenced write-back), fail, retry later, release, release a dead owner's
+claims (with or without charging a crash to the claim its shared memory names in flight: any
+claim ever handed out, live, stale or another owner's), let leases expire and requeue them, and
 put failed rows back (those two in batches of 1-8 rows); another program's bulk statements move
 every row of a status at once and back, the counts checked after each statement. Workers keep stale Claim objects on purpose: every later write through
 one must be fenced out by its lease token. After every step the database must equal the model
@@ -29,6 +30,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from kgsupervisor.errors import LeaseLost
 from kgsupervisor.kg.answer import parse_answer
+from kgsupervisor.queue.history import InFlight
 from kgsupervisor.queue.leased import Claim, SQLiteQueue, queue_for
 from kgsupervisor.queue.writeback import write_back
 from kgsupervisor.states import JobStatus
@@ -88,7 +90,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.model: dict[int, dict] = {}
         for qid, cid, priority in self.conns[0].execute("SELECT id, content_id, priority FROM kg_processing_queue"):
             self.model[qid] = dict(content_id=cid, priority=priority, status="pending", owner=None, token=None,
-                                   expires=None, not_before=None, retry=0, crash=0, started=False)
+                                   expires=None, not_before=None, retry=0, crash=0)
         self.chunks = {cid: [r[0] for r in self.conns[0].execute(
             "SELECT rowid FROM content_chunks WHERE content_id = ?", (cid,))] for cid in
             (m["content_id"] for m in self.model.values())}
@@ -113,8 +115,7 @@ class QueueMachine(RuleBasedStateMachine):
         return row["status"] == "processing" and row["token"] == claim.token
 
     def to_pending(self, qid: int, not_before: float | None = None) -> None:
-        self.model[qid].update(status="pending", owner=None, token=None, expires=None, started=False,
-                               not_before=not_before)
+        self.model[qid].update(status="pending", owner=None, token=None, expires=None, not_before=not_before)
 
     def actual_not_before(self, qid: int) -> float | None:
         return self.conns[0].execute("SELECT not_before FROM kg_processing_queue WHERE id = ?", (qid,)).fetchone()[0]
@@ -135,23 +136,9 @@ class QueueMachine(RuleBasedStateMachine):
             m = self.model[c.id]
             assert (c.content_id, c.retry_count, c.priority, c.owner, c.token) == (
                 m["content_id"], m["retry"], m["priority"], self.owners[worker], token)
-            m.update(status="processing", owner=self.owners[worker], token=token, expires=self.now + LEASE,
-                     started=False)
+            m.update(status="processing", owner=self.owners[worker], token=token, expires=self.now + LEASE)
         self.held[worker].extend(claims)
         self.handed.extend((worker, c) for c in claims)
-
-    @precondition(lambda self: self.handed)
-    @rule(index=st.integers(0, 200))
-    def mark_started(self, index: int) -> None:
-        worker, claim = self.pick(index)
-        ok = self.queues[worker].mark_started(claim, self.now)
-        assert ok == self.holds(claim)
-        # One document of a batch in flight at a time: the mark leaves the batch's others.
-        for qid, m in self.model.items():
-            if m["status"] == "processing" and m["token"] == claim.token and qid != claim.id:
-                m["started"] = False
-        if ok:
-            self.model[claim.id]["started"] = True
 
     @rule(worker=st.integers(0, WORKERS - 1))
     def extend(self, worker: int) -> None:
@@ -174,7 +161,6 @@ class QueueMachine(RuleBasedStateMachine):
         result = parse_answer(body, content_id=claim.content_id, chunk_rowids=self.chunks[claim.content_id])
         if self.holds(claim):
             write_back(self.conns[worker], claim, result, self.now)
-            # started_at stays as a record on completed and failed rows (a claim resets it).
             self.model[claim.id].update(status="completed", owner=None, token=None, expires=None, not_before=None)
             self.completed_ever.add(claim.id)
         else:
@@ -233,19 +219,26 @@ class QueueMachine(RuleBasedStateMachine):
         for qid in mine:
             self.to_pending(qid, self.model[qid]["not_before"])
 
-    @rule(dead=st.integers(0, WORKERS - 1), by=st.integers(0, WORKERS - 1))
-    def release_crashed(self, dead: int, by: int) -> None:
+    @rule(dead=st.integers(0, WORKERS - 1), by=st.integers(0, WORKERS - 1), flying=st.booleans(),
+          index=st.integers(0, 200))
+    def release_crashed(self, dead: int, by: int, flying: bool, index: int) -> None:
+        """Worker `dead` died; its shared memory named a claim in flight (`flying`): any claim ever
+        handed out, so a stale one or another owner's too, which must charge nothing."""
         owner = self.owners[dead]
         mine = [qid for qid, m in self.model.items() if m["status"] == "processing" and m["owner"] == owner]
-        in_flight = [qid for qid in mine if self.model[qid]["started"]]
-        result = self.queues[by].release_crashed(owner, "killed by SIGKILL", POISON_AFTER, self.now)
+        in_flight, charged = None, []
+        if flying and self.handed:
+            _, claim = self.pick(index)
+            in_flight = InFlight(claim.id, claim.token, self.now)
+            charged = [claim.id] if self.holds(claim) and claim.id in mine else []
+        result = self.queues[by].release_crashed(owner, in_flight, "killed by SIGKILL", POISON_AFTER, self.now)
         poisoned = []
-        for qid in in_flight:
+        for qid in charged:
             self.model[qid]["crash"] += 1
             if self.model[qid]["crash"] >= POISON_AFTER:
                 poisoned.append(self.model[qid]["content_id"])
-                self.model[qid].update(status="failed", owner=None, token=None, expires=None, started=False)
-        assert sorted(result.in_flight) == sorted(self.model[q]["content_id"] for q in in_flight)
+                self.model[qid].update(status="failed", owner=None, token=None, expires=None)
+        assert sorted(result.in_flight) == sorted(self.model[q]["content_id"] for q in charged)
         assert sorted(result.poisoned) == sorted(poisoned)
         assert result.released == len(mine) - len(poisoned)
         for qid in mine:
@@ -313,9 +306,9 @@ class QueueMachine(RuleBasedStateMachine):
             return
         rows = self.conns[0].execute(
             "SELECT id, status, lease_owner, lease_token, lease_expires_at, retry_count, "
-            "COALESCE(crash_count, 0), started_at IS NOT NULL, not_before FROM kg_processing_queue").fetchall()
+            "COALESCE(crash_count, 0), started_at IS NULL, not_before FROM kg_processing_queue").fetchall()
         assert len(rows) == ROWS, "row count changed"
-        for qid, status, owner, token, expires, retry, crash, started, not_before in rows:
+        for qid, status, owner, token, expires, retry, crash, unmarked, not_before in rows:
             m = self.model[qid]
             assert status in STATUSES, (qid, status)
             if status == "processing":
@@ -323,8 +316,8 @@ class QueueMachine(RuleBasedStateMachine):
                 assert self.token_owner[token] == owner, "one token held under two owners"
             else:
                 assert owner is None and token is None and expires is None, (qid, status, owner, token)
-            assert (status, owner, token, retry, crash, started) == (
-                m["status"], m["owner"], m["token"], m["retry"], m["crash"], m["started"]), (qid, m)
+            assert (status, owner, token, retry, crash, unmarked) == (
+                m["status"], m["owner"], m["token"], m["retry"], m["crash"], True), (qid, m)
             if status == "processing":
                 assert expires == pytest.approx(m["expires"])
             if status == "pending":

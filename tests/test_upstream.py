@@ -14,6 +14,7 @@ import pytest
 
 from kgsupervisor.queue import documents, outcomes, sql, writeback
 from kgsupervisor.queue import leased as queue
+from kgsupervisor.queue.history import InFlight
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.owntables import OWN_TABLES
 from kgsupervisor.store.schema import (QUEUE_COLUMNS, UPSTREAM_COLUMNS, USED_COLUMNS, column_declaration,
@@ -154,11 +155,12 @@ def test_every_worker_statement_runs_on_a_database_with_only_the_declared_column
     now = time.time()
     assert len(q.enqueue(ids, 5, now).added) == 3
     a, b, c = q.claim("host:1", "tok", 3, 30, now)
-    assert q.extend("tok", 30, now) == 3 and q.mark_started(c, now)
+    assert q.extend("tok", 30, now) == 3
     assert q.owners_with_claims("host:") == ["host:1"] and q.has_live_work()
     q.retry_later(a, "boom", now, max_attempts=5, backoff_base=0, backoff_cap=0)
     q.fail(b, "bad document", now)
-    assert q.release_crashed("host:1", "SIGKILL", poison_after=1, now=now).poisoned == [c.content_id]
+    assert q.release_crashed("host:1", InFlight(c.id, c.token, now), "SIGKILL", poison_after=1,
+                             now=now).poisoned == [c.content_id]
     assert q.retry(failed=True) == 2
     assert q.release(q.claim("host:2", "tok2", 3, -1, now)) == 3
     assert q.requeue_expired(now) == 0 and q.release_owner("host:2") == 0

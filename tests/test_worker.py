@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import threading
@@ -71,6 +72,40 @@ def test_the_answers_of_a_batch_are_written_back_in_one_transaction(conn, db_pat
     drive(w, lambda: status_counts(conn) == {"completed": 3})
     assert seen == [0, 0, 0], "nothing written until the batch is done"
     assert w.stats.total_success == 3
+
+
+def wal_commits(db_path: str) -> int:
+    """Transactions committed into the database's -wal since it was last reset, counted in the
+    file itself (sqlite.org/fileformat.html, "WAL File Format"): frames of the header's salts
+    whose "database size after commit" field is set, one such frame ending each commit."""
+    with open(db_path + "-wal", "rb") as f:
+        data = f.read()
+    if len(data) < 32:
+        return 0
+    (page_size,) = struct.unpack(">I", data[8:12])
+    page_size = 65536 if page_size == 1 else page_size  # 1 in the header stands for 65536
+    salts, commits, offset = data[16:24], 0, 32
+    while offset + 24 + page_size <= len(data) and data[offset + 8:offset + 16] == salts:
+        commits += data[offset + 4:offset + 8] != bytes(4)
+        offset += 24 + page_size
+    return commits
+
+
+def test_a_batch_commits_its_claim_and_its_write_back_and_nothing_a_document(conn, db_path, kg_service,
+                                                                           worker_factory, monkeypatch):
+    """No transaction of its own for a document: five documents, two commits (the claim, the
+    group write-back), as the -wal file counts them; the row in flight is in shared memory."""
+    monkeypatch.setattr(worker_module, "WRITE_GROUP_MAX_AGE", 600.0)  # one group however slow the machine
+    seed(conn, 5)
+    w = worker_factory(make_settings(db_path, kg_service, batch_size=5, lease_seconds=600.0))
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0), "the -wal starts empty"
+    # The oracle counts what it should: two changes are two commits, a statement matching no row none.
+    for sql in ("UPDATE kg_processing_queue SET priority = 2", "UPDATE kg_processing_queue SET priority = 1",
+                "UPDATE kg_processing_queue SET priority = 3 WHERE id < 0"):
+        conn.execute(sql)
+    assert wal_commits(db_path) == 2
+    assert w.loop_once(time.time()) == 0.0 and status_counts(conn) == {"completed": 5}
+    assert wal_commits(db_path) - 2 == 2
 
 
 def test_an_answer_slower_than_the_write_group_limit_is_written_alone(conn, db_path, fault_server, worker_factory):
@@ -380,6 +415,25 @@ def test_the_document_in_hand_is_named_in_stats_counters_and_log_while_it_is_in_
     done = [r for r in caplog.records if "completed:" in r.getMessage()]
     assert sorted(r.content_id for r in done) == ids, "each completed line names its own document"
     assert all(f"content_id={r.content_id}]" in r.getMessage() for r in done)
+
+
+def test_the_claim_in_flight_is_in_shared_memory_while_it_is_sent_and_only_then(
+        conn, db_path, fault_server, worker_factory):
+    seed(conn, 2)
+    flying: list[bool] = []
+    server = fault_server()
+    w = worker_factory(make_settings(db_path, server.url, batch_size=2))
+
+    def note_the_claim_in_flight(payload, n):
+        seen = w.stats.counters.in_flight()
+        row = conn.execute("SELECT id, lease_token FROM kg_processing_queue WHERE content_id = ?",
+                           (payload["content_id"],)).fetchone()
+        flying.append((seen.row_id, seen.token, seen.since <= time.time()) == (*row, True))
+
+    server.behaviour = note_the_claim_in_flight
+    drive(w, lambda: status_counts(conn) == {"completed": 2})
+    assert flying == [True, True], "each request names its own claim, not the answer in hand before it"
+    assert w.stats.counters.in_flight() is None, "nothing in flight once the answers are in"
 
 
 def test_a_row_whose_content_id_is_no_id_fails_with_no_document_held(conn, db_path, kg_service,

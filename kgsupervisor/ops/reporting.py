@@ -3,6 +3,7 @@ stats for the control pipes, systemd notices, the progress line."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -48,6 +49,14 @@ class Reporter:
         """One a second, and one whenever a control pipe has a request."""
         due = self._published_at is None or now - self._published_at >= PUBLISH_EVERY
         return due or any(c.poll() for c in self.controls)
+
+    def due_in(self, now: float) -> float:
+        """While the pool is quiet only a systemd watchdog ping is due unasked (the rest waits for
+        a request or the supervisor's next turn): seconds until it is, inf without a watchdog."""
+        interval = self.notifier.watchdog_interval
+        if not self.notifier.enabled or interval is None:
+            return math.inf
+        return max(0.0, self._watchdog_at + interval - now)
 
     def publish(self, snapshot: PoolSnapshot) -> None:
         """Render the snapshot, tell systemd and the terminal, and answer every pending request."""

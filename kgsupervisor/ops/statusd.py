@@ -160,7 +160,8 @@ def status_main(sock: socket.socket, conn: Any, parent_pid: int, close_fds: list
     fetch = pipe_fetcher(conn)
     console_app = started_console(console, fetch, parent_pid) if console is not None else None
     server = StatusServer(sock, fetch, console_app)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5}, daemon=True).start()
+    # Never shut down here (the process leaves with the supervisor): no need to look for it often.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 60.0}, daemon=True).start()
     if console_app is not None:
         log.info("console on http://%s/ (%s)", host_port(*server.server_address), console.access())
     exit_with_parent(parent_pid)

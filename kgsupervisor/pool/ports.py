@@ -19,6 +19,9 @@ class Reporter(Protocol):
     def wants_snapshot(self, now: float) -> bool:
         """Whether this turn's snapshot is wanted: one is due, or someone asks."""
 
+    def due_in(self, now: float) -> float:
+        """Seconds until it wants a snapshot unasked while the pool is quiet (inf: only when asked)."""
+
     def publish(self, snapshot: PoolSnapshot) -> None:
         """Take this turn's snapshot: render it, tell whoever listens, answer pending requests."""
 

@@ -4,6 +4,7 @@ is logged once and tried again at the next refresh: the registry never stops the
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import closing
@@ -19,6 +20,8 @@ from kgsupervisor.store.hosts import (HostRow, mark_stopped, prune_hosts, regist
 log = logging.getLogger("kgsupervisor.supervisor")
 
 REFRESH_EVERY = 5.0  # at most; a third of the lease when that is shorter, so a live host never looks gone
+# A row that would say nothing new is refreshed only every third of the lease: a host looks gone
+# after a lease without a heartbeat, and an idle supervisor's write would wake every idle worker.
 PRUNE_EVERY = 3600.0
 KEEP_UNHEARD = 86400.0  # rows of supervisors not heard of for a day are deleted
 STATE_NAMES = {SupervisorState.STARTING: "starting", SupervisorState.RUNNING: "running",
@@ -48,6 +51,12 @@ def worker_summaries(pool: WorkerPool, now: float) -> list[dict[str, Any]]:
     return summaries
 
 
+def quiet_view(summary: dict[str, Any]) -> tuple:
+    """What of a worker's summary says something new (its memory and time held aside)."""
+    return (summary["worker_id"], summary["pid"], summary["running"], summary["state"],
+            summary["current_content_id"], summary["restarts"])
+
+
 def running_workers(pool: WorkerPool) -> int:
     """Worker processes alive now, retiring ones included."""
     return sum(1 for worker in pool.processes() if worker.process.is_alive())
@@ -65,25 +74,43 @@ class HostRegistry:
         self.next_refresh: float | None = None  # monotonic; None: due now
         self.next_prune: float | None = None
         self.state_written: str | None = None
+        self.shown_written: tuple | None = None  # what the last row said, heartbeats aside
+        self.written_at: float | None = None  # monotonic
         self.refused = False  # the last write failed (and was logged)
 
     def refresh(self, now: float, state: SupervisorState, pool: WorkerPool, lease: float,
                 paused: bool = False) -> None:
-        """Write this supervisor's row if a refresh is due at monotonic time `now`, or at once
-        when its state changed (a drain shows as it begins)."""
+        """Write this supervisor's row if a refresh is due at monotonic time `now`: at once when
+        its state changed (a drain shows as it begins), every REFRESH_EVERY while what it shows
+        changes (a worker busy), every third of the lease while it does not."""
         shown = host_state(state, paused)
-        if self.next_refresh is not None and now < self.next_refresh and shown == self.state_written:
-            return
-        self.next_refresh = now + min(REFRESH_EVERY, lease / 3)
-        self.state_written = shown
         wall = time.time()
-        row = HostRow(self.host, self.pid, self.started_at, wall, pool.num_workers, running_workers(pool),
-                      __version__, self.status_addr, shown)
         workers = worker_summaries(pool, wall)
+        said = (shown, pool.num_workers, running_workers(pool), [quiet_view(w) for w in workers])
+        busy = any(w["current_content_id"] is not None for w in workers)  # its time held moves on
+        if shown == self.state_written and now < self.next_refresh_at(said, busy, lease):
+            return
+        self.written_at = now
+        self.next_refresh = now + min(REFRESH_EVERY, lease / 3)
+        self.state_written, self.shown_written = shown, said
+        row = HostRow(self.host, self.pid, self.started_at, wall, pool.num_workers, said[2],
+                      __version__, self.status_addr, shown)
         prune = self.next_prune is None or now >= self.next_prune
         prune_before = wall - KEEP_UNHEARD if prune else None
         if self.write(lambda conn: self.upsert(conn, row, workers, prune_before)) and prune:
             self.next_prune = now + PRUNE_EVERY
+
+    def next_refresh_at(self, said: tuple, busy: bool, lease: float) -> float:
+        """When the row is due again: soon when it would say something new, else a third of a lease on."""
+        if self.next_refresh is None or self.written_at is None:
+            return -math.inf
+        return self.next_refresh if busy or said != self.shown_written else self.written_at + lease / 3
+
+    def due_in(self, now: float, lease: float) -> float:
+        """Seconds until the row is due if nothing changes meanwhile (for a quiet supervisor's sleep)."""
+        if self.written_at is None:
+            return 0.0
+        return max(0.0, self.written_at + lease / 3 - now)
 
     @staticmethod
     def upsert(conn: Any, row: HostRow, workers: list[dict[str, Any]], prune_before: float | None) -> None:

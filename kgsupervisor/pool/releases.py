@@ -8,7 +8,7 @@ import time
 from contextlib import closing
 
 from kgsupervisor.lifeline import pid_alive
-from kgsupervisor.queue.history import Attempt, Outcome
+from kgsupervisor.queue.history import Attempt, InFlight, Outcome
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.store.backend import connect_to
 
@@ -55,11 +55,12 @@ class RefusedRelease:
     charge: bool
     cause: str
     attempt: Attempt
+    in_flight: InFlight | None
 
 
 class ClaimReleaser:
-    """Gives the claims of exited workers back to pending; with `charge`, the row in flight is
-    charged a crash (a poison pill after `poison_after`).
+    """Gives the claims of exited workers back to pending; with `charge`, the claim in flight
+    (read from the worker's shared memory) is charged a crash (a poison pill after `poison_after`).
 
     A release the database refuses is kept and retried every RETRY_EVERY seconds, so the
     documents come back as soon as it is writable, not a lease later.
@@ -72,17 +73,18 @@ class ClaimReleaser:
         self.next_retry = 0.0
 
     def release_gone_worker(self, owner: str, pid: int, charge: bool, cause: str, poison_after: int,
-                            stack: str | None = None, worker: int | None = None) -> None:
+                            stack: str | None = None, worker: int | None = None,
+                            in_flight: InFlight | None = None) -> None:
         """Give back the claims of worker `owner`, which is gone; each is recorded in the attempt
-        history as crashed, hung (with `stack`, captured before the kill) or drained, or as a
-        poison pill; `worker` is its number in the pool."""
+        history as crashed, hung (with `stack`, captured before the kill, on the claim `in_flight`
+        if any) or drained, or as a poison pill; `worker` is its number in the pool."""
         attempt = death_attempt(pid, cause, worker, stack)
         try:
-            released = self._release(owner, charge, cause, poison_after, attempt)
+            released = self._release(owner, charge, cause, poison_after, attempt, in_flight)
         except Exception as exc:  # kept and retried; the lease expiry is the last backstop
             log.error("could not release claims of %s (%s); retrying every %.0fs while running (or "
                       "they return when their lease expires)", owner, exc, RETRY_EVERY)
-            self.refused[owner] = RefusedRelease(owner, pid, charge, cause, attempt)
+            self.refused[owner] = RefusedRelease(owner, pid, charge, cause, attempt, in_flight)
             self.next_retry = time.monotonic() + RETRY_EVERY
             return
         if released:
@@ -100,7 +102,7 @@ class ClaimReleaser:
                 continue
             try:
                 released = self._release(owner, refused.charge, refused.cause, poison_after,
-                                         refused.attempt)
+                                         refused.attempt, refused.in_flight)
             except Exception:  # still refused: the first failure was logged
                 return
             del self.refused[owner]
@@ -108,7 +110,9 @@ class ClaimReleaser:
                      released, refused.pid)
 
     def release_orphans(self) -> None:
-        """Claims of this host's dead processes (a supervisor killed with -9) go back to pending."""
+        """Claims of this host's dead processes (a supervisor killed with -9) go back to pending,
+        uncharged: the shared memory that named their claims in flight died with that supervisor,
+        and a tree killed whole was killed from outside, by no document of its own."""
         with closing(connect_to(self.db_path)) as conn:
             q = queue_for(conn)
             for owner in q.owners_with_claims(f"{self.host}:"):
@@ -119,13 +123,14 @@ class ClaimReleaser:
                     n = q.release_owner(owner, outcome=Outcome.CRASHED, attempt=gone)
                     log.warning("released %d claim(s) of dead process %s left by an earlier run", n, owner)
 
-    def _release(self, owner: str, charge: bool, cause: str, poison_after: int, attempt: Attempt) -> int:
+    def _release(self, owner: str, charge: bool, cause: str, poison_after: int, attempt: Attempt,
+                 in_flight: InFlight | None) -> int:
         outcome = death_outcome(cause)
         with closing(connect_to(self.db_path)) as conn:
             q = queue_for(conn)
             if not charge:
-                return q.release_owner(owner, outcome=outcome, attempt=attempt)
-            result = q.release_crashed(owner, cause, poison_after, time.time(), outcome=outcome,
+                return q.release_owner(owner, outcome=outcome, attempt=attempt, in_flight=in_flight)
+            result = q.release_crashed(owner, in_flight, cause, poison_after, time.time(), outcome=outcome,
                                        attempt=attempt)
         for cid in result.poisoned:
             log.error("content_id %d failed as a poison pill: it killed %d worker(s)", cid, poison_after)

@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 
 from kgsupervisor.pool.stacks import CapturedStack, capture_stack
+from kgsupervisor.queue.history import InFlight
 from kgsupervisor.states import EXIT_ERROR, EXIT_OK
 from kgsupervisor.worker.counters import COUNTS, SharedCounters
 from kgsupervisor.worker.stats import iso_now
@@ -93,9 +94,9 @@ class WorkerProcess:
         drain_kill = self.stop_requested and self.kill_reason == "drain timeout"
         return self.process.exitcode != EXIT_OK and not drain_kill
 
-    def had_document_in_hand(self) -> bool:
-        """Its shared counters name a document it was working on (they outlive a dead Manager)."""
-        return self.counters.current() is not None
+    def in_flight(self) -> InFlight | None:
+        """The claim it was sending, as its shared memory names it (which outlives the worker)."""
+        return self.counters.in_flight()
 
     def exit_hint(self) -> str:
         """A likely cause of its exit, when we did not kill it ourselves."""

@@ -25,7 +25,7 @@ from kgsupervisor.pool.reload import check_startable, reloaded_settings, warn_st
 from kgsupervisor.pool.slots import WorkerProcess, describe_exit
 from kgsupervisor.pool.snapshot import PoolSnapshot, QueueCounter, describe_slots, sum_counts
 from kgsupervisor.pool.statuschild import StatusChild
-from kgsupervisor.pool.wakeups import Wakeups
+from kgsupervisor.pool.wakeups import IDLE_TICK, TICK, Wakeups, hang_deadlines, quiet_pool
 from kgsupervisor.pool.workers import Launch, WorkerPool
 from kgsupervisor.queue.leased import queue_for
 from kgsupervisor.states import EXIT_OK, SupervisorState
@@ -37,7 +37,6 @@ from kgsupervisor.worker.stats import iso_now
 
 log = logging.getLogger("kgsupervisor.supervisor")
 
-TICK = 0.5
 SECOND_SIGNAL_GRACE = 1.0  # a terminal and a process manager often send the same stop twice
 
 
@@ -81,7 +80,7 @@ class Supervisor:
         try:
             self.start(time.monotonic())
             while self.state is not SupervisorState.STOPPED:
-                self.loop_once(self.wait_for_events(TICK), time.monotonic())
+                self.loop_once(self.wait_for_events(self.turn_timeout(time.monotonic())), time.monotonic())
         finally:
             self.halt()
         return EXIT_OK
@@ -96,7 +95,7 @@ class Supervisor:
         self.admission = self.pool.cells = PoolAdmission.start(self.settings, self.pid, self.extra_close_fds)
         if self.stats is None:
             self.stats = StatsManager(self.ctx, close_fds=self.extra_close_fds)
-        self.wakeups.install()
+        self.wakeups.install(self.parent_pid)
         self.reporter.start()
 
     def sync_inflight_max(self) -> None:
@@ -117,7 +116,7 @@ class Supervisor:
 
     def child_fds(self) -> list[int]:
         """Our descriptors a child must close: the wake pipe, the pidfile lock, the status port."""
-        return list(self.wakeups.pipe or ()) + self.extra_close_fds
+        return self.wakeups.fds() + self.extra_close_fds
 
     def spawn_status_process(self) -> None:
         """Fork the status endpoint's process; the reporter answers its requests."""
@@ -150,9 +149,21 @@ class Supervisor:
     # -- the loop ----------------------------------------------------------------------------
 
     def wait_for_events(self, timeout: float) -> list[int]:
-        """Sleep until a signal, a child exit, a control request, or `timeout`; the signals."""
-        return self.wakeups.wait([w.process.sentinel for w in self.pool.processes()] + self.reporter.controls,
-                                 timeout)
+        """Sleep until a signal, a child exit, a control request, the host process's exit (API
+        mode), or `timeout`; the signals."""
+        status = self.status.process if self.status is not None else None
+        others = [status.sentinel] if status is not None and status.is_alive() else []
+        return self.wakeups.wait([w.process.sentinel for w in self.pool.processes()] + self.reporter.controls
+                                 + others, timeout)
+
+    def turn_timeout(self, now: float) -> float:
+        """How long the loop may sleep: TICK while anything is under way, else until the next
+        deadline (a hang timeout, the registry row, a watchdog ping), IDLE_TICK at most."""
+        busy = self.exit_when_empty or self.wakeups.parent_unwatched(self.parent_pid) or not quiet_pool(self.pool)
+        if self.state is not SupervisorState.RUNNING or busy:
+            return TICK
+        due = [IDLE_TICK, self.registry.due_in(now, self.settings.lease_seconds), self.reporter.due_in(now)]
+        return max(TICK, min(due + hang_deadlines(self.pool, self.settings.hang_timeout)))
 
     def loop_once(self, sigs: list[int], now: float) -> None:
         """One turn at monotonic time `now`: dispatch signals, reap, kill hung workers, converge

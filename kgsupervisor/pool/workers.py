@@ -80,7 +80,8 @@ class WorkerPool:
                 worker.kill_reason = worker.kill_reason or "supervisor stopping"
                 worker.signal(signal.SIGKILL)
                 worker.process.join(5)
-            self.releaser.release_gone_worker(worker.owner, worker.pid, False, "", self.settings.poison_after)
+            self.releaser.release_gone_worker(worker.owner, worker.pid, False, "", self.settings.poison_after,
+                                              in_flight=worker.in_flight())  # its sent time, uncharged
 
     def reap(self, now: float, respawn: bool) -> None:
         """Collect every exited worker: release its claims at once, record why, schedule respawn."""
@@ -95,14 +96,16 @@ class WorkerPool:
         """Give back the claims of an exited worker, say why it went, and free its slot."""
         code = worker.process.exitcode
         cause = worker.kill_reason or describe_exit(code)
-        # Only a worker with a document in hand can have been killed by it. A SIGBUS is a
-        # memory-mapped file that could not be written (SQLite's -shm made immutable, a
-        # failing disk), never a document.
-        charged = worker.crashed and code != -signal.SIGBUS and worker.had_document_in_hand()
+        # Only the document a worker was sending (its shared memory names the claim) can have
+        # killed it: not one it had not sent yet, nor an answer waiting for its write-back. A
+        # SIGBUS is a memory-mapped file that could not be written (SQLite's -shm made
+        # immutable, a failing disk), never a document.
+        in_flight = worker.in_flight()
+        charged = worker.crashed and code != -signal.SIGBUS and in_flight is not None
         # Release before respawn: the replacement must find the documents pending.
         self.releaser.release_gone_worker(worker.owner, worker.pid, charged, cause,
                                           self.settings.poison_after, worker=slot.worker_id,
-                                          stack=worker.stack)
+                                          stack=worker.stack, in_flight=in_flight)
         if self.cells is not None:  # its permits: a worker killed holding one would keep it for good
             self.cells.free(worker.permit_cell)
         was_current = worker is slot.current

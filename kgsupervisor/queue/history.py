@@ -126,37 +126,42 @@ def db_time(value: object) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Held:
-    """A claim as the queue row shows it, read just before a bulk release: for its record."""
+class InFlight:
+    """The claim a worker was sending, as its slot of shared memory names it (worker.counters):
+    the one row its death may be charged to, and since when it was in flight (the attempt's sent_at)."""
 
-    claim: Claim
-    started_at: float | None  # set while the document is in flight
+    row_id: int
+    token: str
+    since: float
 
-    @property
-    def in_flight(self) -> bool:
-        return self.started_at is not None
-
-
-def held_from_row(row: Sequence[Any]) -> Held:
-    """A Held from a row of sql.HELD_ROWS (id, content_id, retry_count, owner, token, claimed, started)."""
-    qid, content_id, retry_count, owner, token, claimed, started = row
-    claim = Claim(qid, content_id, _whole(retry_count) or 0, 0, owner, token, claimed_at=db_time(claimed))
-    return Held(claim, db_time(started))
+    def names(self, claim: Claim) -> bool:
+        """Is `claim` this one (its row, under its token)? A row claimed again is another claim."""
+        return claim.id == self.row_id and claim.token == self.token
 
 
-def record_held(conn: Any, held: Sequence[Held], changed: set[int], outcome: Outcome, now: float,
-                attempt: Attempt | None = None) -> int:
-    """Record `outcome` for each held claim whose row the release changed (ids in `changed`),
-    with the sent time its row shows. A stack goes to the row in flight, the document the worker
-    was stuck on; to every one when none was in flight. Returns how many were recorded."""
+def held_from_row(row: Sequence[Any]) -> Claim:
+    """A claim from a row of sql.HELD_ROWS (id, content_id, retry_count, owner, token, claimed)."""
+    qid, content_id, retry_count, owner, token, claimed = row
+    return Claim(qid, content_id, _whole(retry_count) or 0, 0, owner, token, claimed_at=db_time(claimed))
+
+
+def record_held(conn: Any, held: Sequence[Claim], changed: set[int], outcome: Outcome, now: float,
+                attempt: Attempt | None = None, in_flight: InFlight | None = None) -> int:
+    """Record `outcome` for each held claim whose row the release changed (ids in `changed`).
+    The claim `in_flight` names gets its sent time, and the stack: the document the worker was
+    stuck on; with none in flight, every one gets the stack. Returns how many were recorded."""
     attempt = attempt or Attempt()
-    any_in_flight = any(item.in_flight for item in held)
-    released = [item for item in held if item.claim.id in changed and item.claim.token]
+    # An in-flight claim that is not among these rows (finished, or another owner's) is no one's.
+    flying = next((c for c in held if in_flight is not None and in_flight.names(c)), None)
+    since = in_flight.since if in_flight is not None else None
     recorded = 0
-    for item in released:
-        sent = attempt.sent_at if attempt.sent_at is not None else item.started_at
-        stack = attempt.stack if item.in_flight or not any_in_flight else None
-        recorded += record_attempt(conn, item.claim, outcome, now,
+    for claim in held:
+        if claim.id not in changed or not claim.token:
+            continue
+        sending = claim is flying
+        sent = since if sending and attempt.sent_at is None else attempt.sent_at
+        stack = attempt.stack if sending or flying is None else None
+        recorded += record_attempt(conn, claim, outcome, now,
                                    dataclasses.replace(attempt, sent_at=sent, stack=stack))
     return recorded
 

@@ -81,19 +81,6 @@ class LeasedQueue(ClaimOutcomes):
         claims.sort(key=lambda c: (-c.priority, c.id))
         return claims
 
-    def mark_started(self, claim: Claim, now: float) -> bool:
-        """Record that this document is now in flight (a crash from here on counts against it).
-
-        Only one row of a batch is in flight: the mark moves off the batch's earlier documents,
-        whose answers may wait in memory for a group write-back, so a crash on this one does
-        not charge them too.
-        """
-        cur = self.conn.execute(
-            "UPDATE kg_processing_queue SET started_at = CASE WHEN id = ? THEN ? END "
-            f"WHERE {HELD} AND (id = ? OR started_at IS NOT NULL) RETURNING id",
-            (claim.id, now, claim.token, claim.id))
-        return claim.id in {row[0] for row in cur.fetchall()}
-
     def extend(self, token: str, lease_seconds: float, now: float) -> int:
         """Push the lease expiry of every row held under `token`; returns rows still held."""
         cur = self.conn.execute(f"UPDATE kg_processing_queue SET lease_expires_at = ? WHERE {HELD}",

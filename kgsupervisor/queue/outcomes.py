@@ -12,7 +12,7 @@ from typing import Any
 
 from kgsupervisor.masking import hide_credentials
 from kgsupervisor.queue.claims import Claim, CrashRelease
-from kgsupervisor.queue.history import Attempt, Held, Outcome, held_from_row, record_attempt, record_held
+from kgsupervisor.queue.history import Attempt, InFlight, Outcome, held_from_row, record_attempt, record_held
 from kgsupervisor.queue.sql import BACK_TO_PENDING, FENCED, HELD_ROWS, NO_LEASE, OWNED, db_timestamp, marks
 from kgsupervisor.states import JobStatus
 from kgsupervisor.store.sqlite import transaction
@@ -65,27 +65,28 @@ class ClaimOutcomes:
                        for c in claims)
 
     def release_owner(self, owner: str, *, outcome: Outcome = Outcome.DRAINED, attempt: Attempt | None = None,
-                      now: float | None = None) -> int:
-        """Every claim of an owner (dead, or leaving) back to pending at once, no attempt charged."""
+                      now: float | None = None, in_flight: InFlight | None = None) -> int:
+        """Every claim of an owner (dead, or leaving) back to pending at once, no attempt charged;
+        `in_flight`, the claim it was sending, gets its sent time in the history."""
         with self.atomic():
             held = self.held(OWNED, (owner,))
             changed = self.released(OWNED, (owner,))
-            record_held(self.conn, held, changed, outcome, time.time() if now is None else now, attempt)
+            record_held(self.conn, held, changed, outcome, time.time() if now is None else now, attempt,
+                        in_flight)
         return len(changed)
 
-    def release_crashed(self, owner: str, cause: str, poison_after: int, now: float, *,
-                        outcome: Outcome = Outcome.CRASHED, attempt: Attempt | None = None) -> CrashRelease:
-        """Every claim of a worker that died, back at once: unstarted rows untouched, the row it
-        was working on charged one crash, and failed as a poison pill after `poison_after` crashes.
+    def release_crashed(self, owner: str, in_flight: InFlight | None, cause: str, poison_after: int,
+                        now: float, *, outcome: Outcome = Outcome.CRASHED,
+                        attempt: Attempt | None = None) -> CrashRelease:
+        """Every claim of a worker that died, back at once: the claim it was sending (`in_flight`,
+        from its shared memory) charged one crash, and failed as a poison pill after
+        `poison_after` crashes; the rest, unsent or answered but unwritten, uncharged.
         """
         attempt = attempt or Attempt(error_message=cause)
         with transaction(self.conn):
             held = self.held(OWNED, (owner,))
-            in_flight = self.conn.execute(
-                "UPDATE kg_processing_queue SET crash_count = COALESCE(crash_count, 0) + 1 "
-                f"WHERE {OWNED} AND started_at IS NOT NULL RETURNING id, content_id, crash_count",
-                (owner,)).fetchall()
-            poisoned = [(qid, cid, n) for qid, cid, n in in_flight if n >= poison_after]
+            charged = self.charge_crash(owner, in_flight)
+            poisoned = [(qid, cid, n) for qid, cid, n in charged if n >= poison_after]
             for qid, _, n in poisoned:
                 # PROCESSING -> FAILED (poison pill)
                 reason = (f"poison pill: a worker died {n} times while processing this document "
@@ -94,10 +95,20 @@ class ClaimOutcomes:
                     "UPDATE kg_processing_queue SET status = 'failed', processed_at = ?, error_message = ?, "
                     f"{NO_LEASE}, started_at = NULL WHERE id = ?", (db_timestamp(now), reason, qid))
                 record_held(self.conn, held, {qid}, Outcome.POISON_PILL, now,
-                            dataclasses.replace(attempt, error_message=reason))
+                            dataclasses.replace(attempt, error_message=reason), in_flight)
             changed = self.released(OWNED, (owner,))
-            record_held(self.conn, held, changed, outcome, now, attempt)
-        return CrashRelease(len(changed), [cid for _, cid, _ in in_flight], [cid for _, cid, _ in poisoned])
+            record_held(self.conn, held, changed, outcome, now, attempt, in_flight)
+        return CrashRelease(len(changed), [cid for _, cid, _ in charged], [cid for _, cid, _ in poisoned])
+
+    def charge_crash(self, owner: str, in_flight: InFlight | None) -> list[tuple[int, Any, int]]:
+        """One crash more on the claim in flight, if `owner` still holds it under its token:
+        [(row id, content_id, crash_count)], empty when nothing was in flight."""
+        if in_flight is None:
+            return []
+        return self.conn.execute(
+            "UPDATE kg_processing_queue SET crash_count = COALESCE(crash_count, 0) + 1 "
+            f"WHERE {OWNED} AND id = ? AND lease_token = ? RETURNING id, content_id, crash_count",
+            (owner, in_flight.row_id, in_flight.token)).fetchall()
 
     def requeue_expired_rows(self, now: float, batch_rows: int) -> int:
         """Expired leases back to pending, `batch_rows` a transaction; each recorded as crashed."""
@@ -115,7 +126,7 @@ class ClaimOutcomes:
             count += len(changed)
         return count
 
-    def held(self, where: str, params: Sequence[object]) -> list[Held]:
+    def held(self, where: str, params: Sequence[object]) -> list[Claim]:
         """The claims `where` selects, as their rows show them now (before a release)."""
         return [held_from_row(row) for row in self.conn.execute(HELD_ROWS + where, params).fetchall()]
 

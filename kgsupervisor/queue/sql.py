@@ -12,7 +12,9 @@ from kgsupervisor.store.schema import CLAIMABLE
 
 # SET list: the row is held by no one (its lease owner, token and expiry gone).
 NO_LEASE = "lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL"
-# SET list: the row is pending again, unleased and not started (no crash can be charged to it).
+# SET list: the row is pending again and unleased. started_at (kept for older versions, which
+# mark the row in flight there) is cleared as the claim clears it: this version keeps the row in
+# flight in the worker's shared memory (worker.counters), and writes no mark of its own.
 BACK_TO_PENDING = f"status = 'pending', {NO_LEASE}, started_at = NULL, processing_started_at = NULL"
 # WHERE: the rows still held under a lease token (parameter: the token).
 HELD = "lease_token = ? AND status = 'processing'"
@@ -23,8 +25,8 @@ FENCED = f"id = ? AND {HELD}"
 OWNED = "status = 'processing' AND lease_owner = ?"
 # The claims a bulk release is about to give back, as the attempt history records them
 # (history.held_from_row); append a WHERE condition.
-HELD_ROWS = ("SELECT id, content_id, retry_count, lease_owner, lease_token, processing_started_at, "
-             "started_at FROM kg_processing_queue WHERE ")
+HELD_ROWS = ("SELECT id, content_id, retry_count, lease_owner, lease_token, processing_started_at "
+             "FROM kg_processing_queue WHERE ")
 # The name of the pause flag's row in the control table (`kgsupervisor pause`).
 PAUSED_FLAG = "paused"
 # A row of the control table says an operator has paused the queue: claims take nothing.

@@ -9,7 +9,7 @@ from typing import Any
 
 from kgsupervisor.errors import DatabaseBusy, DatabaseError
 from kgsupervisor.masking import redact
-from kgsupervisor.store.commitwatch import QUEUE_CHANNEL, DataVersionWatch, NotifyWatch
+from kgsupervisor.store.commitwatch import QUEUE_CHANNEL, DataVersionWatch, NotifyWatch, sqlite_commit_watch
 from kgsupervisor.store.pgschema import FOLD_COUNT_ROWS_SQL, check_schema_pg, migrate_pg
 from kgsupervisor.store.postgres import PGConnection, is_postgres_url
 from kgsupervisor.store.schema import check_schema, init_db
@@ -76,8 +76,9 @@ class Backend:
         """Create or migrate the schema at `target`; idempotent. Returns what was changed."""
         raise NotImplementedError
 
-    def commit_watch(self, conn: Any) -> DataVersionWatch | NotifyWatch:
-        """What notices a commit by someone else (an enqueue, a release) on `conn`."""
+    def commit_watch(self, conn: Any, mode: str = "auto") -> DataVersionWatch | NotifyWatch:
+        """What notices a commit by someone else (an enqueue, a release) on `conn`; `mode`
+        `poll` looks every so often even where events could be waited for."""
         raise NotImplementedError
 
     def wake_claimers(self, conn: Any) -> None:
@@ -153,8 +154,8 @@ class SQLiteBackend(Backend):
     def init(self, target: str) -> list[str]:
         return init_db(target)
 
-    def commit_watch(self, conn: Any) -> DataVersionWatch:
-        return DataVersionWatch(conn)
+    def commit_watch(self, conn: Any, mode: str = "auto") -> DataVersionWatch:
+        return sqlite_commit_watch(conn, mode)
 
     def lenient_text(self, column: str) -> str:
         # Read as bytes and decoded leniently: a crawler that stored invalid UTF-8 must cost one
@@ -242,8 +243,8 @@ class PostgresBackend(Backend):
         with closing(self.connect(target)) as conn:
             return migrate_pg(conn)
 
-    def commit_watch(self, conn: Any) -> NotifyWatch:
-        return NotifyWatch(conn)
+    def commit_watch(self, conn: Any, mode: str = "auto") -> NotifyWatch:
+        return NotifyWatch(conn, mode)
 
     def wake_claimers(self, conn: Any) -> None:
         """A NOTIFY on the channel every idle worker LISTENs on, as the queue's triggers send."""
@@ -349,6 +350,6 @@ def init_database(target: str) -> list[str]:
     return backend_for(target).init(target)
 
 
-def commit_watch(conn: Any) -> DataVersionWatch | NotifyWatch:
-    """The watch that suits this connection's backend."""
-    return backend_of(conn).commit_watch(conn)
+def commit_watch(conn: Any, mode: str = "auto") -> DataVersionWatch | NotifyWatch:
+    """The watch that suits this connection's backend (`mode`: KG_COMMIT_WATCH)."""
+    return backend_of(conn).commit_watch(conn, mode)

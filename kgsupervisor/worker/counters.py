@@ -1,11 +1,14 @@
 """Per-worker counters and heartbeat in shared memory: they outlive a dead Manager process."""
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from kgsupervisor.queue.history import InFlight
 
 # Upper bounds (seconds) of the KG request latency histogram; +Inf is the count itself.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
@@ -18,6 +21,16 @@ COUNTS = ("processed", "success", "failed", "retried", "released", "requests", "
 FIELDS = ("heartbeat", "current_content_id", "held_since") + COUNTS
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
 NO_DOCUMENT = -1.0
+# Room for a claim token in shared memory (a worker's are 32 hex digits).
+TOKEN_BYTES = 64
+
+
+class _InFlightSlot(ctypes.Structure):
+    """The claim a worker is sending, for its supervisor to charge if it dies (queue.history.InFlight).
+    Integers and bytes, not doubles: a row id is 64 bits, a token is text."""
+
+    _fields_ = [("sending", ctypes.c_int32), ("row_id", ctypes.c_int64), ("since", ctypes.c_double),
+                ("token", ctypes.c_char * TOKEN_BYTES)]
 
 
 class SharedCounters:
@@ -32,6 +45,7 @@ class SharedCounters:
         self._array = ctx.RawArray("d", len(FIELDS))
         self._array[_INDEX["heartbeat"]] = time.time()
         self._array[_INDEX["current_content_id"]] = NO_DOCUMENT
+        self._in_flight = ctx.RawValue(_InFlightSlot)  # zeroed: nothing in flight
 
     def beat(self, now: float | None = None) -> None:
         self._array[_INDEX["heartbeat"]] = time.time() if now is None else now
@@ -60,6 +74,32 @@ class SharedCounters:
     def current(self) -> int | None:
         value = self._array[_INDEX["current_content_id"]]
         return None if value == NO_DOCUMENT else int(value)
+
+    @contextmanager
+    def sending(self, row_id: int, token: str, now: float | None = None) -> Iterator[None]:
+        """The claim (`row_id` under `token`) is in flight for the block: a death meanwhile is
+        charged to it, and to nothing else the worker holds. Plain stores, no transaction."""
+        raw = token.encode()
+        if len(raw) > TOKEN_BYTES:
+            raise ValueError(f"a claim token of {len(raw)} bytes; at most {TOKEN_BYTES} fit in shared memory")
+        slot = self._in_flight
+        # The flag last on the way in and first on the way out: a death between two stores
+        # leaves either no record or a whole one, never a row with another claim's token.
+        slot.sending = 0
+        slot.row_id, slot.token = row_id, raw
+        slot.since = time.time() if now is None else now
+        slot.sending = 1
+        try:
+            yield
+        finally:
+            slot.sending = 0
+
+    def in_flight(self) -> InFlight | None:
+        """The claim being sent, or None; read by the supervisor once the worker is gone."""
+        slot = self._in_flight
+        if not slot.sending:
+            return None
+        return InFlight(slot.row_id, slot.token.decode(errors="replace"), slot.since)
 
     def observe_latency(self, seconds: float) -> None:
         """One KG request took `seconds` (cumulative buckets, as Prometheus wants them)."""

@@ -30,8 +30,9 @@ class WorkerDatabase:
     """
 
     def __init__(self, db_path: str, owner: str, log: logging.LoggerAdapter, stats: WorkerStats,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, watch_mode: str = "auto") -> None:
         self.db_path = db_path
+        self.watch_mode = watch_mode  # KG_COMMIT_WATCH
         self.owner = owner
         self.log = log
         self.stats = stats
@@ -39,7 +40,7 @@ class WorkerDatabase:
         self.conn = open_database(db_path)
         self.queue: LeasedQueue = queue_for(self.conn)
         # A commit by anyone else (an enqueue) wakes an idle worker at once, not after poll_interval.
-        self.commits = commit_watch(self.conn)
+        self.commits = commit_watch(self.conn, watch_mode)
         self.lock_retry = LockRetry(on_retry=self._count_lock_retry, sleep=self._wait_for_lock)
         self.pause = DatabasePause(log)
         self.claims_held = False  # claims left behind by a failed iteration, to give back
@@ -87,7 +88,8 @@ class WorkerDatabase:
         with self.progress.parked(up_to=DB_WAIT):
             self.conn = connect_to(self.db_path)
         self.queue = queue_for(self.conn)
-        self.commits = commit_watch(self.conn)
+        self.commits.close()
+        self.commits = commit_watch(self.conn, self.watch_mode)
         self.stale = False
 
     def give_back_claims(self) -> None:
@@ -119,6 +121,7 @@ class WorkerDatabase:
             return 0
 
     def close(self) -> None:
+        self.commits.close()
         self.conn.close()
 
     def _count_lock_retry(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from kgsupervisor.config import Settings
 from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
 from kgsupervisor.kg.dispatch import Dispatcher
+from kgsupervisor.kg.result import IngestResult
 from kgsupervisor.queue.documents import build_payload, encode_payload
 from kgsupervisor.queue.history import Attempt, Outcome
 from kgsupervisor.queue.leased import Claim
@@ -58,17 +59,8 @@ class DocumentProcessor:
             self.fail(claim, claim.problem, self.tried(claim), Outcome.BAD_ROW)
             return None
         self._busy()
-        self.db.retrying(lambda q: q.mark_started(claim, time.time()))
         try:
-            payload, notes = self.read_document(claim)
-            self.progress.mark()
-            body = encode_payload(payload)
-            self.progress.mark()
-            # The request is parked (a wait bounded by KG_SERVICE_TIMEOUT); the answer's parse is
-            # work, not a wait: a few seconds at most within KG_MAX_ANSWER_MB, and a spin in it hangs.
-            result, took = self.dispatch.send(claim.content_id, body,
-                                              {c["vector_rowid"] for c in payload["chunks"]})
-            self.progress.mark()
+            result, took, notes = self.send(claim)
         except DocumentRejected as exc:
             self.fail(claim, str(exc), self.tried(claim, exc))
         except InvalidAnswer as exc:
@@ -88,6 +80,25 @@ class DocumentProcessor:
         else:
             return Answered(claim, result, notes, at=time.monotonic(), took=took, attempt=self.tried(claim))
         return None
+
+    def send(self, claim: Claim) -> tuple[IngestResult, float, list[str]]:
+        """Read the document, send it and parse the answer: (result, seconds taken, notes).
+
+        Meanwhile the claim is in flight in the worker's shared memory, not in the database (no
+        transaction a document): a death from the read to the parsed answer (a document that
+        crashes the reader or the parser, a hang, a kill) is charged to this claim alone.
+        """
+        with self.stats.counters.sending(claim.id, claim.token):
+            payload, notes = self.read_document(claim)
+            self.progress.mark()
+            body = encode_payload(payload)
+            self.progress.mark()
+            # The request is parked (a wait bounded by KG_SERVICE_TIMEOUT); the answer's parse is
+            # work, not a wait: a few seconds at most within KG_MAX_ANSWER_MB, and a spin in it hangs.
+            result, took = self.dispatch.send(claim.content_id, body,
+                                              {c["vector_rowid"] for c in payload["chunks"]})
+            self.progress.mark()
+        return result, took, notes
 
     def tried(self, claim: Claim, exc: BaseException | None = None) -> Attempt:
         """What this worker knows of its try of `claim`, for the attempt history: the request the

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import socket
 import time
@@ -27,6 +26,7 @@ from kgsupervisor.worker.admitting import admission_control
 from kgsupervisor.worker.counters import Progress, SharedCounters
 from kgsupervisor.worker.database import WorkerDatabase
 from kgsupervisor.worker.document import DocumentProcessor
+from kgsupervisor.worker.doorbell import Doorbell, wait_for_commit
 from kgsupervisor.worker.lease import BEAT_INTERVAL, LeaseKeeper
 from kgsupervisor.worker.stats import StatsPublisher, WorkerStats
 from kgsupervisor.worker.worklog import WorkerLog, holding
@@ -70,8 +70,8 @@ class KGWorker(AdmittedSending):
         self.log = WorkerLog(log, {"worker_id": worker_id, "content_id": None})
         # What the heartbeat says: the main thread's progress, marked at each step (counters.Progress).
         self.progress = Progress(beat=self.stats.counters.beat)
-        # SimpleQueue, not Event: put_nowait is safe inside a signal handler, Event.set is not.
-        self._wakeups: queue.SimpleQueue[int] = queue.SimpleQueue()
+        # A pipe, not an Event: writing one is safe inside a signal handler, Event.set is not.
+        self._wakeups = Doorbell()
         self._last_requeue = 0.0
 
     # -- process lifecycle -------------------------------------------------------------------
@@ -80,7 +80,9 @@ class KGWorker(AdmittedSending):
         """Open this process's own connection, HTTP session and lease keeper."""
         self.stats.pid = os.getpid()
         self.owner = owner_name()
-        self.db = WorkerDatabase(self.db_path, self.owner, self.log, self.stats, self.progress)
+        self.db = WorkerDatabase(self.db_path, self.owner, self.log, self.stats, self.progress,
+                                 watch_mode=self.settings.commit_watch)
+        self.log.info("idle, this worker %s", self.db.commits.how)
         s = self.settings
         self.endpoints = EndpointPool.from_settings(s, self.worker_id)
         for endpoint in self.endpoints.endpoints:  # a request waits on its deadline: not hung
@@ -93,7 +95,8 @@ class KGWorker(AdmittedSending):
                                            progress=self.progress)
         self.progress.mark()
         self.keeper = LeaseKeeper(self.db_path, self.owner, s.lease_seconds, beat=self.publish,
-                                  parent_pid=self.parent_pid, stop_claiming=self.stop_claiming)
+                                  parent_pid=self.parent_pid, stop_claiming=self.stop_claiming,
+                                  hang_timeout=s.hang_timeout)
         self.keeper.start()
         self.set_state(WorkerState.IDLE)
 
@@ -117,7 +120,7 @@ class KGWorker(AdmittedSending):
 
     def handle_usr1(self, signum: int, frame: Any) -> None:
         self.reopen_logs = True
-        self._wakeups.put_nowait(signum)
+        self._wakeups.ring()
 
     def stop_claiming(self) -> None:
         """Called by the lease keeper when the supervisor is gone."""
@@ -126,11 +129,11 @@ class KGWorker(AdmittedSending):
     def handle_drain_signal(self, signum: int, frame: Any) -> None:
         """Under a supervisor: finish the document in hand, then exit; a repeat changes nothing."""
         self.alive = False
-        self._wakeups.put_nowait(signum)
+        self._wakeups.ring()
 
     def handle_stop_signal(self, signum: int, frame: Any) -> None:
         self.alive = False
-        self._wakeups.put_nowait(signum)
+        self._wakeups.ring()
         # The second signal interrupts even a blocking request; run() releases what is held.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -235,7 +238,11 @@ class KGWorker(AdmittedSending):
             if self.admission is not None:
                 self.admission.give_back()
         # A full batch means there is probably more: claim again at once (the upstream slept).
-        return 0.0 if len(claims) == limit else self.settings.poll_interval
+        if len(claims) == limit:
+            return 0.0
+        # A short one found the queue empty: this worker holds nothing and waits for work.
+        self.set_state(WorkerState.IDLE)
+        return self.settings.poll_interval
 
     def requeue_expired(self, now: float) -> None:
         if now - self._last_requeue < min(REQUEUE_EXPIRED_EVERY, self.settings.lease_seconds / 2):
@@ -311,23 +318,14 @@ class KGWorker(AdmittedSending):
             self._wait_for_work(timeout)
 
     def _wait_for_work(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         # Watch for commits whenever the worker would claim next (idle, or after a partial
         # batch); not while paused, when a commit is no reason to call a service that is down.
-        watch = self.stats.state in (WorkerState.IDLE.value, WorkerState.BUSY.value)
-        while self.alive:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._woken(min(left, self.db.commits.interval if watch else left)):
-                return
-            if watch and self.db.commits.changed():
-                return
+        watch = self.db.commits if self.stats.state in (WorkerState.IDLE.value, WorkerState.BUSY.value) else None
+        wait_for_commit(self._wakeups, watch, timeout, lambda: self.alive)
 
     def _woken(self, timeout: float) -> bool:
-        try:
-            self._wakeups.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        return True
+        """Sleep up to `timeout`; True when a signal (a stop, a log reopen) ended the sleep."""
+        return self._wakeups.wait([], timeout)
 
     def set_state(self, state: WorkerState) -> None:
         if self.stats.state != state.value:

@@ -76,23 +76,20 @@ class WorkerStats:
 class StatsPublisher:
     """Writes a worker's stats into a (possibly Manager-backed) map, never failing the worker."""
 
-    # An idle worker's stats do not change; a round trip to the Manager per beat would be
-    # most of an idle pool's CPU.
-    REFRESH_EVERY = 10.0
+    # Only what changed is published: an idle worker's stats do not change, and a round trip to
+    # the Manager per beat would be most of an idle pool's CPU (its heartbeat is in shared memory).
 
     def __init__(self, target: MutableMapping[Any, Any] | None) -> None:
         self.target = target
         self._warned = False
         self._last: tuple | None = None
-        self._last_at = 0.0
 
     def publish_if_changed(self, stats: WorkerStats) -> None:
         signature = (stats.state, stats.total_processed, stats.total_retried, stats.total_released,
                      stats.current_content_id, stats.lease_lost, stats.db_lock_retries,
                      tuple(sorted(stats.kg_service.items())))
-        now = time.monotonic()
-        if signature != self._last or now - self._last_at >= self.REFRESH_EVERY:
-            self._last, self._last_at = signature, now
+        if signature != self._last:
+            self._last = signature
             self.publish(stats)
 
     def publish(self, stats: WorkerStats) -> None:
@@ -109,8 +106,9 @@ class StatsPublisher:
                 self._warned = True
 
 
-# A worker's heartbeat comes every second from its lease keeper thread, busy or idle; one this
-# old belongs to a process that is stopped (SIGSTOP) or stuck in C code holding the GIL.
+# A worker's heartbeat comes every second from its lease keeper thread while it holds claims, every
+# few seconds while idle (lease.IDLE_BEAT); one this old belongs to a process that is stopped
+# (SIGSTOP) or stuck in C code holding the GIL.
 STALE_HEARTBEAT = 10.0
 
 

@@ -265,6 +265,7 @@ def supervisor_extras(ctx: Context, n: int = 200) -> dict:
     from kgsupervisor.worker.stats import WorkerStats
 
     from .common import percentile
+    from .loops import mark_started
 
     reset_database(ctx.db)
     marks, extends = [], []
@@ -275,7 +276,7 @@ def supervisor_extras(ctx: Context, n: int = 200) -> dict:
             held = q.claim("bench:extras", token, 5, 60.0, time.time())
             for claim in held:
                 started = time.perf_counter()
-                q.mark_started(claim, time.time())
+                mark_started(conn, claim, time.time())
                 marks.append(time.perf_counter() - started)
             started = time.perf_counter()
             q.extend(token, 60.0, time.time())

@@ -109,7 +109,7 @@ def measure_level(ctx: Context, db: str, results: dict) -> dict:
         crashed = []
         for _ in range(20):
             held = q.claim(owner, uuid.uuid4().hex, 5, 60.0, time.time())
-            crashed.append(clock(lambda: q.release_crashed(owner, "bench", 3, time.time())))
+            crashed.append(clock(lambda: q.release_crashed(owner, None, "bench", 3, time.time())))
         out["release_crashed"] = stat(crashed)
         out["requeue_expired"] = stat([clock(lambda: q.requeue_expired(time.time())) for _ in range(20)])
         out["has_live_work"] = stat([clock(q.has_live_work) for _ in range(20)])

@@ -53,19 +53,20 @@ def pickup_sample(db_conn: sqlite3.Connection, queue: SQLiteQueue, content_id: i
                   timeout: float = 20.0) -> dict:
     """Enqueue one document (as `kgsupervisor enqueue` does) and wait until it is completed.
 
-    Picked up = the worker's `started_at` stamp (set right after its claim) minus the moment the
-    enqueue had committed."""
+    Picked up = the claim's time in the attempt history (`claimed_at`, the worker's clock at its
+    claim) minus the moment the enqueue had committed."""
     queue.enqueue([content_id], 1, time.time())
     committed = time.time()
     qid = db_conn.execute("SELECT MAX(id) FROM kg_processing_queue WHERE content_id = ?",
                           (content_id,)).fetchone()[0]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status, started_at = db_conn.execute(
-            "SELECT status, started_at FROM kg_processing_queue WHERE id = ?", (qid,)).fetchone()
+        (status,) = db_conn.execute("SELECT status FROM kg_processing_queue WHERE id = ?", (qid,)).fetchone()
         if status in ("completed", "failed"):
             done = time.time()
-            return {"pickup_s": (started_at or done) - committed, "done_s": done - committed,
+            (claimed,) = db_conn.execute("SELECT MIN(claimed_at) FROM kg_processing_attempts WHERE queue_id = ?",
+                                         (qid,)).fetchone()
+            return {"pickup_s": (claimed or done) - committed, "done_s": done - committed,
                     "status": status}
         time.sleep(0.005)
     return {"pickup_s": float("nan"), "done_s": float("nan"), "status": "timeout"}

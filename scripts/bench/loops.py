@@ -34,6 +34,17 @@ from kgsupervisor.store.sqlite import connect
 INGEST = "/api/v1/ingest"
 
 
+# The mark a kgsupervisor worker wrote before each document until issue 18 (the row in flight
+# is now in its shared memory): kept as the what-if of one more commit a document.
+MARK_STARTED = ("UPDATE kg_processing_queue SET started_at = CASE WHEN id = ? THEN ? END "
+                "WHERE lease_token = ? AND status = 'processing' AND (id = ? OR started_at IS NOT NULL)")
+
+
+def mark_started(conn, claim, now: float) -> None:
+    """The old per-document mark of the row in flight, its own transaction."""
+    conn.execute(MARK_STARTED, (claim.id, now, claim.token, claim.id))
+
+
 def claim_loop(args: argparse.Namespace, answer_of) -> int:
     """Claim a batch, process each document, again; exit when a claim comes back empty."""
     conn = connect(args.db)
@@ -45,8 +56,8 @@ def claim_loop(args: argparse.Namespace, answer_of) -> int:
         if not claims and not args.forever:
             break
         for claim in claims:
-            if args.mark_started:  # what the worker adds: one more commit per document
-                queue.mark_started(claim, time.time())
+            if args.mark_started:  # what the worker added until issue 18: one more commit per document
+                mark_started(conn, claim, time.time())
             payload, notes = build_payload(conn, claim.content_id)
             rowids = {c["vector_rowid"] for c in payload["chunks"]}
             result = parse_answer(answer_of(payload), content_id=claim.content_id, chunk_rowids=rowids)
@@ -90,7 +101,7 @@ def main() -> int:
     parser.add_argument("--start-at", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="post: at most this many documents per process")
     parser.add_argument("--mark-started", action="store_true",
-                        help="bare: also stamp started_at before each document, as a kgsupervisor worker does")
+                        help="bare: also stamp started_at before each document, as a kgsupervisor worker did")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     args.forever, args.sleep = False, 0.0

@@ -102,17 +102,24 @@ def run_kills(ctx: Context) -> list[dict]:
     return rows
 
 
+def documents_in_hand(sup: Supervisor) -> list[float]:
+    """When each worker took the document it holds, from the status endpoint (its shared memory:
+    the row in flight is no longer stamped in the database)."""
+    import requests
+    details = requests.get(sup.status_url + "/health", timeout=5).json()["worker_details"]
+    now = time.time()
+    return [now - d["held_seconds"] for d in details if d.get("current_content_id") is not None]
+
+
 def sigterm(ctx: Context, latency: float, busy: bool) -> dict:
-    sup = Supervisor(ctx.db, ctx.service(latency).url, 4, ctx.path("term-supervisor.log")).start()
+    sup = Supervisor(ctx.db, ctx.service(latency).url, 4, ctx.path("term-supervisor.log"), status=True).start()
     with closing(sqlite3.connect(ctx.db, timeout=30)) as conn:
         if busy:
-            wait_for(lambda: conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status = "
-                                          "'processing' AND started_at IS NOT NULL").fetchone()[0] >= 4, 30)
+            wait_for(lambda: len(documents_in_hand(sup)) >= 4, 30)
             time.sleep(0.3)
         else:
             time.sleep(2.0)
-        in_flight = [r[0] for r in conn.execute("SELECT started_at FROM kg_processing_queue WHERE "
-                                                "status = 'processing' AND started_at IS NOT NULL")]
+        in_flight = documents_in_hand(sup)
         sent = time.time()
         t0 = time.monotonic()
         sup.proc.send_signal(signal.SIGTERM)

@@ -5,7 +5,8 @@ Every scenario drains a queue through a real `kgsupervisor run` (harness.Supervi
 FaultServer that answers like the reference service after a small seeded sleep, so documents are
 in flight when a fault lands; then check_invariants() recomputes every document's rows.
 Signals are real (os.kill), processes are found with psutil by their names (kgs-worker-N,
-kgs-stats), and a row's lease_owner (host:pid) with started_at set tells which worker is sending it.
+kgs-stats), and a row's lease_owner (host:pid) tells which worker is sending a document whose
+request the FaultServer's journal shows unanswered.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import requests
 from scripts.sampledata import add_documents
 
 from ..conftest import held_until, seed, wait_for, wait_for_log
-from ..faultserver import FaultServer
+from ..faultserver import FaultServer, Journal
 from .harness import Outcome, Supervisor, check_invariants, completed, queue_done, scalar
 
 # A timeout marker overrides --timeout on the command line, so the soak run (thousands of
@@ -87,10 +88,13 @@ def charged(conn: sqlite3.Connection) -> int:
                         "WHERE retry_count > 0 OR COALESCE(crash_count, 0) > 0")
 
 
-def in_flight(conn: sqlite3.Connection) -> list[tuple[int, int, str]]:
-    """(queue id, content_id, lease_owner) of every document a worker is sending right now."""
-    return conn.execute("SELECT id, content_id, lease_owner FROM kg_processing_queue "
-                        "WHERE status = 'processing' AND started_at IS NOT NULL ORDER BY id").fetchall()
+def in_flight(conn: sqlite3.Connection, journal: Journal) -> list[tuple[int, int, str]]:
+    """(queue id, content_id, lease_owner) of every document a worker is sending right now: the
+    service has its request and has not answered it yet, and its row is still held."""
+    waiting = [cid for cid, sent in journal.by_document().items() if sent[-1].status is None]
+    return conn.execute(f"SELECT id, content_id, lease_owner FROM kg_processing_queue WHERE status = "
+                        f"'processing' AND content_id IN ({','.join('?' * len(waiting))}) ORDER BY id",
+                        waiting).fetchall()
 
 
 def owner_pid(owner: str) -> int:
@@ -202,43 +206,45 @@ def test_random_worker_sigkill_storm(conn, db_path, soak):
 def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
     n = 2000 if soak else 200
     ids = seed(conn, n)
-    server = FaultServer(jitter(2))
+    target = ids[n // 5]
+    fast = jitter(2)
+    killed = threading.Event()
+
+    def behaviour(payload: dict, i: int) -> None:
+        if payload["content_id"] == target and not killed.is_set():
+            killed.wait(60)  # in flight until its sender has been stopped and killed
+        else:
+            fast(payload, i)
+
+    server = FaultServer(behaviour)
     sup = Supervisor(db_path, server.url, "--workers", "2", env={"KG_HANG_TIMEOUT": "3"})
     stopped_pid = None
     try:
         sup.wait_ready()
-        wait_for(lambda: completed(conn) >= n // 5, 60, message="a fifth of the queue done")
-        # Stop a worker while it holds a document in flight (it may finish between the look and
-        # the signal: then let it go on and try another moment).
-        for _ in range(50):
-            flights = in_flight(conn)
-            if not flights:
-                time.sleep(0.01)
-                continue
-            pid = owner_pid(flights[0][2])
-            assert pid in workers(sup), (pid, workers(sup))
-            os.kill(pid, signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            owner = f"{HOST}:{pid}"
-            held = conn.execute("SELECT content_id, started_at IS NOT NULL FROM kg_processing_queue "
-                                "WHERE status = 'processing' AND lease_owner = ?", (owner,)).fetchall()
-            if any(started for _, started in held):
-                stopped_pid = pid
-                break
-            os.kill(pid, signal.SIGCONT)
-        assert stopped_pid is not None, "never caught a worker with a document in flight"
+        # Stop the worker sending `target` (a fifth into the queue) while its request waits.
+        wait_for(lambda: target in server.journal.by_document(), 60, message="the target document in flight")
+        owner = conn.execute("SELECT lease_owner FROM kg_processing_queue WHERE content_id = ? AND "
+                             "status = 'processing'", (target,)).fetchone()[0]
+        pid = owner_pid(owner)
+        assert pid in workers(sup), (pid, workers(sup))
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        stopped_pid = pid
+        held = conn.execute("SELECT content_id FROM kg_processing_queue WHERE status = 'processing' "
+                            "AND lease_owner = ?", (owner,)).fetchall()
         slot = workers(sup)[stopped_pid]
-        stuck_docs = [cid for cid, _ in held]
-        flying = [cid for cid, started in held if started]
+        stuck_docs = [cid for (cid,) in held]
         wait_for(lambda: not psutil.pid_exists(stopped_pid) or stopped_pid not in workers(sup), 60,
                  message="the hung worker killed")
-        killed = time.monotonic() - stopped_at
+        killed_after = time.monotonic() - stopped_at
+        killed.set()
         wait_for(lambda: any(name == slot and pid != stopped_pid for pid, name in workers(sup).items()), 60,
                  interval=0.01, message="a replacement worker")
         recovered = time.monotonic() - stopped_at
         wait_drained(db_path, n, sup, 90)
         code = stop(sup)
     finally:
+        killed.set()
         if stopped_pid is not None and psutil.pid_exists(stopped_pid):
             try:
                 os.kill(stopped_pid, signal.SIGCONT)
@@ -249,9 +255,10 @@ def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
         server.close()
     outcome = check_invariants(db_path, ids, Outcome(
         "hung worker (SIGSTOP), KG_HANG_TIMEOUT=3", n,
-        f"1 worker SIGSTOPped holding {len(stuck_docs)} claim(s), 1 in flight; killed after {killed:.1f} s",
+        f"1 worker SIGSTOPped holding {len(stuck_docs)} claim(s), 1 in flight; "
+        f"killed after {killed_after:.1f} s",
         recover_seconds=round(recovered, 2), exit_code=code), queue_rows=n, journal=server.journal)
-    print(outcome, f"killed after {killed:.2f}s")
+    print(outcome, f"killed after {killed_after:.2f}s")
     log = sup.stderr
     assert "hung: no heartbeat" in log, log[-3000:]
     assert code == 0 and outcome.failed == 0
@@ -262,7 +269,7 @@ def test_stopped_worker_is_killed_and_replaced(conn, db_path, soak):
                              f"({','.join('?' * len(stuck_docs))})", stuck_docs).fetchall())
     assert set(rows.values()) == {"completed"}, rows
     # The hang kill counts as a death of the document it was sending, and of nothing else.
-    assert scalar(conn, "SELECT crash_count FROM kg_processing_queue WHERE content_id = ?", flying[0]) == 1
+    assert scalar(conn, "SELECT crash_count FROM kg_processing_queue WHERE content_id = ?", target) == 1
     assert scalar(conn, "SELECT COALESCE(SUM(crash_count), 0) FROM kg_processing_queue") == 1
     assert scalar(conn, "SELECT MAX(retry_count) FROM kg_processing_queue") == 0
 
@@ -291,14 +298,16 @@ def test_poison_pill_fails_after_three_deaths(conn, db_path, soak):
         deadline = time.monotonic() + 60
 
         def status() -> tuple:
-            return conn.execute("SELECT status, started_at, lease_owner FROM kg_processing_queue "
+            return conn.execute("SELECT status, lease_owner FROM kg_processing_queue "
                                 "WHERE content_id = ?", (poison,)).fetchone()
 
         while (row := status())[0] != "failed":
             assert time.monotonic() < deadline, f"poison pill never failed: {row}, kills {killed_owners}"
             assert len(killed_owners) <= 3, f"still {row} after {killed_owners}"
-            state, started, owner = row
-            if state == "processing" and started is not None and owner not in killed_owners:
+            state, owner = row
+            # Each send is held until its sender is killed: one more send than kills is in flight.
+            sends = len(server.journal.by_document().get(poison, []))
+            if state == "processing" and sends > len(killed_owners) and owner not in killed_owners:
                 pid = owner_pid(owner)
                 assert pid in workers(sup), (pid, workers(sup))
                 os.kill(pid, signal.SIGKILL)
@@ -494,7 +503,7 @@ def test_sigterm_while_claiming_a_just_filled_queue(conn, db_path, soak):
         # Idle workers notice a commit within ~0.15 s: stop them the moment the first claim lands.
         wait_for(lambda: processing(conn), 10, interval=0.002, message="the first claim")
         claimed_at_stop = processing(conn)
-        started_at_stop = len(in_flight(conn))
+        started_at_stop = len(in_flight(conn, server.journal))
         t0 = time.monotonic()
         code = stop(sup)
         took = time.monotonic() - t0
@@ -524,7 +533,7 @@ def test_sigterm_while_documents_in_flight(conn, db_path, soak):
     sup = Supervisor(db_path, server.url, "--workers", "2", "--adaptive", "off")  # both send at once
     try:
         sup.wait_ready()
-        flights = wait_for(lambda: (f := in_flight(conn)) and len(f) == 2 and f, 15,
+        flights = wait_for(lambda: (f := in_flight(conn, server.journal)) and len(f) == 2 and f, 15,
                            message="both workers with a document in flight")
         flying = [cid for _, cid, _ in flights]
         t0 = time.monotonic()
@@ -602,7 +611,7 @@ def test_drain_timeout_shorter_than_requests(conn, db_path, soak):
     sup = Supervisor(db_path, server.url, "--workers", "2", "--adaptive", "off", "--drain-timeout", f"{drain:g}")
     try:
         sup.wait_ready()
-        flights = wait_for(lambda: (f := in_flight(conn)) and len(f) == 2 and f, 15,
+        flights = wait_for(lambda: (f := in_flight(conn, server.journal)) and len(f) == 2 and f, 15,
                            message="both workers with a document in flight")
         flying = [cid for _, cid, _ in flights]
         t0 = time.monotonic()
