@@ -12,6 +12,7 @@ import pytest
 from .conftest import held_until, seed, status_counts, wait_for
 from kgsupervisor.store.postgres import PGConnection
 
+from .faultserver import sleep_then
 from .processes import run_to_exit
 from .test_pause import Host, pg_counts, queue_rows
 
@@ -171,7 +172,10 @@ def test_a_document_bigger_than_the_whole_token_budget_fails_alone_with_the_reas
 
 def test_a_big_move_of_the_limit_is_logged_once(conn, db_path, fault_server, processes):
     seed(conn, 400)
-    server = fault_server()
+    # A service time that dwarfs a busy machine's scheduling noise: the limit's rounds read an
+    # unloaded service and grow (answered at once, the latency was the workers' own CPU contention,
+    # which on a loaded 2-core CI machine rose with the limit and held it at 2).
+    server = fault_server(lambda payload, n: sleep_then(0.2))
     host = Host(processes, db_path, server.url, "--workers", "8", "--batch-size", "1")
     try:
         host.proc.wait_for_log("in-flight limit of", timeout=60)
