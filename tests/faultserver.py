@@ -125,6 +125,9 @@ class FaultServer:
 
             def setup(self) -> None:
                 super().setup()
+                # Headers and body are two writes: with Nagle on, the body waits for the client's
+                # delayed ACK (40 ms a request). A real service (uvicorn) turns Nagle off too.
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with server._lock:
                     server.connections.add(self.connection)
 

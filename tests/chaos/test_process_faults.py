@@ -567,7 +567,9 @@ def test_sigterm_while_documents_in_flight(conn, db_path, soak):
 
 def test_sigterm_at_random_moments_of_fast_documents(conn, db_path, soak):
     rounds = 10 if soak else 3
-    n = 2000 if soak else 300
+    # 1000: a round may complete ~150 documents before its stop (up to 0.5 s at full speed after
+    # the first completion), and the queue must outlast all three.
+    n = 2000 if soak else 1000
     ids = add_documents(conn, n, chunks=1, sentences=2, seed=73)
     conn.executemany("INSERT INTO kg_processing_queue (content_id) VALUES (?)", [(i,) for i in ids])
     rng = random.Random(73)
