@@ -12,17 +12,16 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 
 import pytest
 
 from kgsupervisor.queue.leased import queue_for
-from kgsupervisor.worker import kgworker as worker_module
 from kgsupervisor.worker.counters import Progress
 from kgsupervisor.worker.kgworker import KGWorker
 
 from .conftest import (drive, free_port, held_until, make_settings, seed, spawn, status_counts, wait_for,
                        wait_for_log)
-from .faultserver import sleep_then
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,28 +49,21 @@ def test_a_full_batch_claims_again_at_once_a_partial_one_waits(conn, db_path, kg
     assert status_counts(conn) == {"completed": 7}
 
 
-def completed_seen_by(db_path: str, seen: list[int], seconds: float = 0.0):
-    """A fault-server behaviour: before answering, note how many documents the database shows
-    completed; then answer like the reference service after `seconds`."""
-    def look_then_answer(payload, n):
-        seen.append(status_counts(sqlite3.connect(db_path)).get("completed", 0))
-        return sleep_then(seconds)
-    return look_then_answer
+def answered_once_the_earlier_are_written(db_path: str, seen: list[int | None]):
+    """A fault-server behaviour: request n (0 first) is answered once the database shows n documents
+    completed, and notes n (None if they were not within 4 s, under the worker's request timeout)."""
+    def completed() -> int:
+        with closing(sqlite3.connect(db_path)) as c:
+            return status_counts(c).get("completed", 0)
 
-
-def test_the_answers_of_a_batch_are_written_back_in_one_transaction(conn, db_path, fault_server, worker_factory,
-                                                                    monkeypatch):
-    """Answers of one batch wait in memory for one write-back transaction."""
-    # Out of reach: a loaded machine taking more than WRITE_GROUP_MAX_AGE over three quick
-    # answers would rightly write the first ones early (the next test covers that limit).
-    monkeypatch.setattr(worker_module, "WRITE_GROUP_MAX_AGE", 600.0)
-    seed(conn, 3)
-    seen: list[int] = []
-    server = fault_server(completed_seen_by(db_path, seen))
-    w = worker_factory(make_settings(db_path, server.url, batch_size=3))
-    drive(w, lambda: status_counts(conn) == {"completed": 3})
-    assert seen == [0, 0, 0], "nothing written until the batch is done"
-    assert w.stats.total_success == 3
+    def wait_then_answer(payload, n):
+        try:
+            wait_for(lambda: completed() == n, 4, message=f"{n} written")
+        except AssertionError:
+            seen.append(None)
+        else:
+            seen.append(n)
+    return wait_then_answer
 
 
 def wal_commits(db_path: str) -> int:
@@ -91,29 +83,12 @@ def wal_commits(db_path: str) -> int:
     return commits
 
 
-def test_a_batch_commits_its_claim_and_its_write_back_and_nothing_a_document(conn, db_path, kg_service,
-                                                                           worker_factory, monkeypatch):
-    """No transaction of its own for a document: five documents, two commits (the claim, the
-    group write-back), as the -wal file counts them; the row in flight is in shared memory."""
-    monkeypatch.setattr(worker_module, "WRITE_GROUP_MAX_AGE", 600.0)  # one group however slow the machine
-    seed(conn, 5)
-    w = worker_factory(make_settings(db_path, kg_service, batch_size=5, lease_seconds=600.0))
-    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0), "the -wal starts empty"
-    # The oracle counts what it should: two changes are two commits, a statement matching no row none.
-    for sql in ("UPDATE kg_processing_queue SET priority = 2", "UPDATE kg_processing_queue SET priority = 1",
-                "UPDATE kg_processing_queue SET priority = 3 WHERE id < 0"):
-        conn.execute(sql)
-    assert wal_commits(db_path) == 2
-    assert w.loop_once(time.time()) == 0.0 and status_counts(conn) == {"completed": 5}
-    assert wal_commits(db_path) - 2 == 2
-
-
-def test_an_answer_slower_than_the_write_group_limit_is_written_alone(conn, db_path, fault_server, worker_factory):
-    """An answer that took WRITE_GROUP_MAX_AGE or more is written before the next document is
-    sent: what a crash could make the service redo stays bounded."""
+def test_each_answer_is_written_while_the_next_document_is_sent(conn, db_path, fault_server, worker_factory):
+    """Each answer goes to the write-back thread at once, written while the next document is in
+    flight: what a crash could make the service redo stays bounded."""
     seed(conn, 3)
-    seen: list[int] = []
-    server = fault_server(completed_seen_by(db_path, seen, worker_module.WRITE_GROUP_MAX_AGE + 0.2))
+    seen: list[int | None] = []
+    server = fault_server(answered_once_the_earlier_are_written(db_path, seen))
     w = worker_factory(make_settings(db_path, server.url, batch_size=3))
     drive(w, lambda: status_counts(conn) == {"completed": 3})
     assert seen == [0, 1, 2]
@@ -392,6 +367,7 @@ def test_loop_once_decides_by_the_clock_it_is_given(conn, db_path, kg_service, w
     with caplog.at_level(logging.WARNING, logger="kgsupervisor.worker"):
         assert w.loop_once(time.time() + 60) == 0.0, "a full batch: claim again at once"
     assert "put 3 row(s) with expired leases back to pending" in caplog.text
+    w.writer.flush(w.progress)  # the answers are written beside the sends
     assert status_counts(conn) == {"completed": 3}
     assert w.stats.total_success == 3
 
@@ -410,6 +386,7 @@ def test_the_document_in_hand_is_named_in_stats_counters_and_log_while_it_is_in_
     server.behaviour = note_what_the_worker_names
     with caplog.at_level(logging.INFO, logger="kgsupervisor.worker"):
         drive(w, lambda: status_counts(conn) == {"completed": 3})
+        w.writer.flush(w.progress)  # the write-back thread logs beside the sends
     assert named == [(cid, cid, cid, cid) for cid in ids]
     assert (w.stats.current_content_id, w.stats.counters.current(), w.log.extra["content_id"]) == (None,) * 3
     done = [r for r in caplog.records if "completed:" in r.getMessage()]
@@ -473,25 +450,25 @@ def big_answer(payload: dict, n: int):
 
 
 def test_run_pauses_on_a_full_database_gives_the_claims_back_and_resumes(conn, db_path, fault_server, caplog):
-    """run() owns the fault handling: loop_once's write-back fails (SQLITE_FULL on the worker's own
+    """run() owns the fault handling: the write-back fails (SQLITE_FULL on the write-back thread's own
     connection), the worker pauses instead of dying, and on a fresh connection gives the claim
     back uncharged and completes every document."""
     seed(conn, 2)
     server = fault_server(big_answer)
-    w = KGWorker(make_settings(db_path, server.url, batch_size=1), max_documents=2)
+    w = KGWorker(make_settings(db_path, server.url, batch_size=2), max_documents=2)
     w.init_process()
-    pages = w.db.conn.execute("PRAGMA page_count").fetchone()[0]
-    w.db.conn.execute(f"PRAGMA max_page_count = {pages}")  # this connection only: a reopen lifts it
+    pages = w.writer.conn.execute("PRAGMA page_count").fetchone()[0]
+    w.writer.conn.execute(f"PRAGMA max_page_count = {pages}")  # this connection only: a reopen lifts it
     with caplog.at_level(logging.INFO, logger="kgsupervisor"):
         assert w.run() == 0
     log = "\n".join(r.getMessage() for r in caplog.records)
     assert "database error, pausing (no document is charged" in log and "database or disk is full" in log
-    assert "1 answer(s) not written because of the error" in log
-    assert "1 claimed document(s) back to pending after the database error" in log
+    assert "answer(s) not written because of the error" in log  # one or both, as the writer grouped them
+    assert "2 claimed document(s) back to pending after the database error" in log
     assert "database works again after" in log
     assert status_counts(conn) == {"completed": 2}
     assert conn.execute("SELECT MAX(retry_count) FROM kg_processing_queue").fetchone()[0] == 0
-    assert (w.stats.total_success, w.stats.total_failed, w.stats.total_released) == (2, 0, 1)
+    assert (w.stats.total_success, w.stats.total_failed, w.stats.total_released) == (2, 0, 2)
     assert w.stats.counters.current() is None
 
 

@@ -5,13 +5,12 @@ from kgsupervisor.kg.admission import endpoint_key
 from kgsupervisor.kg.budgets import OverBudget
 from kgsupervisor.queue.documents import document_chars
 from kgsupervisor.queue.leased import Claim
-from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import WorkerState
 
 
 class AdmittedSending:
     """KGWorker's waits for its endpoints' permits and budgets (kg.admission), kept apart: uses the
-    worker's admission, endpoints, db, documents, progress, settings, alive, set_state and _woken."""
+    worker's admission, endpoints, db, documents, writer, progress, settings, alive, set_state and _woken."""
 
     def admit_batch(self, limit: int) -> int:
         """Take a permit of a healthy endpoint (waiting, holding nothing, while none is free) and
@@ -44,9 +43,9 @@ class AdmittedSending:
         with self.progress.parked():  # bounded by the budget's window
             self._woken(min(wait, self.settings.poll_interval))
 
-    def spend_budget(self, claim: Claim, answered: list[Answered]) -> bool:
+    def spend_budget(self, claim: Claim) -> bool:
         """Spend the claimed document's request and tokens from its endpoint's budget, waiting for
-        room (holding the claim, uncharged; the answers in hand written first) as long as needed;
+        room (holding the claim, uncharged; the answers handed over written first) as long as needed;
         False when the worker stops first or the document can never fit (then it is failed, with
         the reason)."""
         admission = self.admission
@@ -61,7 +60,7 @@ class AdmittedSending:
                 return False
             if not wait:
                 return True
-            self.documents.write_answered(answered)  # an answer in hand must not wait a minute
+            self.writer.flush(self.progress)  # the answers handed over are written, not left to wait a minute
             self.set_state(WorkerState.WAITING)
             with self.progress.parked():  # bounded by the budget's window
                 self._woken(min(wait, 1.0))

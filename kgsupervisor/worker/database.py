@@ -125,7 +125,7 @@ class WorkerDatabase:
         self.conn.close()
 
     def _count_lock_retry(self) -> None:
-        self.stats.db_lock_retries += 1
+        self.stats.count("db_lock_retries")
         self.progress.mark()
 
     def _wait_for_lock(self, seconds: float) -> None:

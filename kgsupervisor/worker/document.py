@@ -6,19 +6,19 @@ from collections.abc import Callable
 from typing import Any
 
 from kgsupervisor.config import Settings
-from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, LeaseLost, ServiceUnavailable
+from kgsupervisor.errors import DocumentRejected, InvalidAnswer, ItemFailure, ServiceUnavailable
 from kgsupervisor.kg.dispatch import Dispatcher
 from kgsupervisor.kg.result import IngestResult
 from kgsupervisor.queue.documents import build_payload, encode_payload
 from kgsupervisor.queue.history import Attempt, Outcome
 from kgsupervisor.queue.leased import Claim
-from kgsupervisor.queue.writeback import Answered, write_back_group
+from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import JobStatus
 from kgsupervisor.store.faults import describe_database_fault, is_corruption, is_database_fault
 from kgsupervisor.worker.counters import Progress
 from kgsupervisor.worker.database import WorkerDatabase
 from kgsupervisor.worker.stats import WorkerStats
-from kgsupervisor.worker.worklog import WorkerLog, holding
+from kgsupervisor.worker.worklog import WorkerLog
 
 
 def error_class_of(exc: BaseException, http_status: int | None) -> str:
@@ -38,7 +38,7 @@ def error_class_of(exc: BaseException, http_status: int | None) -> str:
 
 class DocumentProcessor:
     """Takes a claimed document to an outcome (failed, retried later, released) or to an answer
-    in hand, and writes the answers in hand back together."""
+    in hand, for the write-back thread (worker/writer.py)."""
 
     def __init__(self, settings: Settings, db: WorkerDatabase, dispatch: Dispatcher, stats: WorkerStats,
                  log: WorkerLog, busy: Callable[[], None], progress: Progress | None = None) -> None:
@@ -131,30 +131,6 @@ class DocumentProcessor:
             raise DocumentRejected(f"the document's rows cannot be read from the database: "
                                    f"{describe_database_fault(exc)}") from None
 
-    def write_answered(self, answered: list[Answered]) -> None:
-        """Write the answers in hand in one transaction, then count and log each outcome."""
-        if not answered:
-            return
-        # Until written the answers are in hand: the stats and counters name a document meanwhile.
-        with holding(self.log, self.stats, answered[-1].claim.content_id):
-            outcomes = self.db.retrying(lambda _: write_back_group(self.db.conn, answered, time.time()))
-        # Count every outcome before logging any: a log write can block (a full pipe), and the
-        # totals must not trail the committed rows meanwhile.
-        for outcome in outcomes:
-            if isinstance(outcome, LeaseLost):
-                self.stats.lease_lost += 1
-            else:
-                self.stats.record_outcome(True)
-        for item, outcome in zip(answered, outcomes):
-            self.progress.mark()
-            with holding(self.log, self.stats, item.claim.content_id):
-                if isinstance(outcome, LeaseLost):
-                    self.log.warning("%s", outcome)
-                else:
-                    self.log.info("completed: %d entities, %d relationships", outcome["entities"],
-                                  outcome["relationships"])
-        answered.clear()
-
     # -- outcomes ----------------------------------------------------------------------------
 
     def fail(self, claim: Claim, reason: str, attempt: Attempt, outcome: Outcome = Outcome.FAILED) -> None:
@@ -169,7 +145,7 @@ class DocumentProcessor:
                                                           s.retry_backoff, s.retry_backoff_max,
                                                           attempt=attempt))
         if status is None:
-            self.stats.lease_lost += 1
+            self.stats.count("lease_lost")
             self.log.warning("lease lost before this failure was recorded (the document went back to the "
                              "queue meanwhile); not charged: %s", reason)
         elif status is JobStatus.FAILED:

@@ -17,7 +17,6 @@ from kgsupervisor.kg.admission import AdmissionControl
 from kgsupervisor.kg.dispatch import Dispatcher
 from kgsupervisor.kg.endpoints import EndpointPool
 from kgsupervisor.queue.leased import Claim
-from kgsupervisor.queue.writeback import Answered
 from kgsupervisor.states import WorkerState
 from kgsupervisor.store.backend import describe
 from kgsupervisor.store.faults import is_database_fault
@@ -30,16 +29,12 @@ from kgsupervisor.worker.doorbell import Doorbell, wait_for_commit
 from kgsupervisor.worker.lease import BEAT_INTERVAL, LeaseKeeper
 from kgsupervisor.worker.stats import StatsPublisher, WorkerStats
 from kgsupervisor.worker.worklog import WorkerLog, holding
+from kgsupervisor.worker.writer import AnswerWriter
 
 log = logging.getLogger("kgsupervisor.worker")
 
 # Expired leases (a host that vanished) are looked for this often, or every half lease if shorter.
 REQUEUE_EXPIRED_EVERY = 30.0
-# Answers of one claimed batch are written in one transaction (a third less write cost a
-# document). An answer waits for its batch's later documents only while they come fast: one
-# that took this long, or an older answer in hand, is written at once, so after a crash the
-# service is asked again for little.
-WRITE_GROUP_MAX_AGE = 0.5
 
 
 def owner_name(pid: int | None = None) -> str:
@@ -98,6 +93,9 @@ class KGWorker(AdmittedSending):
                                   parent_pid=self.parent_pid, stop_claiming=self.stop_claiming,
                                   hang_timeout=s.hang_timeout)
         self.keeper.start()
+        # Answers are written beside the sends (worker/writer.py); at most a batch of them waits.
+        self.writer = AnswerWriter(self.db_path, self.stats, self.keeper.drop, s.batch_size)
+        self.writer.start()
         self.set_state(WorkerState.IDLE)
 
     def install_signal_handlers(self) -> None:
@@ -176,6 +174,8 @@ class KGWorker(AdmittedSending):
 
     def pause_for_database(self, exc: BaseException) -> float:
         """Roll back, note the claims to give back, pause; returns how long."""
+        # The claims go back uncharged once the answers handed over are written (or dropped).
+        self.writer.settle(self.progress)
         self.db.failed(exc)
         self.set_state(WorkerState.PAUSED)
         return self.db.pause.failed(exc)
@@ -195,6 +195,7 @@ class KGWorker(AdmittedSending):
         here, uncharged, would let a document that crashes workers do so forever.
         """
         self.set_state(WorkerState.STOPPING)
+        self.writer.stop(self.progress)  # every answer handed over is written before the rest goes back
         released = self.db.release_all() if release else 0
         if released:
             self.log.info("released %d claimed document(s) back to pending", released)
@@ -218,6 +219,7 @@ class KGWorker(AdmittedSending):
             self.set_state(WorkerState.PAUSED)
             return self.endpoints.seconds_to_probe(mono)
         self.requeue_expired(now)
+        self.writer.check()  # a write that failed pauses the worker before it claims more
         if not self.alive:  # stopped (or orphaned) since the loop last looked: claim nothing
             return 0.0
         # While the service is only on trial (a half-open breaker), one document finds out.
@@ -228,11 +230,11 @@ class KGWorker(AdmittedSending):
                 return 0.0
             now = time.time()  # it may have waited for its permit: the claim and its lease start now
         try:
-            claims = self.db.retrying(lambda q: q.claim(
-                self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
+            with self.writer.claiming(self.progress):
+                claims = self.db.retrying(lambda q: q.claim(
+                    self.owner, uuid.uuid4().hex, limit, self.settings.lease_seconds, now))
             if not claims:
-                self.set_state(WorkerState.IDLE)
-                return self.settings.poll_interval
+                return self.go_idle()
             self.process_batch(claims)
         finally:
             if self.admission is not None:
@@ -240,7 +242,12 @@ class KGWorker(AdmittedSending):
         # A full batch means there is probably more: claim again at once (the upstream slept).
         if len(claims) == limit:
             return 0.0
-        # A short one found the queue empty: this worker holds nothing and waits for work.
+        # A short one found the queue empty: this worker waits for work.
+        return self.go_idle()
+
+    def go_idle(self) -> float:
+        """Idle once every answer is written (the stats then count them all); returns the poll interval."""
+        self.writer.flush(self.progress)
         self.set_state(WorkerState.IDLE)
         return self.settings.poll_interval
 
@@ -253,59 +260,55 @@ class KGWorker(AdmittedSending):
             self.log.warning("put %d row(s) with expired leases back to pending (their owner vanished)", count)
 
     def process_batch(self, claims: list[Claim]) -> None:
-        """Send each claimed document in order and write the answers back together; on stop or
-        outage, release the ones not started."""
+        """Send each claimed document in order, handing each answer to the write-back thread; on
+        stop or outage, release the ones not started once the answers handed over are written."""
         token = claims[0].token
         self.keeper.hold(token)
-        answered: list[Answered] = []
         try:
             for i, claim in enumerate(claims):
                 self.progress.mark()
                 if not self.alive or self.endpoints.all_down:
-                    self.documents.write_answered(answered)
-                    self.documents.release_unstarted(claims[i:], stopping=not self.alive)
+                    self.release_unstarted(claims[i:], stopping=not self.alive)
                     break
-                if self.budgeted(claim) and not self.spend_budget(claim, answered):
+                if self.budgeted(claim) and not self.spend_budget(claim):
                     if not self.alive:  # stopped while waiting for budget: this one was not sent
-                        self.documents.write_answered(answered)
-                        self.documents.release_unstarted(claims[i:], stopping=True)
+                        self.release_unstarted(claims[i:], stopping=True)
                         break
                     continue  # failed: it can never fit the budget
                 # A row with a problem has no usable content_id: it is failed with no document held.
                 with self.holding(None if claim.problem else claim.content_id):
-                    self.process_document(claim, answered)
+                    self.process_document(claim)
             if self.admission is not None:  # nothing more to send: others may, while this one writes
                 self.admission.give_back()
-            self.documents.write_answered(answered)
         finally:
-            if answered:
-                # Only after an error: these answers are dropped, their rows go back to pending
-                # uncharged with the rest of this worker's claims.
-                self.log.warning("%d answer(s) not written because of the error; their documents "
-                                 "will be sent again", len(answered))
-            self.keeper.drop(token)
+            self.writer.end_batch(token)  # the lease is kept until the answers handed over are written
             self.publish()
 
-    def process_document(self, claim: Claim, answered: list[Answered]) -> None:
-        """Process one document of the batch; its answer joins `answered`, written early when slow."""
+    def release_unstarted(self, claims: list[Claim], stopping: bool) -> None:
+        """The answers handed over written first, the documents not sent back to pending, uncharged."""
+        self.writer.flush(self.progress)
+        self.documents.release_unstarted(claims, stopping=stopping)
+
+    def process_document(self, claim: Claim) -> None:
+        """Process one document of the batch; its answer goes to the write-back thread at once."""
         item = self.documents.process(claim)
         if item:
-            answered.append(item)
-            # A slow service's answers are written one by one: the next document
-            # would probably hold this one in memory as long again.
-            if (item.took >= WRITE_GROUP_MAX_AGE
-                    or time.monotonic() - answered[0].at >= WRITE_GROUP_MAX_AGE):
-                self.documents.write_answered(answered)
-        self.check_recycle(len(answered))
+            self.writer.hand(item, self.progress)
+        self.check_recycle()
 
     def holding(self, content_id: int | None) -> AbstractContextManager[None]:
         """This worker holds document `content_id` for the block: log lines, stats and counters name it."""
         return holding(self.log, self.stats, content_id)
 
-    def check_recycle(self, unwritten: int = 0) -> None:
+    def check_recycle(self) -> None:
         """After max_documents the worker leaves cleanly, to be replaced by a fresh process."""
-        done = self.stats.total_processed + self.stats.total_retried + unwritten
-        if self.max_documents and done >= self.max_documents:
+        def done() -> int:
+            return self.stats.total_processed + self.stats.total_retried
+        if not self.max_documents or self.writer.plus_unwritten(done) < self.max_documents:
+            return
+        # Counted as done once written: a write that fails raises here, and the pause sends them again.
+        self.writer.flush(self.progress)
+        if done() >= self.max_documents:
             if self.alive:
                 self.log.info("recycling after %d documents", self.max_documents)
             self.alive = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import MutableMapping
 from datetime import datetime, timezone
@@ -13,6 +14,8 @@ from kgsupervisor.masking import hide_credentials, hide_in
 from kgsupervisor.worker.counters import SharedCounters
 
 log = logging.getLogger("kgsupervisor.stats")
+# A worker's main thread and its write-back thread (worker/writer.py) both count: one at a time.
+_COUNTING = threading.Lock()
 
 
 def iso_now(now: float | None = None) -> str:
@@ -50,6 +53,10 @@ class WorkerStats:
 
     def record_outcome(self, succeeded: bool) -> None:
         """A document reached its end: completed or failed for good."""
+        with _COUNTING:
+            self._record_outcome(succeeded)
+
+    def _record_outcome(self, succeeded: bool) -> None:
         self.total_processed += 1
         self.counters.add("processed")
         if succeeded:
@@ -61,12 +68,19 @@ class WorkerStats:
         self.last_processed_at = iso_now()
 
     def record_retry(self) -> None:
-        self.total_retried += 1
-        self.counters.add("retried")
+        with _COUNTING:
+            self.total_retried += 1
+            self.counters.add("retried")
 
     def record_released(self, count: int) -> None:
-        self.total_released += count
-        self.counters.add("released", count)
+        with _COUNTING:
+            self.total_released += count
+            self.counters.add("released", count)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a plain count (lease_lost, db_lock_retries), one thread at a time."""
+        with _COUNTING:
+            setattr(self, name, getattr(self, name) + amount)
 
     def set_current(self, content_id: int | None) -> None:
         self.current_content_id = content_id
