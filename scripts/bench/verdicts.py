@@ -42,7 +42,7 @@ def targets(results: dict) -> list[list]:
     if thr:
         workers = sorted({k[1] for k in r})
         for peer, need, label in (("huey", 1.2, "0 ms: kgsupervisor ≥ 1.2 × Huey"),
-                                  ("bare", 0.9, "0 ms: kgsupervisor ≥ 0.9 × bare claim + POST + write-back loop")):
+                                  ("bare", 1.0, "0 ms: kgsupervisor ≥ 1.0 × bare claim + POST + write-back loop")):
             ratios = {w: r.get(("ours", w, 0), math.nan) / r.get((peer, w, 0), math.nan) for w in workers}
             worst = min(ratios, key=lambda w: ratios[w])
             detail = ", ".join(f"{w}w {ratios[w]:.2f}" for w in workers)
@@ -52,18 +52,25 @@ def targets(results: dict) -> list[list]:
         if lat:
             L = max(lat)
             ratios = {w: r.get(("ours", w, L), math.nan) / (w / (L / 1000)) for w in workers}
-            worst = min(ratios, key=lambda w: ratios[w])
-            detail = ", ".join(f"{w}w {ratios[w]:.2f}" for w in workers)
-            rows.append([f"{L} ms: kgsupervisor ≥ 0.95 × workers / latency", f"{detail} (worst {ratios[worst]:.2f})",
-                         "≥ 0.95", verdict(ratios[worst] >= 0.95), shortfall(ratios[worst], 0.95)])
+            # Issue 18: 0.95 up to 4 workers; at 8, 0.9 (8 requests' client work shares 2 cores).
+            for few, need in ((True, 0.95), (False, 0.9)):
+                group = [w for w in workers if (w <= 4) == few]
+                if not group:
+                    continue
+                worst = min(group, key=lambda w: ratios[w])
+                detail = ", ".join(f"{w}w {ratios[w]:.2f}" for w in group)
+                rows.append([f"{L} ms: kgsupervisor ≥ {need} × workers / latency at "
+                             f"{', '.join(map(str, group))} worker(s)", f"{detail} (worst {ratios[worst]:.2f})",
+                             f"≥ {need}", verdict(ratios[worst] >= need), shortfall(ratios[worst], need)])
     idle = results.get("idle")
     if idle:
-        p50 = median([x["pickup_s"] for x in idle["pickup_idle"]])
-        rows.append(["pickup latency p50, idle supervisor, default settings", ms(p50), "≤ 100 ms",
-                     verdict(p50 <= 0.1), shortfall(p50, 0.1, False)])
+        pickups = [x["pickup_s"] for x in idle["pickup_idle"]]
+        for label, value, limit in (("p50", median(pickups), 0.010), ("p95", percentile(pickups, 95), 0.025)):
+            rows.append([f"pickup latency {label}, idle supervisor, default settings (SQLite)", ms(value, 1),
+                         f"≤ {1000 * limit:.0f} ms", verdict(value <= limit), shortfall(value, limit, False)])
         cpu = idle["cost"]["total"]["cpu_pct"]
         rows.append([f"idle CPU, supervisor + {idle['workers']} workers (whole tree)", f"{cpu:.2f}% of a core",
-                     "≤ 1%", verdict(cpu <= 1.0), shortfall(cpu, 1.0, False)])
+                     "≤ 0.2%", verdict(cpu <= 0.2), shortfall(cpu, 0.2, False)])
     growth = results.get("growth")
     if growth:
         levels = growth["levels"]
@@ -144,25 +151,14 @@ def findings(results: dict) -> list[str]:
     r = rates(results)
     summary = {(x["contender"], x["workers"]): x for x in results.get("throughput", {}).get("summary", [])
                if x["latency_ms"] == 0}
-    extras = results.get("ceiling", {}).get("extras")
     for w in sorted({k[1] for k in r}):
         ours, bare = r.get(("ours", w, 0)), r.get(("bare", w, 0))
-        if ours and bare and ours < 0.9 * bare:
+        if ours and bare and ours < bare:
             text = (f"At 0 ms with {w} worker(s) a document takes {1000 / ours - 1000 / bare:.2f} ms more of the "
                     f"drain's time with kgsupervisor than with the bare loop ({fmt(ours)} vs {fmt(bare)} documents/s)")
             if "cpu_ms_per_doc" in summary.get(("ours", w), {}) and "cpu_ms_per_doc" in summary.get(("bare", w), {}):
                 text += (f"; its processes use {summary['ours', w]['cpu_ms_per_doc']:.2f} ms of CPU per document "
                          f"against {summary['bare', w]['cpu_ms_per_doc']:.2f} ms")
-            if extras:
-                text += (". Timed alone, its extra steps are small (`mark_started` "
-                         f"{extras['mark_started']['p50_ms']:.3f} ms a document, a stats publish "
-                         f"{extras['stats_publish']['p50_ms']:.3f} ms, ~2 a batch), so the "
-                         "rest is what the supervisor's own processes, the lease thread and one more commit per "
-                         "document cost under contention for 2 cores and the write lock")
-            marked = r.get(("bare_marked", w, 0))
-            if marked:
-                text += (f". The bare loop with the same extra commit per document (`mark_started`) drains "
-                         f"{fmt(marked)}/s, {marked / bare:.2f}× the bare loop")
             out.append(text + ".")
     lat = sorted({k[2] for k in r if k[2] > 0})
     if lat:
