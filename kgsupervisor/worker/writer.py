@@ -73,8 +73,7 @@ class AnswerWriter(threading.Thread):
                 with progress.parked():  # bounded by the writes ahead of it
                     self._cond.wait_for(lambda: self._unfinished < self.room or self._fault is not None)
             if self._fault is not None:
-                self.log.warning("1 answer(s) not written because of the error; their documents "
-                                 "will be sent again")
+                self._drop([item])
                 self._raise_fault()
             self._queue.append(item)
             self._unwritten += 1
