@@ -191,8 +191,10 @@ def test_promtool_accepts_the_rules():
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
-def test_the_promtool_unit_tests_of_the_rules_pass():
-    result = promtool("test", "rules", RULE_TESTS.name, cwd=str(RULE_TESTS.parent))
+@pytest.mark.parametrize("cwd", [RULE_TESTS.parent, ROOT],
+                         ids=["as docs/monitoring.md runs them", "as README runs them"])
+def test_the_promtool_unit_tests_of_the_rules_pass(cwd):
+    result = promtool("test", "rules", str(RULE_TESTS.relative_to(cwd)), cwd=str(cwd))
     assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
