@@ -305,14 +305,15 @@ def test_database_read_only_mid_run(immutable_dir, tmp_path, soak):
                                    20, interval=0.1, message="a replacement worker paused on the read-only file")
             time.sleep(max(0.0, ro_at + 5 - time.monotonic()))  # read-only for 5 s at least
             assert sup.proc.poll() is None, sup.stderr[-3000:]
-            during = conn.execute("SELECT COUNT(*) FROM kg_processing_queue WHERE status = 'failed' "
-                                  "OR retry_count > 0").fetchone()[0]
-            assert during == 0, "a read-only database charged a document"
+            # No read of our own while immutable: a read transaction may write its read mark into
+            # a clean page of the -shm mapping, and that write faults with SIGBUS here too (it
+            # killed pytest). Nothing can be written meanwhile anyway: charges are checked below.
         finally:
             set_readonly(False)
         back = time.monotonic()
         after = completed(conn)
         wait_for(lambda: completed(conn) > after, 60, message="progress once writable again")
+        assert charged(conn) == 0, "the read-only spell charged a document"
         recovered = time.monotonic() - back
         wait_drained(db_path, n, sup, 120)
         wait_for(lambda: log_has(sup, f"pid {replacement}]", "database works again"), 30,
