@@ -197,8 +197,9 @@ class AdaptiveLimit:
         kchars_a_request = self.round_kchars / self.round_count
         saturated = self.round_peak >= self.limit
         self._learn_baseline(mean, now)
-        ratio = mean / self.baseline()
-        rise_s = (mean - self.baseline()) * kchars_a_request  # seconds a request over the baseline
+        baseline = self.baseline()
+        ratio = mean / baseline
+        rise_s = (mean - baseline) * kchars_a_request  # seconds a request over the baseline
         self._clear_round()
         below_ceiling = self.value < self.ceiling
         if ratio >= self._margin(SHRINK_ABOVE, SHRINK_QUEUED_SHARE, SHRINK_NOISES) \
