@@ -25,6 +25,7 @@ class Request:
     chars: int
     sent_at: float
     work: float  # seconds of service when served alone
+    client: int = 0  # which supervisor sent it
 
 
 class QueueingService:
@@ -132,11 +133,11 @@ class ContendedHostService(ThrashingService):
 class Run:
     """What a simulation saw: the limit over time, each answer, each refusal."""
 
-    limits: list[tuple[float, int]] = field(default_factory=list)  # (time, limit) at each change
+    limits: list[tuple[float, float]] = field(default_factory=list)  # (time, limit's value) at each change
     answers: list[tuple[float, float, int]] = field(default_factory=list)  # (time, latency, chars)
     refusals: list[float] = field(default_factory=list)
 
-    def limits_between(self, start: float, end: float) -> list[int]:
+    def limits_between(self, start: float, end: float) -> list[float]:
         """Every limit in force at some moment of [start, end)."""
         before = [lim for t, lim in self.limits if t <= start][-1:]
         return before + [lim for t, lim in self.limits if start < t < end]
@@ -166,35 +167,57 @@ def mixed_sizes(low: int = 200, high: int = 8000) -> Callable[[random.Random], i
 
 
 def simulate(service, limit: AdaptiveLimit, seconds: float, sizes=fixed_size(), workers: int = 16,
-             events: dict[float, Callable[[], None]] | None = None, seed: int = 1) -> Run:
+             events: dict[float, Callable[[], None]] | None = None, seed: int = 1,
+             held_outside_s: float = 0.0) -> Run:
     """`workers` clients each keep a request going whenever the limit lets them, for `seconds`.
 
     `events` maps simulated times to changes of the service (a capacity halving, a slower model).
+    `held_outside_s`: how long a worker keeps its permit after the answer (its database work).
     """
-    rng, run, now, in_flight = random.Random(seed), Run(), 0.0, 0
-    refusals: list[float] = []  # heap of times refused requests come back
+    return simulate_clients(service, [limit], seconds, sizes=sizes, workers=workers, events=events, seed=seed,
+                            held_outside_s=held_outside_s)[0]
+
+
+def simulate_clients(service, limits: list[AdaptiveLimit], seconds: float, starts: list[float] | None = None,
+                     sizes=fixed_size(), workers: int = 16, events: dict[float, Callable[[], None]] | None = None,
+                     seed: int = 1, held_outside_s: float = 0.0) -> list[Run]:
+    """Several supervisors on one service, each with its own limit and `workers` workers, the
+    i-th starting at `starts[i]` (simulated seconds); one Run each."""
+    rng, now = random.Random(seed), 0.0
+    starts = starts or [0.0] * len(limits)
+    runs, in_flight = [Run() for _ in limits], [0] * len(limits)
+    returns: list[tuple[float, int, bool]] = []  # heap of (time, client, refused): a permit comes back
     pending = sorted((events or {}).items())
-    run.limits.append((0.0, limit.limit))
+    for run, limit in zip(runs, limits):
+        run.limits.append((0.0, limit.value))
     while now < seconds:
-        while in_flight < min(limit.limit, workers):
-            chars = sizes(rng)
-            in_flight += 1
-            limit.note_in_flight(in_flight)
-            if not service.admit(Request(chars, now, chars / 1000 * service.s_per_kchar), now):
-                heapq.heappush(refusals, now + REJECT_LATENCY_S)
-        now = min(service.next_event(), refusals[0] if refusals else math.inf,
-                  pending[0][0] if pending else math.inf, seconds)
+        for i, limit in enumerate(limits):
+            while now >= starts[i] and in_flight[i] < min(limit.limit, workers):
+                chars = sizes(rng)
+                in_flight[i] += 1
+                limit.note_in_flight(in_flight[i])
+                if not service.admit(Request(chars, now, chars / 1000 * service.s_per_kchar, i), now):
+                    heapq.heappush(returns, (now + REJECT_LATENCY_S, i, True))
+        now = min(service.next_event(), returns[0][0] if returns else math.inf,
+                  pending[0][0] if pending else math.inf, min((t for t in starts if t > now), default=math.inf),
+                  seconds)
         if pending and pending[0][0] <= now:
             pending.pop(0)[1]()
         for finish, request in service.advance(now):
-            in_flight -= 1
-            limit.on_success(finish - request.sent_at, request.chars, finish)
-            run.answers.append((finish, finish - request.sent_at, request.chars))
-        while refusals and refusals[0] <= now:
-            heapq.heappop(refusals)
-            in_flight -= 1
-            limit.on_overload("503", now, latency_s=REJECT_LATENCY_S)
-            run.refusals.append(now)
-        if limit.limit != run.limits[-1][1]:
-            run.limits.append((now, limit.limit))
-    return run
+            i = request.client
+            limits[i].on_success(finish - request.sent_at, request.chars, finish)
+            runs[i].answers.append((finish, finish - request.sent_at, request.chars))
+            if held_outside_s:
+                heapq.heappush(returns, (finish + held_outside_s, i, False))
+            else:
+                in_flight[i] -= 1
+        while returns and returns[0][0] <= now:
+            _, i, refused = heapq.heappop(returns)
+            in_flight[i] -= 1
+            if refused:
+                limits[i].on_overload("503", now, latency_s=REJECT_LATENCY_S)
+                runs[i].refusals.append(now)
+        for run, limit in zip(runs, limits):
+            if limit.value != run.limits[-1][1]:
+                run.limits.append((now, limit.value))
+    return runs

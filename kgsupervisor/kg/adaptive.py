@@ -1,9 +1,11 @@
 """The adaptive in-flight limit of one KG endpoint: AIMD steered by a size-normalised latency gradient.
 
-The limit grows by one per round (a limit's worth of successes) while the endpoint answers about as
-fast as it does unloaded, and shrinks multiplicatively on overload (429, 503, a timeout) or when
-latency rises well above that: as Netflix concurrency-limits' Gradient2 and Envoy's adaptive
-concurrency filter do. Latency is compared per 1,000 characters, since documents differ in size.
+The limit shrinks multiplicatively on overload (429, 503, a timeout) or when latency rises well
+above the endpoint's unloaded latency, as Netflix concurrency-limits' Gradient2 and Envoy's adaptive
+concurrency filter do. Between those big moves it steps by a quarter permit to keep about half a
+request of its own waiting in the service, as TCP Vegas does: every limit on one service then
+holds the same number of permits, so several hosts adapting on their own share it fairly.
+Latency is compared per 1,000 characters, since documents differ in size.
 
 The state is a handful of doubles in a sequence the caller may place in shared memory (see
 kgsupervisor.kg.permits), so the outcomes of every worker of a supervisor move one limit.
@@ -20,35 +22,55 @@ OVERLOAD_KINDS = ("429", "503", "timeout")
 # permit, so each decision sees the load the current limit makes. Four samples at least, because
 # at limit 1 a single document's noise would decide alone (the mean of four halves it).
 ROUND_MIN_SAMPLES = 4
-# Grow while a round's latency per kchar is within 15% of the baseline, and shrink once it is 20%
-# over: at small limits, the noise of a round's mean on an idle service stays below the first.
+# The limit moves in quarter permits: the permit past its whole part is open for that share of
+# the time (4.25: a fifth request a quarter of the time). Whole permits cannot match a service
+# whose capacity lies between them: a worker holds its permit a few milliseconds outside the request,
+# so at 4 permits a capacity-4 service idles 6% of the time, and at 5 a request queues too often
+# for the p95 (measured, docs/benchmarks.md section 11). And two limits can only share a capacity
+# of 6 as 3 + 3 or in a lopsided split when the time outside calls for 6.5 between them.
+STEP = 0.25
+# Vegas's rule (after slow start: a whole permit a round while nothing waits, until the first
+# decrease, as TCP starts): a limit L whose rounds take `ratio` x the baseline has L x (1 - 1/ratio)
+# of its own requests waiting in the service. A limit steps down while that averages over
+# QUEUED_HIGH, and up while it is under QUEUED_LOW: each of several clients then keeps the same few
+# tenths of a request waiting, so they hold the same number of permits whenever they read the same
+# baseline (the one that holds more has more waiting and is the one that steps down). Decided on the
+# moving average (QUEUED_GAIN) of QUEUED_ROUNDS rounds at least since the limit last moved. A noisy
+# endpoint lifts both bounds to QUEUED_NOISES x L x the rounds' deviation: the baseline is a low
+# round, so typical rounds sit above it, by a whole request's worth at limit 16 and 20% jitter.
+QUEUED_LOW = 0.3
+QUEUED_HIGH = 0.5
+QUEUED_GAIN = 0.2
+QUEUED_ROUNDS = 4
+QUEUED_NOISES = 2.0
+# The big moves: shrink once a round's latency per kchar is 20% over the baseline: at small limits,
+# the noise of a round's mean on an idle service stays below that. A round counts towards the
+# baseline only while within 15% of it (GROW_BELOW, see _learn_baseline).
 GROW_BELOW = 1.15
 SHRINK_ABOVE = 1.2
 # One request queued behind C in service adds 1/C to the ratio, which at C = 8 or more falls below
 # those margins: the limit would park a few over the knee, every request queueing (p95 = twice the
-# service time). So the margins also shrink with the limit L: grow only below a quarter of a queued
-# request's worth (1 + 0.25/L), shrink from nearly a whole one (1 + 0.9/L). Not from half of one: a
-# worker holds its permit some milliseconds outside the request too (claim, read, encode: ~10% of a
-# 100 ms document measured on 2 cores), so the service is kept busy only one permit over its
-# capacity, where a request queues part of the time (a ratio of ~1 + 0.5/L); at C permits it idles
-# that share of the time (measured: 0.90 x capacity at 4 permits, 0.98 x at 5, p95 1.45 x)...
+# service time). So the margins also shrink with the limit L: a round feeds the baseline only
+# below a quarter of a queued request's worth (1 + 0.25/L), a big shrink needs nearly a whole one
+# (1 + 0.9/L); the steps between are Vegas's above...
 GROW_QUEUED_SHARE = 0.25
 SHRINK_QUEUED_SHARE = 0.9
 # ... but never below a few times the endpoint's round-to-round noise (the mean absolute deviation
 # of a round's ratio from its moving average): the baseline is the lowest round of a window, so
 # typical rounds sit a few deviations above it, and a tight margin would take jitter for queueing
 # and walk the limit down to the floor. With a noisy service the margins widen back towards
-# GROW_BELOW and SHRINK_ABOVE: the limit may park one over the knee, as without them.
+# GROW_BELOW and SHRINK_ABOVE.
 GROW_NOISES = 4.0
 SHRINK_NOISES = 6.0
 NOISE_GAIN = 0.1  # EWMA gain of the ratio's average and deviation: some ten rounds
-# After a shrink from L, L is a ceiling: the limit climbs back to L - 1 as usual, but tries L again
-# only after PROBE_WAIT_ROUNDS good rounds in a row, twice as many after each failed try (up to
-# PROBE_WAIT_MAX_ROUNDS), as TCP probes slowly near its last loss. A probe costs a round or two of
-# one queued request; at 64 rounds apart that is a few percent of the time, below the p95, and a
-# capacity that grew is still found within some seconds. A good round at the ceiling lifts it.
+# After a shrink from L, L is a ceiling: the limit climbs back to a step below as usual, but tries L
+# again only after PROBE_WAIT_ROUNDS good rounds in a row, twice as many after each failed try (up to
+# PROBE_WAIT_MAX_ROUNDS), as TCP probes slowly near its last loss. A probe costs a round or two of a
+# quarter of a queued request, so 8 rounds apart is below the p95; longer waits let two clients
+# that probe in step park both a step under their share (0.91 x capacity in simulation at 64).
+# A good round at the ceiling lifts it. A Vegas step down sets a ceiling too, without a longer wait.
 PROBE_WAIT_ROUNDS = 2
-PROBE_WAIT_MAX_ROUNDS = 64
+PROBE_WAIT_MAX_ROUNDS = 8
 # A latency shrink goes to limit / ratio: by Little's law, with the service at capacity latency
 # grows with the requests in flight, so that is the in-flight count that meets the baseline again.
 # Never more than halving in one step: one bad round is weak evidence.
@@ -81,8 +103,14 @@ RTT_GAIN = 0.2  # EWMA gain of the RTT: the last five or so requests dominate
 # Slots of the state, in order; a limit reads and writes state[offset + index].
 FIELDS = ("value", "min_previous", "min_current", "bucket_started", "round_latency", "round_kchars",
           "round_count", "round_peak", "changed_at", "decreased_at", "rtt", "logged", "ceiling",
-          "probe_wait", "good_rounds", "ratio_average", "noise", "smoothed", "rounds_seen")
+          "probe_wait", "good_rounds", "ratio_average", "noise", "smoothed", "rounds_seen", "credit",
+          "extra", "queued", "rounds_at_value", "slow_start")
 _INDEX = {name: i for i, name in enumerate(FIELDS)}
+
+
+def shown(value: float) -> float | int:
+    """A limit for people: 4 rather than 4.0, 4.25 as it is."""
+    return int(value) if value == int(value) else round(value, 2)
 
 
 def _field(name: str) -> property:
@@ -103,7 +131,7 @@ class AdaptiveLimit:
     passes shared state calls reset() once, and holds a lock around every call.
     """
 
-    value = _field("value")  # the limit, a whole number kept as a double
+    value = _field("value")  # the limit, a multiple of STEP
     min_previous = _field("min_previous")  # lowest average round mean (s per kchar), last bucket
     min_current = _field("min_current")  # ... of the bucket in progress
     bucket_started = _field("bucket_started")
@@ -122,6 +150,11 @@ class AdaptiveLimit:
     noise = _field("noise")  # moving mean absolute deviation of a round's ratio from that average
     smoothed = _field("smoothed")  # moving average of unloaded round means (s per kchar)
     rounds_seen = _field("rounds_seen")  # rounds averaged into it, up to BASELINE_ROUNDS
+    credit = _field("credit")  # the fractional part of the value, accrued an outcome at a time
+    extra = _field("extra")  # 1 while the permit past the whole part is open
+    queued = _field("queued")  # moving average of this limit's requests waiting in the service
+    rounds_at_value = _field("rounds_at_value")  # rounds ended since the value last moved
+    slow_start = _field("slow_start")  # 1 until the first decrease
 
     def __init__(self, min_limit: int, max_limit: int, state: MutableSequence[float] | None = None,
                  offset: int = 0) -> None:
@@ -139,14 +172,25 @@ class AdaptiveLimit:
         for i in range(len(FIELDS)):
             self._state[self._offset + i] = 0.0
         self.value = self.logged = float(self.min_limit)
+        self.slow_start = 1.0
         self.min_previous = self.min_current = self.ceiling = math.inf
         self.probe_wait = float(PROBE_WAIT_ROUNDS)
         self.changed_at = self.decreased_at = -math.inf
 
     @property
     def limit(self) -> int:
-        """The permits to hand out now."""
-        return int(self.value)
+        """The permits to hand out now: the whole part, and one more for a share of the time."""
+        return math.floor(self.value) + int(self.extra)
+
+    def shown(self) -> float | int:
+        """The limit as status and metrics show it: 4 or 4.25."""
+        return shown(self.value)
+
+    def _open_or_close_extra(self) -> None:
+        """Each outcome opens the permit past the whole part with the value's fractional share."""
+        self.credit += self.value - math.floor(self.value)
+        self.extra = 1.0 if self.credit >= 1 else 0.0
+        self.credit -= self.extra
 
     def baseline(self) -> float:
         """Seconds per kchar of an unloaded round lately; inf before the first round."""
@@ -161,12 +205,13 @@ class AdaptiveLimit:
     def on_success(self, latency_s: float, chars: int, now: float) -> None:
         """A request of `chars` characters was answered in `latency_s` seconds."""
         self.rtt = latency_s if self.rtt == 0 else self.rtt + RTT_GAIN * (latency_s - self.rtt)
+        self._open_or_close_extra()
         if now - latency_s < self.changed_at:
             return  # sent under the previous limit: it says nothing of this one
         self.round_latency += latency_s
         self.round_kchars += max(chars, 1) / 1000
         self.round_count += 1
-        if self.round_count >= max(self.limit, ROUND_MIN_SAMPLES):
+        if self.round_count >= max(math.floor(self.value), ROUND_MIN_SAMPLES):
             self._end_round(now)
 
     def on_overload(self, kind: str, now: float, latency_s: float = 0.0) -> bool:
@@ -177,39 +222,55 @@ class AdaptiveLimit:
         """
         if kind not in OVERLOAD_KINDS:
             raise ValueError(f"overload kind: expected one of {', '.join(OVERLOAD_KINDS)}, got {kind!r}")
+        self._open_or_close_extra()
         rtt = self.rtt or DEFAULT_RTT_S
         if now - self.decreased_at < rtt or now - latency_s < self.decreased_at:
             return False
         self._decrease(OVERLOAD_BACKOFF, now)
         return True
 
-    def factor_2_change(self) -> tuple[int, int] | None:
+    def factor_2_change(self) -> tuple[float, float] | None:
         """(limit last reported, limit now) when the limit moved by more than a factor of 2 since
         the last report, which this records; else None. For the caller's log line."""
-        before, now = int(self.logged), self.limit
+        before, now = self.logged, self.value
         if now <= 2 * before and 2 * now >= before:
             return None
-        self.logged = float(now)
+        self.logged = now
         return before, now
 
     def _end_round(self, now: float) -> None:
         mean = self.round_latency / self.round_kchars
         kchars_a_request = self.round_kchars / self.round_count
-        saturated = self.round_peak >= self.limit
+        saturated = self.round_peak >= math.floor(self.value)
+        filled = self.round_peak >= math.ceil(self.value)  # the permit past the whole part too
         self._learn_baseline(mean, now)
         baseline = self.baseline()
         ratio = mean / baseline
         rise_s = (mean - baseline) * kchars_a_request  # seconds a request over the baseline
         self._clear_round()
         below_ceiling = self.value < self.ceiling
+        queued = self._note_queued(self.value * (1 - 1 / ratio))
+        settled = self.rounds_at_value >= QUEUED_ROUNDS
+        high = max(QUEUED_HIGH, QUEUED_NOISES * self.value * self.noise)
         if ratio >= self._margin(SHRINK_ABOVE, SHRINK_QUEUED_SHARE, SHRINK_NOISES) \
                 and rise_s >= SHRINK_ALLOWANCE_S:
             self._decrease(max(LATENCY_BACKOFF_FLOOR, 1 / ratio), now)
-        elif saturated and (ratio <= self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES)
-                            or rise_s < SHRINK_ALLOWANCE_S / 2):
-            self._grow(now)
+        elif saturated and self.slow_start and (
+                ratio <= self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES) or rise_s < SHRINK_ALLOWANCE_S / 2):
+            self._grow(now, filled, 1.0)  # slow start
+        elif settled and queued > high and rise_s >= SHRINK_ALLOWANCE_S / 2:
+            self._step_down(now)
+        elif saturated and settled and (queued < high - (QUEUED_HIGH - QUEUED_LOW) or rise_s < SHRINK_ALLOWANCE_S / 2):
+            self._grow(now, filled)
         if below_ceiling:  # a probe's round has a queued request: a step, not noise
             self._note_noise(ratio)
+
+    def _note_queued(self, queued: float) -> float:
+        """Average this limit's requests waiting in the service over the rounds at this value."""
+        self.rounds_at_value += 1
+        self.queued = queued if self.rounds_at_value == 1 else \
+            self.queued + QUEUED_GAIN * (queued - self.queued)
+        return self.queued
 
     def _note_noise(self, ratio: float) -> None:
         """Track the rounds' ratio and how far a round strays from it."""
@@ -223,17 +284,31 @@ class AdaptiveLimit:
         endpoint is noisy, but never past `widest`."""
         return 1 + min(widest - 1, max(queued_share / self.value, noises * self.noise))
 
-    def _grow(self, now: float) -> None:
-        """One more after a good round; next to the ceiling, only after probe_wait good rounds."""
-        if self.value >= self.ceiling:  # a good round at the ceiling: the room is real now
+    def _grow(self, now: float, filled: bool, step: float = STEP) -> None:
+        """A step up after a good round; next to the ceiling, only after probe_wait good rounds.
+        `filled`: the round had every permit in use, the one past the whole part included."""
+        if self.value >= self.ceiling:  # a good round at the ceiling: the room is real now...
+            if not filled:
+                return  # ... if the round used it: at 2.25, most rounds have 2 in flight
             self.ceiling = math.inf
             self.probe_wait = float(PROBE_WAIT_ROUNDS)
-        elif self.value + 1 >= self.ceiling:
+        elif self.value + step >= self.ceiling:
             self.good_rounds += 1
             if self.good_rounds < self.probe_wait:
                 return
         self.good_rounds = 0
-        self._move_to(self.value + 1, now)
+        self._move_to(self.value + step, now)
+
+    def _step_down(self, now: float) -> None:
+        """A step down: more of this limit's requests wait than its share. The value left is a
+        ceiling, probed again after the usual wait (not a longer one: no overload was seen)."""
+        self.decreased_at = now
+        self.slow_start = 0.0
+        before = self.value
+        self._move_to(self.value - STEP, now)
+        if self.value < before:
+            self.ceiling = before
+            self.good_rounds = 0
 
     def _learn_baseline(self, mean: float, now: float) -> None:
         """Average the round means that look unloaded, and keep the lowest average of the window.
@@ -259,11 +334,12 @@ class AdaptiveLimit:
         self.min_current = min(self.min_current, mean)
 
     def _decrease(self, factor: float, now: float) -> None:
-        """Scale the limit down to the nearest whole number, by one at least (a shrink that
-        rounds back to where it was would let an overloaded endpoint sit at its limit)."""
+        """Scale the limit down to the nearest step, by one step at least (a shrink that rounds
+        back to where it was would let an overloaded endpoint sit at its limit)."""
         self.decreased_at = now
+        self.slow_start = 0.0
         before = self.value
-        self._move_to(min(self.value - 1, math.floor(self.value * factor + 0.5)), now)
+        self._move_to(min(self.value - STEP, math.floor(self.value * factor / STEP + 0.5) * STEP), now)
         if self.value < before:
             self._remember_ceiling(before)
 
@@ -282,6 +358,8 @@ class AdaptiveLimit:
         if value != self.value:
             self.value = value
             self.changed_at = now
+            self.rounds_at_value = 0
+            self.extra = 0.0  # reopened by the next outcome, if the new value has a fraction
 
     def _clear_round(self) -> None:
         self.round_latency = self.round_kchars = self.round_count = self.round_peak = 0.0

@@ -68,11 +68,12 @@ class SharedAdaptiveLimits:
             limit.reset()
 
     def limit(self, endpoint: str) -> int:
+        """The permits the endpoint's limit grants now (a fractional limit: one more at times)."""
         return self._limits[self._index[endpoint]].limit
 
     def limiting(self, endpoint: str) -> bool:
         """Is the endpoint's limit below the maximum (the worker count)?"""
-        return self.limit(endpoint) < int(self._max.value)
+        return self._limits[self._index[endpoint]].value < int(self._max.value)
 
     def latency(self, endpoint: str) -> float:
         """The endpoint's smoothed latency of answers, seconds; 0 before the first."""
@@ -127,10 +128,10 @@ class SharedAdaptiveLimits:
             for limit in self._limits:
                 limit.value = min(limit.value, self._max.value)
 
-    def describe(self, endpoint: str) -> dict[str, int]:
-        """The endpoint's limit, permits in use and waiting workers, for status and metrics."""
+    def describe(self, endpoint: str) -> dict[str, float | int]:
+        """The endpoint's limit (4 or 4.25), permits in use and waiting workers, for status and metrics."""
         with self._locked(NO_HOLDER):
-            return {"limit": self.limit(endpoint), "in_use": self.in_use(endpoint),
+            return {"limit": self._limits[self._index[endpoint]].shown(), "in_use": self.in_use(endpoint),
                     "waiting": self.waiting(endpoint)}
 
     def release(self, endpoint: str, worker: int, outcome: Outcome = None, now: float | None = None) -> None:
@@ -163,7 +164,7 @@ class SharedAdaptiveLimits:
                 self._wake_waiters(endpoint)
             return freed
 
-    def factor_2_change(self, endpoint: str) -> tuple[int, int] | None:
+    def factor_2_change(self, endpoint: str) -> tuple[float, float] | None:
         """(limit last reported, limit now) when the limit moved by more than a factor of 2 since; for the log."""
         with self._locked(NO_HOLDER):
             return self._limits[self._index[endpoint]].factor_2_change()

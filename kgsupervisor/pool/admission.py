@@ -8,6 +8,7 @@ from typing import Any
 
 from kgsupervisor.addresses import mask_urls
 from kgsupervisor.config import Settings
+from kgsupervisor.kg.adaptive import shown
 from kgsupervisor.kg.admission import AdmissionControl
 from kgsupervisor.pool.manager import manager_process_init
 from kgsupervisor.worker.admitting import admission_control, permit_cells
@@ -80,7 +81,7 @@ class PoolAdmission:
             moved = limits.factor_2_change(endpoint)
             if moved:
                 before, now = moved
-                log.warning("in-flight limit of %s %s from %d to %d (%s)", mask_urls(endpoint),
-                            "fell" if now < before else "rose", before, now,
+                log.warning("in-flight limit of %s %s from %s to %s (%s)", mask_urls(endpoint),
+                            "fell" if now < before else "rose", shown(before), shown(now),
                             "the KG service is answering slower or refusing: sending less" if now < before
                             else "the KG service keeps up: sending more")
