@@ -160,8 +160,11 @@ def test_a_failed_probe_of_the_ceiling_doubles_the_wait_before_the_next():
     limit.value, limit.ceiling, limit.probe_wait = 5.0, 5.0, 4.0
     limit.on_overload("503", 1.0)
     assert limit.value == 2.5 and limit.ceiling == 5 and limit.probe_wait == 8
+    limit.value = 5.0
+    limit.on_overload("503", 3.0)
+    assert limit.probe_wait == 8  # doubling stops at eight rounds
     limit.value = 4.0
-    limit.on_overload("503", 3.0)  # a shrink below the ceiling: the service changed, learn anew
+    limit.on_overload("503", 5.0)  # a shrink below the ceiling: the service changed, learn anew
     assert limit.ceiling == 4 and limit.probe_wait == PROBE_WAIT_ROUNDS
 
 
