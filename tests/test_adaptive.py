@@ -168,6 +168,12 @@ def test_a_failed_probe_of_the_ceiling_doubles_the_wait_before_the_next():
     assert limit.ceiling == 4 and limit.probe_wait == PROBE_WAIT_ROUNDS
 
 
+# At capacity 2 a quarter permit is an eighth of the service, and a request that waits waits up to
+# a whole service time: the p95 there is bounded by 2 x (one queued request), not 1.5 x
+# (docs/capacity.md says so).
+P95_BOUND = {2: 2.0, 4: 1.5, 8: 1.5, 16: 1.5}
+
+
 @pytest.mark.parametrize("capacity", [2, 4, 8, 16])
 def test_a_jittery_service_is_not_taken_for_a_queueing_one(capacity):
     # +-20% service time a document: the lowest single round of a window would sit far below a
@@ -176,7 +182,8 @@ def test_a_jittery_service_is_not_taken_for_a_queueing_one(capacity):
     service = QueueingService(capacity, S_PER_KCHAR, queue_limit=8, jitter=0.2, seed=capacity)
     run = simulate(service, AdaptiveLimit(1, workers), 90, workers=workers, seed=capacity)
     assert run.throughput(30, 90, S_PER_KCHAR) >= 0.9 * capacity
-    assert p95(run.latencies(30, 90)) <= 1.5 * S_PER_KCHAR  # alone: 1.19 x, one queued: ~1.2 + 1/C
+    # alone: 1.19 x, one queued: ~1.2 + 1/C
+    assert p95(run.latencies(30, 90)) <= P95_BOUND[capacity] * S_PER_KCHAR
     assert not run.refusals
 
 
@@ -206,24 +213,30 @@ def test_a_permit_held_outside_the_request_still_keeps_the_service_busy(capacity
     # A worker holds its permit some milliseconds past the answer (write-back, next claim): with
     # whole permits, C left a capacity-C service idle that share of the time and C + 1 queued
     # (measured: 0.94 x capacity at 4 permits, p95 > 1.5 x at 5); a quarter permit fits between.
+    # At capacity 2 it does not: 2 idles 6%, 2.25 queues one request in fourteen.
     workers = max(16, 2 * capacity)
     service = QueueingService(capacity, S_PER_KCHAR, queue_limit=8)
     run = simulate(service, AdaptiveLimit(1, workers), 90, workers=workers, held_outside_s=0.006)
-    assert run.throughput(30, 90, S_PER_KCHAR) >= 0.95 * capacity
-    assert p95(run.latencies(30, 90)) <= 1.5 * S_PER_KCHAR
+    assert run.throughput(30, 90, S_PER_KCHAR) >= (0.9 if capacity == 2 else 0.95) * capacity
+    assert p95(run.latencies(30, 90)) <= P95_BOUND[capacity] * S_PER_KCHAR
 
 
 @pytest.mark.parametrize("second_starts, jitter, held_outside_s, seed", [
-    (1, 0.0, 0.01, 1), (1, 0.2, 0.0, 2), (0, 0.05, 0.008, 3), (60, 0.1, 0.01, 1)],
-    ids=["1 s apart", "jittery", "together", "a minute apart"])
+    (1, 0.0, 0.01, 1), (1, 0.2, 0.0, 2), (0, 0.05, 0.008, 3), (60, 0.1, 0.01, 1), (1, 0.1, 0.01, 4)],
+    ids=["1 s apart", "jittery", "together", "a minute apart", "10% jitter"])
 def test_two_supervisors_on_one_service_converge_on_a_fair_share(second_starts, jitter, held_outside_s, seed):
-    # Each adapts on its own; measured before Vegas's rule: 1.27 / 0.73 and 0.59 / 1.41 in the
-    # first two cases, one holding most permits while the other sat near its floor.
+    # Each adapts on its own. Measured before Vegas's rule: 1.27 / 0.73 and 0.59 / 1.41 over the
+    # window in the first two cases; before its steps were counted in round trips, some 30 s windows
+    # 1.6 x apart in all but the first case (a limit of 2 stepped half as often as one of 4).
     capacity = 6
     service = QueueingService(capacity, S_PER_KCHAR, queue_limit=12, jitter=jitter, seed=seed)
     runs = simulate_clients(service, [fresh(), fresh()], 300, starts=[0, second_starts],
                             held_outside_s=held_outside_s, seed=seed)
     fair = capacity / 2
-    shares = [run.throughput(second_starts + 60, 300, S_PER_KCHAR) / fair for run in runs]
+    settled = second_starts + 60
+    shares = [run.throughput(settled, 300, S_PER_KCHAR) / fair for run in runs]
     assert all(0.75 <= share <= 1.25 for share in shares), shares
     assert sum(shares) * fair >= 0.95 * capacity
+    for start in range(settled, 300 - 29, 30):
+        window = [run.throughput(start, start + 30, S_PER_KCHAR) / fair for run in runs]
+        assert all(0.75 <= share <= 1.25 for share in window), (start, window)
