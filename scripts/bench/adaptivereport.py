@@ -222,6 +222,7 @@ def findings(results: dict) -> list[str]:
                    + ", ".join(f"{e['share']:.2f}" for e in p["each"])
                    + "), while both see the same latency ("
                    + " and ".join(f"{e['settled_mean_ratio']:.2f}" for e in p["each"])
-                   + " × the service time on average): one holds most permits and the other sits near its "
-                   "floor.")
+                   + " × the service time on average)"
+                   + (": one holds most permits and the other sits near its floor."
+                      if max(max(e["shares_by_10s"]) for e in p["each"]) >= 1.5 else "."))
     return out
