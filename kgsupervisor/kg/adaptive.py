@@ -35,9 +35,9 @@ STEP = 0.25
 # QUEUED_HIGH, and up while it is under QUEUED_LOW: each of several clients then keeps the same few
 # tenths of a request waiting, so they hold the same number of permits whenever they read the same
 # baseline (the one that holds more has more waiting and is the one that steps down). Decided on the
-# moving average (QUEUED_GAIN) over QUEUED_ROUNDS round trips at least since the limit last moved. A noisy
-# endpoint lifts both bounds to QUEUED_NOISES x L x the rounds' deviation: the baseline is a low
-# round, so typical rounds sit above it, by a whole request's worth at limit 16 and 20% jitter.
+# moving average (QUEUED_GAIN) over QUEUED_ROUNDS round trips at least since the limit last moved.
+# A noisy endpoint lifts both bounds to QUEUED_NOISES x L x the rounds' deviation: the baseline is a
+# low round, so typical rounds sit above it, by a whole request's worth at limit 16 and 20% jitter.
 QUEUED_LOW = 0.3
 QUEUED_HIGH = 0.5
 QUEUED_GAIN = 0.2
@@ -252,15 +252,16 @@ class AdaptiveLimit:
         queued = self._note_queued(self.value * (1 - 1 / ratio))
         settled = self.rounds_at_value >= self._rounds_to_settle()
         high = max(QUEUED_HIGH, QUEUED_NOISES * self.value * self.noise)
+        unloaded = ratio <= self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES)
+        few_ms = rise_s < SHRINK_ALLOWANCE_S / 2  # host contention, not queueing
         if ratio >= self._margin(SHRINK_ABOVE, SHRINK_QUEUED_SHARE, SHRINK_NOISES) \
                 and rise_s >= SHRINK_ALLOWANCE_S:
             self._decrease(max(LATENCY_BACKOFF_FLOOR, 1 / ratio), now)
-        elif saturated and self.slow_start and (
-                ratio <= self._margin(GROW_BELOW, GROW_QUEUED_SHARE, GROW_NOISES) or rise_s < SHRINK_ALLOWANCE_S / 2):
-            self._grow(now, filled, 1.0)  # slow start
-        elif settled and queued > high and rise_s >= SHRINK_ALLOWANCE_S / 2:
+        elif saturated and self.slow_start and (unloaded or few_ms):
+            self._grow(now, filled, 1.0)
+        elif settled and queued > high and not few_ms:
             self._step_down(now)
-        elif saturated and settled and (queued < high - (QUEUED_HIGH - QUEUED_LOW) or rise_s < SHRINK_ALLOWANCE_S / 2):
+        elif saturated and settled and (queued < high - (QUEUED_HIGH - QUEUED_LOW) or few_ms):
             self._grow(now, filled)
         if below_ceiling:  # a probe's round has a queued request: a step, not noise
             self._note_noise(ratio)
